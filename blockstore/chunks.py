@@ -1,0 +1,68 @@
+"""A chunk: a slice of one tensor's raw bytes, where its boundaries fall, and its stored form.
+
+Boundaries are deterministic from (dtype, shape, chunk size) alone, so the same tensor always cuts
+into the same chunks and an unchanged region of a fine-tuned tensor dedups against the old one.
+They fall on whole elements, and on whole rows when a row fits, so a row lookup touches few chunks.
+
+Stored value of a chunk: msgpack `[codec id, codec params, encoded bytes]`, decodable on its own.
+"""
+
+from __future__ import annotations
+
+import math
+
+import msgpack
+
+from .codecs import Codec, DecodeError, Raw, codec_params, make_codec
+from .dtypes import byte_unit, nbytes_of
+from .errors import ChunkCorrupt, InvalidArgument
+from .hashing import ChunkKey, chunk_key
+
+DEFAULT_CHUNK_SIZE = 4 << 20
+MIN_CHUNK_SIZE = 64
+MAX_CHUNK_SIZE = 256 << 20
+
+
+def check_chunk_size(chunk_size: int) -> None:
+    """Refuse chunk sizes that make no sense for a store (too small to pay, too big to decode)."""
+    if not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
+        raise InvalidArgument(f"chunk size {chunk_size} is outside {MIN_CHUNK_SIZE}..{MAX_CHUNK_SIZE} bytes")
+
+
+def chunk_stride(dtype: str, shape: tuple[int, ...], chunk_size: int) -> int:
+    """Bytes per chunk for this tensor: whole rows when a row fits, whole elements otherwise."""
+    unit = byte_unit(dtype)
+    row_bytes = nbytes_of(dtype, math.prod(shape[1:])) if len(shape) >= 2 else None
+    if row_bytes and row_bytes <= chunk_size and row_bytes % unit == 0:
+        return chunk_size // row_bytes * row_bytes
+    return max(unit, chunk_size // unit * unit)
+
+
+def chunk_ranges(dtype: str, shape: tuple[int, ...], nbytes: int, chunk_size: int) -> list[tuple[int, int]]:
+    """(start, end) byte ranges of each chunk of a tensor; empty for an empty tensor."""
+    stride = chunk_stride(dtype, shape, chunk_size)
+    return [(start, min(start + stride, nbytes)) for start in range(0, nbytes, stride)]
+
+
+def encode_chunk(codec: Codec, raw: memoryview) -> bytes:
+    """Stored value for `raw`: encoded with `codec`, or kept raw when encoding does not pay."""
+    encoded = codec.encode(raw)
+    if len(encoded) >= len(raw):
+        codec, encoded = Raw(), bytes(raw)
+    return msgpack.packb([codec.id, codec_params(codec), encoded], use_bin_type=True)
+
+
+def decode_chunk(key: ChunkKey, value: bytes | memoryview, raw_len: int) -> bytearray:
+    """Decode a stored chunk and check it is the chunk `key` names; raises ChunkCorrupt otherwise."""
+    try:
+        codec_id, params, payload = msgpack.unpackb(value, use_list=True, raw=False)
+        if not (isinstance(codec_id, str) and isinstance(params, dict) and isinstance(payload, bytes)):
+            raise DecodeError("malformed chunk envelope")
+        codec = make_codec(codec_id, params)
+        out = bytearray(raw_len)
+        codec.decode_into(payload, memoryview(out))
+    except (DecodeError, InvalidArgument, ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise ChunkCorrupt(key.hex(), exc) from None
+    if chunk_key(out) != key:
+        raise ChunkCorrupt(key.hex(), "decoded bytes do not hash to the chunk's key")
+    return out

@@ -1,0 +1,193 @@
+"""Codecs: small frozen values with an id; their params travel with every chunk (zarr's habit).
+
+Every codec here is lossless. `decode_into` checks sizes before it writes, and zstd frames are
+checked for their declared content size and window before any decompression, so a hostile chunk
+cannot make the decoder allocate more than the manifest says the chunk holds.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import asdict, dataclass
+from typing import ClassVar, Protocol
+
+import msgpack
+import numpy as np
+import zstandard
+
+from .errors import InvalidArgument
+
+# A frame may declare a window up to this much larger than its content (zstd rounds windows up to
+# a power of two); anything beyond is refused as a decompression bomb.
+_WINDOW_SLACK = 2
+_MIN_WINDOW = 1 << 20
+
+
+class DecodeError(ValueError):
+    """Stored bytes that do not decode to what the manifest promises (the caller names the chunk)."""
+
+
+class Codec(Protocol):
+    """What every codec provides. Implementations are frozen dataclasses."""
+
+    id: ClassVar[str]
+
+    def encode(self, raw: memoryview) -> bytes: ...
+
+    def decode_into(self, data: bytes, out: memoryview) -> None: ...
+
+
+_local = threading.local()
+
+
+def _compressor(level: int) -> zstandard.ZstdCompressor:
+    """A per-thread compressor: python-zstandard contexts are not thread-safe."""
+    cache = _local.__dict__.setdefault("compressors", {})
+    if level not in cache:
+        cache[level] = zstandard.ZstdCompressor(level=level, write_content_size=True)
+    return cache[level]
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    if not hasattr(_local, "decompressor"):
+        _local.decompressor = zstandard.ZstdDecompressor()
+    return _local.decompressor
+
+
+def zstd_decompress_exact(frame: bytes, expected_len: int) -> bytes:
+    """Decompress one zstd frame that must hold exactly `expected_len` bytes.
+
+    The frame header is checked first: its declared content size must equal `expected_len` and its
+    window must be proportionate, so a bomb is refused before anything is allocated.
+    """
+    try:
+        params = zstandard.get_frame_parameters(frame)
+    except zstandard.ZstdError as exc:
+        raise DecodeError(f"bad zstd frame header ({exc})") from None
+    if params.content_size != expected_len:
+        raise DecodeError(f"zstd frame declares {params.content_size} bytes, manifest says {expected_len}")
+    if params.window_size > max(_MIN_WINDOW, _WINDOW_SLACK * expected_len):
+        raise DecodeError(f"zstd frame asks for a {params.window_size}-byte window")
+    try:
+        data = _decompressor().decompress(frame, max_output_size=expected_len)
+    except zstandard.ZstdError as exc:
+        raise DecodeError(f"zstd data does not decode ({exc})") from None
+    if len(data) != expected_len:
+        raise DecodeError(f"zstd frame decoded to {len(data)} bytes, expected {expected_len}")
+    return data
+
+
+_MIN_LEVEL = -7  # zstd's fast negative levels; below this they buy nothing for weights
+
+
+def _check_level(level: int) -> None:
+    if not _MIN_LEVEL <= level <= zstandard.MAX_COMPRESSION_LEVEL:
+        raise InvalidArgument(
+            f"zstd level {level} is outside {_MIN_LEVEL}..{zstandard.MAX_COMPRESSION_LEVEL}"
+        )
+
+
+@dataclass(frozen=True)
+class Raw:
+    """Bytes stored as they are: the fallback for chunks that do not compress."""
+
+    id: ClassVar[str] = "raw"
+
+    def encode(self, raw: memoryview) -> bytes:
+        return bytes(raw)
+
+    def decode_into(self, data: bytes, out: memoryview) -> None:
+        if len(data) != len(out):
+            raise DecodeError(f"raw chunk holds {len(data)} bytes, expected {len(out)}")
+        out[:] = data
+
+
+@dataclass(frozen=True)
+class Zstd:
+    """Plain zstd over the chunk's bytes."""
+
+    id: ClassVar[str] = "zstd"
+    level: int = 3
+
+    def __post_init__(self) -> None:
+        _check_level(self.level)
+
+    def encode(self, raw: memoryview) -> bytes:
+        return _compressor(self.level).compress(raw)
+
+    def decode_into(self, data: bytes, out: memoryview) -> None:
+        out[:] = zstd_decompress_exact(data, len(out))
+
+
+_PLANE_RAW = 0
+_PLANE_ZSTD = 1
+
+
+@dataclass(frozen=True)
+class ByteGroupZstd:
+    """Split each element's bytes into planes, then zstd each plane that shrinks.
+
+    Floating-point weights put their exponent in one byte of each element: grouped together those
+    bytes compress well, while mantissa bytes are near-random and are stored raw, which also makes
+    decoding them a copy.
+    """
+
+    id: ClassVar[str] = "bytegroup+zstd"
+    itemsize: int = 1
+    level: int = 3
+
+    def __post_init__(self) -> None:
+        _check_level(self.level)
+        if not 1 <= self.itemsize <= 16:
+            raise InvalidArgument(f"byte-group itemsize {self.itemsize} is outside 1..16")
+
+    def encode(self, raw: memoryview) -> bytes:
+        if len(raw) % self.itemsize:
+            raise InvalidArgument(f"{len(raw)} bytes is not a whole number of {self.itemsize}-byte items")
+        grid = np.frombuffer(raw, dtype=np.uint8).reshape(-1, self.itemsize)
+        planes = []
+        for index in range(self.itemsize):
+            plane = np.ascontiguousarray(grid[:, index]).data
+            packed = _compressor(self.level).compress(plane)
+            planes.append((_PLANE_ZSTD, packed) if len(packed) < len(plane) else (_PLANE_RAW, bytes(plane)))
+        return msgpack.packb(planes, use_bin_type=True)
+
+    def decode_into(self, data: bytes, out: memoryview) -> None:
+        if len(out) % self.itemsize:
+            raise DecodeError(f"{len(out)} bytes is not a whole number of {self.itemsize}-byte items")
+        plane_len = len(out) // self.itemsize
+        try:
+            planes = msgpack.unpackb(data, use_list=True, raw=False)
+        except (ValueError, msgpack.UnpackException) as exc:
+            raise DecodeError(f"byte-group payload does not parse ({exc})") from None
+        if not isinstance(planes, list) or len(planes) != self.itemsize:
+            raise DecodeError(f"byte-group payload does not hold {self.itemsize} planes")
+        grid = np.frombuffer(out, dtype=np.uint8).reshape(-1, self.itemsize)
+        for index, plane in enumerate(planes):
+            if not (isinstance(plane, list) and len(plane) == 2 and isinstance(plane[1], bytes)):
+                raise DecodeError(f"byte-group plane {index} is malformed")
+            mode, payload = plane
+            if mode == _PLANE_ZSTD:
+                payload = zstd_decompress_exact(payload, plane_len)
+            elif mode != _PLANE_RAW or len(payload) != plane_len:
+                raise DecodeError(f"byte-group plane {index} has mode {mode!r}, {len(payload)} bytes")
+            grid[:, index] = np.frombuffer(payload, dtype=np.uint8)
+
+
+CODECS: dict[str, type] = {codec.id: codec for codec in (Raw, Zstd, ByteGroupZstd)}
+
+
+def codec_params(codec: Codec) -> dict[str, int]:
+    """The parameters stored next to every chunk so it decodes on its own."""
+    return asdict(codec)  # type: ignore[call-overload]
+
+
+def make_codec(codec_id: str, params: dict[str, object]) -> Codec:
+    """Rebuild a codec from its id and params (from a chunk, a manifest or the command line)."""
+    cls = CODECS.get(codec_id)
+    if cls is None:
+        raise InvalidArgument(f"unknown codec {codec_id!r}; known: {', '.join(sorted(CODECS))}")
+    try:
+        return cls(**params)
+    except TypeError as exc:
+        raise InvalidArgument(f"bad parameters for codec {codec_id!r}: {exc}") from None

@@ -1,0 +1,90 @@
+"""One exception hierarchy for everything a user can get wrong or a store can suffer.
+
+Each class carries its own message template and exit code (borg's habit), so the CLI needs a single
+`except BlockstoreError` that prints one line and exits with `exit_code`, never a traceback.
+Exit codes: 2 bad input or usage, 3 something named does not exist, 4 damaged data,
+5 a concurrent writer got there first.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class BlockstoreError(Exception):
+    """Base class: a user-facing, one-line error with an exit code."""
+
+    exit_code: ClassVar[int] = 2
+    template: ClassVar[str] = "{}"
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(self.template.format(*args))
+
+
+class InvalidSafetensors(BlockstoreError):
+    template = "{}: not a valid safetensors file: {}"
+
+
+class UnsupportedInput(BlockstoreError):
+    template = "{}: {}"
+
+
+class InvalidArgument(BlockstoreError):
+    template = "{}"
+
+
+class StoreNotFound(BlockstoreError):
+    exit_code = 3
+    template = "no blockstore at {} (create one with `blockstore init {}`)"
+
+
+class StoreExists(BlockstoreError):
+    template = "{} already exists; refusing to initialise over it"
+
+
+class StoreFormatMismatch(BlockstoreError):
+    template = "store {} has format {!r}; this blockstore reads {!r}"
+
+
+class RefNotFound(BlockstoreError):
+    exit_code = 3
+    template = "ref {!r} does not exist in store {}"
+
+
+class SnapshotNotFound(BlockstoreError):
+    exit_code = 3
+    template = "snapshot {} does not exist in store {}"
+
+
+class AmbiguousSnapshotId(BlockstoreError):
+    template = "snapshot id prefix {!r} matches {} snapshots in store {}; give more digits"
+
+
+class TensorNotFound(BlockstoreError):
+    exit_code = 3
+    template = "tensor {!r} is not in snapshot {}"
+
+
+class ChunkMissing(BlockstoreError):
+    exit_code = 4
+    template = "chunk {} is missing from the store"
+
+
+class ChunkCorrupt(BlockstoreError):
+    exit_code = 4
+    template = "chunk {} is corrupt: {}"
+
+
+class TensorCorrupt(BlockstoreError):
+    exit_code = 4
+    template = "tensor {!r} of snapshot {} is damaged: {}"
+
+
+class StoreCorrupt(BlockstoreError):
+    exit_code = 4
+    template = "store {} is damaged: {}"
+
+
+class RefConflict(BlockstoreError):
+    exit_code = 5
+    template = "ref {!r} moved from {} to {} while this operation ran; nothing was published"

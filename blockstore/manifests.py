@@ -1,0 +1,179 @@
+"""Snapshots (manifests) and tensor entries: immutable values, serialized canonically.
+
+A snapshot lists every tensor (its chunks, digest, side, codec), keeps each source file's header
+verbatim so `export` rebuilds the files byte for byte, keeps small side files (config.json, the
+shard index) verbatim, and names its parent. Its id is blake2b-256 of its canonical msgpack bytes,
+so equal content gives an equal id and a stored snapshot can be checked against its key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+from .hashing import DIGEST_SIZE, ChunkKey, digest
+
+MANIFEST_VERSION = 1
+
+SnapshotId = bytes
+"""32 bytes: blake2b-256 of a snapshot's canonical bytes."""
+
+
+class ManifestError(ValueError):
+    """Snapshot bytes that do not describe a well-formed snapshot (the caller names the store)."""
+
+
+@dataclass(frozen=True)
+class ChunkRef:
+    """One chunk of a tensor: its key, its decoded length and the length of its stored value."""
+
+    key: ChunkKey
+    raw_len: int
+    stored_len: int
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Everything needed to rebuild and check one tensor."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    side: str
+    tier: str
+    codec: str
+    chunks: tuple[ChunkRef, ...]
+    digest: bytes
+
+    @property
+    def nbytes(self) -> int:
+        return sum(chunk.raw_len for chunk in self.chunks)
+
+    @property
+    def stored_bytes(self) -> int:
+        return sum(chunk.stored_len for chunk in self.chunks)
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """One packed safetensors file: its name, header bytes verbatim and tensors in data order."""
+
+    name: str
+    header: bytes
+    tensors: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One version of a model. Build it, hash it, publish it; never mutate a stored one."""
+
+    files: tuple[SourceFile, ...]
+    tensors: Mapping[str, TensorEntry]
+    extras: Mapping[str, bytes] = field(default_factory=dict)
+    parent: SnapshotId | None = None
+    message: str = ""
+    created_ns: int = 0
+
+    def to_bytes(self) -> bytes:
+        """Canonical bytes: fixed field order, tensors sorted by name, extras sorted by name."""
+        doc = [
+            MANIFEST_VERSION,
+            [[f.name, f.header, list(f.tensors)] for f in self.files],
+            [_entry_fields(self.tensors[name]) for name in sorted(self.tensors)],
+            [[name, self.extras[name]] for name in sorted(self.extras)],
+            self.parent,
+            self.message,
+            self.created_ns,
+        ]
+        return msgpack.packb(doc, use_bin_type=True)
+
+    @property
+    def id(self) -> SnapshotId:
+        return digest(self.to_bytes())
+
+    @property
+    def nbytes(self) -> int:
+        return sum(entry.nbytes for entry in self.tensors.values())
+
+    @property
+    def stored_bytes(self) -> int:
+        return sum(entry.stored_bytes for entry in self.tensors.values())
+
+    @classmethod
+    def from_bytes(cls, data: bytes | memoryview) -> Snapshot:
+        """Parse stored snapshot bytes, refusing anything that is not a well-formed snapshot."""
+        try:
+            version, files, entries, extras, parent, message, created_ns = msgpack.unpackb(
+                data, use_list=True, raw=False
+            )
+            if version != MANIFEST_VERSION:
+                raise ManifestError(f"manifest version {version!r}, expected {MANIFEST_VERSION}")
+            tensors = {entry.name: entry for entry in map(_entry_from_fields, entries)}
+            snapshot = cls(
+                files=tuple(SourceFile(str(n), bytes(h), tuple(map(str, t))) for n, h, t in files),
+                tensors=tensors,
+                extras={str(name): bytes(blob) for name, blob in extras},
+                parent=_optional_id(parent),
+                message=str(message),
+                created_ns=int(created_ns),
+            )
+        except ManifestError:
+            raise
+        except (ValueError, TypeError, msgpack.UnpackException) as exc:
+            raise ManifestError(f"malformed snapshot ({exc})") from None
+        if len(tensors) != len(entries):
+            raise ManifestError("snapshot lists a tensor name twice")
+        for name in [f.name for f in snapshot.files] + list(snapshot.extras):
+            if not _is_plain_file_name(name):
+                raise ManifestError(f"file name {name!r} is not a plain file name")
+        listed = [name for f in snapshot.files for name in f.tensors]
+        if sorted(listed) != sorted(tensors):
+            raise ManifestError("the files' tensor lists do not match the tensor entries")
+        return snapshot
+
+
+def _entry_fields(entry: TensorEntry) -> list[Any]:
+    return [
+        entry.name,
+        entry.dtype,
+        list(entry.shape),
+        entry.side,
+        entry.tier,
+        entry.codec,
+        [[c.key, c.raw_len, c.stored_len] for c in entry.chunks],
+        entry.digest,
+    ]
+
+
+def _entry_from_fields(fields: list[Any]) -> TensorEntry:
+    name, dtype, shape, side, tier, codec, chunks, tensor_digest = fields
+    if not isinstance(tensor_digest, bytes) or len(tensor_digest) != DIGEST_SIZE:
+        raise ManifestError(f"tensor {name!r} has a malformed digest")
+    refs = tuple(ChunkRef(bytes(key), int(raw_len), int(stored_len)) for key, raw_len, stored_len in chunks)
+    return TensorEntry(
+        str(name),
+        str(dtype),
+        tuple(int(d) for d in shape),
+        str(side),
+        str(tier),
+        str(codec),
+        refs,
+        tensor_digest,
+    )
+
+
+def _is_plain_file_name(name: str) -> bool:
+    """Names a snapshot may write on export: no directories, no hidden or special names."""
+    return bool(name) and Path(name).name == name and not name.startswith(".") and "\\" not in name
+
+
+def _optional_id(value: object) -> SnapshotId | None:
+    if value is None:
+        return None
+    if not isinstance(value, bytes) or len(value) != DIGEST_SIZE:
+        raise ManifestError("malformed parent id")
+    return value

@@ -1,0 +1,115 @@
+"""The repository: a store plus the rules for naming, reading and publishing snapshots.
+
+Everything above the raw LMDB store goes through here: resolving `main`, a tag or an id prefix to a
+snapshot; loading a snapshot and checking it against its id; reading a tensor's chunks back with
+every chunk and the whole tensor checked; publishing a snapshot (snapshot first, then the ref with
+compare-and-set).
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from collections.abc import Iterator
+from pathlib import Path
+
+from .chunks import decode_chunk
+from .errors import (
+    AmbiguousSnapshotId,
+    BlockstoreError,
+    InvalidArgument,
+    RefNotFound,
+    SnapshotNotFound,
+    StoreCorrupt,
+    TensorCorrupt,
+)
+from .hashing import digest, new_digest
+from .manifests import ManifestError, Snapshot, SnapshotId, TensorEntry
+from .store import LmdbStore
+
+DEFAULT_REF = "main"
+MIN_ID_PREFIX = 4
+_REF_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,199}")
+
+
+def check_ref_name(name: str) -> str:
+    """Ref names are short, printable and cannot be mistaken for an option or an id prefix."""
+    if not _REF_NAME.fullmatch(name) or ".." in name:
+        raise InvalidArgument(f"invalid ref name {name!r}: use letters, digits and . _ / - (max 200)")
+    return name
+
+
+class Repository:
+    """A blockstore opened for reading or writing."""
+
+    def __init__(self, store: LmdbStore) -> None:
+        self.store = store
+
+    @classmethod
+    def init(cls, path: Path) -> Repository:
+        return cls(LmdbStore.create(path))
+
+    @classmethod
+    def open(cls, path: Path, *, readonly: bool = False) -> Repository:
+        return cls(LmdbStore(path, readonly=readonly))
+
+    @property
+    def path(self) -> Path:
+        return self.store.path
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> Repository:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def resolve(self, spec: str | None) -> SnapshotId:
+        """A ref name, a full snapshot id or a unique id prefix → the snapshot id."""
+        spec = spec or DEFAULT_REF
+        target = self.store.get_ref(spec)
+        if target is not None:
+            return target
+        if len(spec) >= MIN_ID_PREFIX and all(c in string.hexdigits for c in spec):
+            matches = [sid for sid in self.store.snapshot_ids() if sid.hex().startswith(spec.lower())]
+            if len(matches) == 1:
+                return matches[0]
+            if len(matches) > 1:
+                raise AmbiguousSnapshotId(spec, len(matches), self.path)
+        raise RefNotFound(spec, self.path)
+
+    def snapshot(self, snapshot_id: SnapshotId) -> Snapshot:
+        """Load a snapshot and check that its bytes still hash to its id."""
+        data = self.store.get_snapshot_bytes(snapshot_id)
+        if data is None:
+            raise SnapshotNotFound(snapshot_id.hex(), self.path)
+        if digest(data) != snapshot_id:
+            raise StoreCorrupt(self.path, f"snapshot {snapshot_id.hex()} does not hash to its id")
+        try:
+            return Snapshot.from_bytes(data)
+        except ManifestError as exc:
+            raise StoreCorrupt(self.path, f"snapshot {snapshot_id.hex()}: {exc}") from None
+
+    def publish(self, snapshot: Snapshot, ref: str, expected: SnapshotId | None, op: str) -> SnapshotId:
+        """Write the snapshot, then move `ref` from `expected` to it (compare-and-set)."""
+        data = snapshot.to_bytes()
+        snapshot_id = digest(data)
+        self.store.put_snapshot(snapshot_id, data)
+        self.store.move_ref(check_ref_name(ref), snapshot_id, expected, op, snapshot.message)
+        return snapshot_id
+
+    def tensor_chunks(self, snapshot_id: SnapshotId, entry: TensorEntry) -> Iterator[bytearray]:
+        """Decoded chunks of a tensor in order; each is checked against its key, the tensor
+        against its digest once the last chunk is out. Damage raises TensorCorrupt naming both."""
+        hasher = new_digest()
+        for chunk in entry.chunks:
+            try:
+                raw = decode_chunk(chunk.key, self.store.get(chunk.key), chunk.raw_len)
+            except BlockstoreError as exc:
+                raise TensorCorrupt(entry.name, snapshot_id.hex()[:12], exc) from None
+            hasher.update(raw)
+            yield raw
+        if hasher.digest() != entry.digest:
+            raise TensorCorrupt(entry.name, snapshot_id.hex()[:12], "bytes do not match the tensor digest")

@@ -1,0 +1,253 @@
+"""A strict safetensors reader and input discovery (what `pack` reads).
+
+The header is validated completely before any tensor byte is touched, following the checks of the
+reference implementation and a little stricter: a size prefix within the file and under 100 MB, a
+UTF-8 JSON object with no duplicate keys, known dtypes, offsets that are contiguous from zero, in
+file, consistent with dtype and shape, and that cover the data region exactly. Data is then read in
+ranges (pread), so a 10 GB file never needs 10 GB of memory. Pickle-based checkpoints are refused,
+never unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .dtypes import DTYPE_BITS, nbytes_of
+from .errors import InvalidArgument, InvalidSafetensors, UnsupportedInput
+
+MAX_HEADER_BYTES = 100_000_000
+INDEX_NAME = "model.safetensors.index.json"
+SIDE_FILES = ("config.json", "generation_config.json")
+"""Small files kept verbatim in a snapshot next to the weights (the runtime builds models from them)."""
+MAX_SIDE_FILE_BYTES = 16 << 20
+PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"})
+_PICKLE_MAGIC = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
+_TENSOR_KEYS = frozenset({"dtype", "shape", "data_offsets"})
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor as the header describes it; offsets are relative to the data region."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+@dataclass(frozen=True)
+class SafetensorsFile:
+    """A validated safetensors file: the header bytes verbatim and its tensors in data order."""
+
+    path: Path
+    header: bytes
+    tensors: tuple[TensorInfo, ...]
+
+    @property
+    def data_start(self) -> int:
+        return 8 + len(self.header)
+
+    @property
+    def nbytes(self) -> int:
+        return self.tensors[-1].end if self.tensors else 0
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Everything one `pack` reads: the weight files and the small side files beside them."""
+
+    files: tuple[SafetensorsFile, ...]
+    extras: dict[str, bytes] = field(default_factory=dict)
+
+
+def _refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError(f"duplicate key {key!r}")
+        result[key] = value
+    return result
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _parse_tensor(path: Path, name: str, info: object) -> TensorInfo:
+    def bad(reason: str) -> InvalidSafetensors:
+        return InvalidSafetensors(path, f"tensor {name!r} {reason}")
+
+    if not isinstance(info, dict) or set(info) != _TENSOR_KEYS:
+        raise bad("must have exactly the keys dtype, shape, data_offsets")
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if dtype not in DTYPE_BITS:
+        raise bad(f"has unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(map(_is_count, shape)):
+        raise bad(f"has an invalid shape {shape!r}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_count, offsets))):
+        raise bad(f"has invalid data_offsets {offsets!r}")
+    begin, end = offsets
+    if begin > end:
+        raise bad(f"has data_offsets {offsets} that end before they begin")
+    nbytes = nbytes_of(dtype, math.prod(shape))
+    if nbytes is None:
+        raise bad(f"of dtype {dtype} and shape {shape} does not fill whole bytes")
+    if nbytes != end - begin:
+        raise bad(f"needs {nbytes} bytes for {dtype}{shape} but data_offsets span {end - begin}")
+    return TensorInfo(name, dtype, tuple(shape), begin, end)
+
+
+def read_safetensors(path: Path) -> SafetensorsFile:
+    """Read and validate a safetensors file's header; raises InvalidSafetensors naming the problem."""
+    refuse_pickle(path)
+    try:
+        with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            prefix = handle.read(8)
+            if len(prefix) < 8:
+                raise InvalidSafetensors(path, f"file is {size} bytes, too short for the header length")
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > MAX_HEADER_BYTES:
+                raise InvalidSafetensors(path, f"header length {header_len} exceeds the 100 MB limit")
+            if 8 + header_len > size:
+                raise InvalidSafetensors(
+                    path, f"header length {header_len} is larger than the file ({size} bytes)"
+                )
+            header = handle.read(header_len)
+    except OSError as exc:
+        raise InvalidArgument(f"{path}: cannot read ({exc.strerror})") from None
+    if not header.startswith(b"{"):
+        raise InvalidSafetensors(path, "header does not start with '{'")
+    try:
+        doc = json.loads(header.decode("utf-8"), object_pairs_hook=_refuse_duplicates)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise InvalidSafetensors(path, f"header is not valid JSON ({exc})") from None
+    if not isinstance(doc, dict):
+        raise InvalidSafetensors(path, "header is not a JSON object")
+    metadata = doc.pop("__metadata__", None)
+    if metadata is not None and not (
+        isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())
+    ):
+        raise InvalidSafetensors(path, "__metadata__ must map strings to strings")
+    tensors = sorted(
+        (_parse_tensor(path, name, info) for name, info in doc.items()), key=lambda t: (t.begin, t.end)
+    )
+    expected = 0
+    for tensor in tensors:
+        if tensor.begin != expected:
+            kind = "overlaps the previous tensor" if tensor.begin < expected else "leaves a gap"
+            raise InvalidSafetensors(
+                path, f"tensor {tensor.name!r} starts at {tensor.begin}, expected {expected} ({kind})"
+            )
+        expected = tensor.end
+    data_len = size - 8 - header_len
+    if expected != data_len:
+        raise InvalidSafetensors(
+            path, f"tensors cover {expected} bytes of data but the file holds {data_len} after the header"
+        )
+    return SafetensorsFile(path, header, tuple(tensors))
+
+
+def refuse_pickle(path: Path) -> None:
+    """Refuse pickle-based checkpoints by suffix or magic bytes; they are never unpickled."""
+    try:
+        with open(path, "rb") as handle:
+            magic = handle.read(4)
+    except OSError as exc:
+        raise InvalidArgument(f"{path}: cannot read ({exc.strerror})") from None
+    if path.suffix.lower() in PICKLE_SUFFIXES or magic.startswith(_PICKLE_MAGIC):
+        raise UnsupportedInput(
+            path,
+            "looks like a pickle-based checkpoint; blockstore never unpickles. Convert it to "
+            "safetensors first (e.g. safetensors.torch.save_file in a trusted environment)",
+        )
+
+
+def read_range(handle: int, offset: int, length: int, path: Path) -> bytes:
+    """Exactly `length` bytes at `offset`; a file that shrank since validation is an error."""
+    data = os.pread(handle, length, offset)
+    while len(data) < length:
+        more = os.pread(handle, length - len(data), offset + len(data))
+        if not more:
+            raise InvalidSafetensors(
+                path, f"file ended at byte {offset + len(data)} (truncated while reading)"
+            )
+        data += more
+    return data
+
+
+def _read_side_file(path: Path) -> bytes:
+    if path.stat().st_size > MAX_SIDE_FILE_BYTES:
+        raise InvalidArgument(f"{path}: side file larger than {MAX_SIDE_FILE_BYTES} bytes")
+    return path.read_bytes()
+
+
+def _shards_from_index(index_path: Path) -> list[Path]:
+    try:
+        weight_map = json.loads(index_path.read_bytes())["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise InvalidArgument(f"{index_path}: not a valid safetensors index ({exc})") from None
+    for name in names:
+        if not isinstance(name, str) or Path(name).name != name:
+            raise InvalidArgument(f"{index_path}: shard name {name!r} must be a plain file name")
+    return [index_path.parent / name for name in names]
+
+
+def _files_in_directory(directory: Path) -> tuple[list[Path], list[Path]]:
+    """(weight files, side files) for a model directory."""
+    index = directory / INDEX_NAME
+    sides = [directory / name for name in SIDE_FILES if (directory / name).is_file()]
+    if index.is_file():
+        return _shards_from_index(index), [index, *sides]
+    single = directory / "model.safetensors"
+    if single.is_file():
+        return [single], sides
+    found = sorted(directory.glob("*.safetensors"))
+    if not found:
+        raise InvalidArgument(f"{directory}: no model.safetensors, {INDEX_NAME} or *.safetensors inside")
+    return found, sides
+
+
+def discover(inputs: Iterable[Path]) -> ModelSource:
+    """Resolve the paths given to `pack` into validated files and side files, before any write."""
+    weight_paths: list[Path] = []
+    side_paths: list[Path] = []
+    for path in inputs:
+        if path.is_dir():
+            weights, sides = _files_in_directory(path)
+        elif path.is_file():
+            weights = [path]
+            sides = [path.parent / name for name in SIDE_FILES if (path.parent / name).is_file()]
+        else:
+            raise InvalidArgument(f"{path}: no such file or directory")
+        weight_paths += weights
+        side_paths += [side for side in sides if side not in side_paths]
+    names = [path.name for path in weight_paths]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise InvalidArgument(
+            f"two input files share the name {duplicates[0]!r}; a snapshot keys files by name"
+        )
+    files = tuple(read_safetensors(path) for path in weight_paths)
+    seen: dict[str, Path] = {}
+    for source in files:
+        for tensor in source.tensors:
+            if tensor.name in seen:
+                raise InvalidArgument(
+                    f"tensor {tensor.name!r} appears in both {seen[tensor.name]} and {source.path}"
+                )
+            seen[tensor.name] = source.path
+    return ModelSource(files, {side.name: _read_side_file(side) for side in side_paths})

@@ -1,0 +1,266 @@
+"""The LMDB store: one environment, five named sub-databases, and the write-ordering rules.
+
+Layout: `chunks` (key → stored chunk value), `snapshots` (id → canonical snapshot bytes), `refs`
+(name → snapshot id), `reflog` (name NUL seq → entry), `meta` (format version, creation params).
+Each batch of writes is one transaction. Callers write chunks, then the snapshot, then move the ref
+with compare-and-set (the ref and its reflog entry in one transaction), so a crash leaves at worst
+unreferenced chunks, never a ref that points at something missing.
+
+`map_size` is set explicitly and doubled between transactions when a write fills it.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, TypeVar
+
+import lmdb
+import msgpack
+
+from .errors import ChunkMissing, RefConflict, StoreCorrupt, StoreExists, StoreFormatMismatch, StoreNotFound
+from .hashing import ChunkKey
+
+STORE_FORMAT = "blockstore-lmdb/1"
+INITIAL_MAP_SIZE = 1 << 30
+MAX_READERS = 256
+_DB_NAMES = (b"chunks", b"snapshots", b"refs", b"reflog", b"meta")
+_T = TypeVar("_T")
+
+
+class ChunkStore(Protocol):
+    """The storage protocol every chunk backend implements (one shared test suite checks it)."""
+
+    def get(self, key: ChunkKey) -> bytes: ...
+
+    def stored_sizes(self, keys: Iterable[ChunkKey]) -> dict[ChunkKey, int]: ...
+
+    def contains(self, keys: Iterable[ChunkKey]) -> set[ChunkKey]: ...
+
+    def put_batch(self, items: Iterable[tuple[ChunkKey, bytes]]) -> int: ...
+
+    def delete_batch(self, keys: Iterable[ChunkKey]) -> int: ...
+
+    def iter_keys(self) -> Iterator[ChunkKey]: ...
+
+
+@dataclass(frozen=True)
+class ReflogEntry:
+    """One move of a ref: when, from where to where, by which operation, and why."""
+
+    time_ns: int
+    old: bytes | None
+    new: bytes
+    op: str
+    message: str
+
+    def to_bytes(self) -> bytes:
+        return msgpack.packb([self.time_ns, self.old, self.new, self.op, self.message], use_bin_type=True)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> ReflogEntry:
+        time_ns, old, new, op, message = msgpack.unpackb(data, raw=False)
+        return cls(int(time_ns), old, bytes(new), str(op), str(message))
+
+
+class LmdbStore:
+    """A blockstore on one LMDB environment (a directory holding data.mdb and lock.mdb)."""
+
+    def __init__(self, path: Path, *, readonly: bool = False) -> None:
+        self.path = path
+        self.readonly = readonly
+        self._pid = -1
+        self._open_env()
+
+    @classmethod
+    def create(cls, path: Path) -> LmdbStore:
+        """Create an empty store; refuses a path that already holds anything."""
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise StoreExists(path)
+        path.mkdir(parents=True, exist_ok=True)
+        env = lmdb.open(str(path), map_size=INITIAL_MAP_SIZE, max_dbs=len(_DB_NAMES), create=True)
+        with env.begin(write=True) as txn:
+            meta = env.open_db(b"meta", txn=txn)
+            for name in _DB_NAMES:
+                env.open_db(name, txn=txn)
+            txn.put(b"format", STORE_FORMAT.encode(), db=meta)
+            txn.put(b"created_ns", str(time.time_ns()).encode(), db=meta)
+        env.close()
+        return cls(path)
+
+    def _open_env(self) -> None:
+        if not (self.path / "data.mdb").is_file():
+            raise StoreNotFound(self.path, self.path)
+        size = (self.path / "data.mdb").stat().st_size
+        try:
+            self._env = lmdb.open(
+                str(self.path),
+                map_size=max(INITIAL_MAP_SIZE, 2 * size),
+                max_dbs=len(_DB_NAMES),
+                max_readers=MAX_READERS,
+                create=False,
+                readonly=self.readonly,
+                readahead=False,
+            )
+            self._env.reader_check()
+            self._dbs = {name.decode(): self._env.open_db(name, create=False) for name in _DB_NAMES}
+            with self._env.begin(db=self._dbs["meta"]) as txn:
+                found = txn.get(b"format")
+        except lmdb.Error as exc:
+            raise StoreCorrupt(self.path, f"LMDB cannot open it ({exc})") from None
+        self._pid = os.getpid()
+        found_format = bytes(found).decode(errors="replace") if found is not None else None
+        if found_format != STORE_FORMAT:
+            self._env.close()
+            raise StoreFormatMismatch(self.path, found_format, STORE_FORMAT)
+
+    @property
+    def env(self) -> lmdb.Environment:
+        """The environment, reopened after a fork: an LMDB handle must not cross fork()."""
+        if self._pid != os.getpid():
+            self._open_env()
+        return self._env
+
+    def close(self) -> None:
+        self._env.close()
+
+    def __enter__(self) -> LmdbStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _write(self, body: Callable[[lmdb.Transaction], _T]) -> _T:
+        """Run `body` in one write transaction, doubling map_size and retrying when it fills."""
+        while True:
+            try:
+                with self.env.begin(write=True) as txn:
+                    return body(txn)
+            except lmdb.MapFullError:
+                self.env.set_mapsize(self.env.info()["map_size"] * 2)
+
+    # chunks ---------------------------------------------------------------------------------------
+
+    def get(self, key: ChunkKey) -> bytes:
+        with self.env.begin(db=self._dbs["chunks"]) as txn:
+            value = txn.get(key)
+        if value is None:
+            raise ChunkMissing(key.hex())
+        return value
+
+    def stored_sizes(self, keys: Iterable[ChunkKey]) -> dict[ChunkKey, int]:
+        sizes = {}
+        with self.env.begin(db=self._dbs["chunks"], buffers=True) as txn:
+            for key in keys:
+                value = txn.get(key)
+                if value is not None:
+                    sizes[key] = len(value)
+        return sizes
+
+    def contains(self, keys: Iterable[ChunkKey]) -> set[ChunkKey]:
+        return set(self.stored_sizes(keys))
+
+    def put_batch(self, items: Iterable[tuple[ChunkKey, bytes]]) -> int:
+        """Insert chunks that are not there yet, in one transaction; returns bytes newly written."""
+        pending = list(items)
+
+        def body(txn: lmdb.Transaction) -> int:
+            written = 0
+            for key, value in pending:
+                if txn.put(key, value, db=self._dbs["chunks"], overwrite=False):
+                    written += len(value)
+            return written
+
+        return self._write(body)
+
+    def delete_batch(self, keys: Iterable[ChunkKey]) -> int:
+        doomed = list(keys)
+        return self._write(lambda txn: sum(txn.delete(key, db=self._dbs["chunks"]) for key in doomed))
+
+    def iter_keys(self) -> Iterator[ChunkKey]:
+        with self.env.begin(db=self._dbs["chunks"]) as txn:
+            keys = list(txn.cursor().iternext(keys=True, values=False))
+        return iter(keys)
+
+    # snapshots ------------------------------------------------------------------------------------
+
+    def get_snapshot_bytes(self, snapshot_id: bytes) -> bytes | None:
+        with self.env.begin(db=self._dbs["snapshots"]) as txn:
+            return txn.get(snapshot_id)
+
+    def put_snapshot(self, snapshot_id: bytes, data: bytes) -> None:
+        self._write(lambda txn: txn.put(snapshot_id, data, db=self._dbs["snapshots"], overwrite=False))
+
+    def snapshot_ids(self) -> list[bytes]:
+        with self.env.begin(db=self._dbs["snapshots"]) as txn:
+            return list(txn.cursor().iternext(keys=True, values=False))
+
+    # refs and reflog ------------------------------------------------------------------------------
+
+    def refs(self) -> dict[str, bytes]:
+        with self.env.begin(db=self._dbs["refs"]) as txn:
+            return {key.decode(): value for key, value in txn.cursor()}
+
+    def get_ref(self, name: str) -> bytes | None:
+        with self.env.begin(db=self._dbs["refs"]) as txn:
+            return txn.get(name.encode())
+
+    def move_ref(self, name: str, new: bytes, expected: bytes | None, op: str, message: str) -> None:
+        """Point `name` at `new` if it still points at `expected`; log the move in the same txn."""
+
+        def body(txn: lmdb.Transaction) -> None:
+            current = txn.get(name.encode(), db=self._dbs["refs"])
+            if current != expected:
+                raise RefConflict(name, _short(expected), _short(current))
+            if txn.get(new, db=self._dbs["snapshots"]) is None:
+                raise StoreCorrupt(
+                    self.path, f"refusing to point ref {name!r} at absent snapshot {new.hex()}"
+                )
+            txn.put(name.encode(), new, db=self._dbs["refs"])
+            prefix = name.encode() + b"\0"
+            seq = 0
+            last_key = _last_with_prefix(txn, self._dbs["reflog"], prefix)
+            if last_key is not None:
+                seq = struct.unpack(">Q", last_key[len(prefix) :])[0] + 1
+            entry = ReflogEntry(time.time_ns(), expected, new, op, message)
+            txn.put(prefix + struct.pack(">Q", seq), entry.to_bytes(), db=self._dbs["reflog"])
+
+        self._write(body)
+
+    def reflog(self, name: str) -> list[ReflogEntry]:
+        prefix = name.encode() + b"\0"
+        entries = []
+        with self.env.begin(db=self._dbs["reflog"]) as txn:
+            cursor = txn.cursor()
+            if cursor.set_range(prefix):
+                for key, value in cursor:
+                    if not key.startswith(prefix):
+                        break
+                    entries.append(ReflogEntry.from_bytes(value))
+        return entries
+
+    def stat(self) -> dict[str, int]:
+        """Entry counts per sub-database and the size of the data file."""
+        with self.env.begin() as txn:
+            counts = {name: txn.stat(db)["entries"] for name, db in self._dbs.items()}
+        counts["file_bytes"] = (self.path / "data.mdb").stat().st_size
+        return counts
+
+
+def _last_with_prefix(txn: lmdb.Transaction, db: object, prefix: bytes) -> bytes | None:
+    cursor = txn.cursor(db=db)
+    if not cursor.set_range(prefix + b"\xff" * 9):
+        if not cursor.last():
+            return None
+    elif not cursor.prev():
+        return None
+    key = cursor.key()
+    return key if key.startswith(prefix) else None
+
+
+def _short(snapshot_id: bytes | None) -> str:
+    return snapshot_id.hex()[:12] if snapshot_id else "(nothing)"

@@ -1,0 +1,1 @@
+"""The `blockstore` command: parses arguments, prints results (rich or --json), maps errors to exit codes."""

@@ -1,0 +1,325 @@
+"""The typer app behind the `blockstore` command.
+
+Every command prints either a human summary or, with `--json`, one JSON object on stdout. Every
+user mistake or damaged store ends in a single `blockstore: error: ...` line on stderr and the
+error's own exit code, never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from blockstore.chunks import DEFAULT_CHUNK_SIZE
+from blockstore.errors import BlockstoreError, InvalidArgument, TensorNotFound
+from blockstore.export import export as export_snapshot
+from blockstore.pack import CODEC_CHOICES, DEFAULT_CODEC
+from blockstore.pack import pack as pack_model
+from blockstore.repo import Repository
+from blockstore.verify import verify as verify_store
+
+from .progress import progress_bar
+
+app = typer.Typer(
+    name="blockstore",
+    help="A versioned, content-addressed model store: pack safetensors, export, verify.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text.")]
+
+
+def _user_errors(command: _F) -> _F:
+    """Turn a BlockstoreError (or an OS error on a path the user named) into one line + exit code."""
+
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except BlockstoreError as exc:
+            typer.echo(f"blockstore: error: {exc}", err=True)
+            raise typer.Exit(exc.exit_code) from None
+        except OSError as exc:
+            typer.echo(f"blockstore: error: {exc.filename or ''}: {exc.strerror or exc}", err=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            typer.echo("blockstore: interrupted", err=True)
+            raise typer.Exit(130) from None
+
+    return run  # type: ignore[return-value]
+
+
+def split_spec(spec: str) -> tuple[Path, str | None]:
+    """`STORE@REF` → (store path, ref or id); a bare path selects the default ref."""
+    if "@" in spec and not Path(spec).exists():
+        path, _, ref = spec.rpartition("@")
+        if not path or not ref:
+            raise InvalidArgument(f"{spec!r}: expected STORE or STORE@REF")
+        return Path(path), ref
+    return Path(spec), None
+
+
+def _print_json(payload: dict[str, Any]) -> None:
+    typer.echo(json.dumps(payload, indent=2, sort_keys=True))
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / (1 << 20):,.1f} MiB"
+
+
+@app.command()
+@_user_errors
+def init(
+    store: Annotated[Path, typer.Argument(help="Directory to create the store in.")],
+    as_json: JsonOption = False,
+):
+    """Create an empty store."""
+    Repository.init(store).close()
+    if as_json:
+        _print_json({"store": str(store), "created": True})
+    else:
+        typer.echo(f"initialised empty blockstore at {store}")
+
+
+@app.command()
+@_user_errors
+def pack(
+    inputs: Annotated[list[Path], typer.Argument(help="safetensors file(s), shards, or a model directory.")],
+    store: Annotated[Path, typer.Option("--store", "-s", help="The store to pack into.")],
+    ref: Annotated[str, typer.Option(help="Ref to point at the new snapshot.")] = "main",
+    message: Annotated[str, typer.Option("--message", "-m", help="Recorded with the snapshot.")] = "",
+    codec: Annotated[str, typer.Option(help=f"One of: {', '.join(CODEC_CHOICES)}.")] = DEFAULT_CODEC,
+    level: Annotated[int, typer.Option(help="zstd compression level.")] = 3,
+    chunk_size: Annotated[int, typer.Option(help="Chunk size in bytes.")] = DEFAULT_CHUNK_SIZE,
+    as_json: JsonOption = False,
+):
+    """Pack a model into the store as a new snapshot (only chunks the store lacks are written)."""
+    with Repository.open(store) as repo, progress_bar(not as_json) as bar:
+        result = pack_model(
+            repo,
+            inputs,
+            ref=ref,
+            message=message,
+            codec=codec,
+            level=level,
+            chunk_size=chunk_size,
+            progress=bar,
+        )
+    summary = {
+        "snapshot": result.snapshot_id.hex(),
+        "ref": result.ref,
+        "unchanged": result.unchanged,
+        "tensors": result.tensors,
+        "raw_bytes": result.raw_bytes,
+        "stored_bytes": result.stored_bytes,
+        "ratio": round(result.ratio, 4),
+        "chunks": result.total_chunks,
+        "new_chunks": result.new_chunks,
+        "new_bytes": result.new_bytes,
+        "seconds": round(result.seconds, 3),
+        "mb_per_s": round(result.raw_bytes / 1e6 / result.seconds, 1) if result.seconds else None,
+    }
+    if as_json:
+        _print_json(summary)
+        return
+    state = (
+        "unchanged, ref not moved" if result.unchanged else f"{result.ref} -> {result.snapshot_id.hex()[:12]}"
+    )
+    typer.echo(f"snapshot {result.snapshot_id.hex()} ({state})")
+    typer.echo(
+        f"{result.tensors} tensors, {_mib(result.raw_bytes)} raw, {_mib(result.stored_bytes)} stored "
+        f"(ratio {result.ratio:.4f})"
+    )
+    typer.echo(
+        f"{result.new_chunks} of {result.total_chunks} chunks new ({_mib(result.new_bytes)} written) "
+        f"in {result.seconds:.2f} s ({summary['mb_per_s']} MB/s)"
+    )
+
+
+@app.command()
+@_user_errors
+def export(
+    spec: Annotated[str, typer.Argument(metavar="STORE[@REF|@ID]", help="Snapshot to export.")],
+    out: Annotated[Path, typer.Argument(help="Output file (a directory for multi-file snapshots).")],
+    as_json: JsonOption = False,
+):
+    """Rebuild the packed safetensors file(s), byte for byte."""
+    path, ref = split_spec(spec)
+    with Repository.open(path, readonly=True) as repo, progress_bar(not as_json) as bar:
+        result = export_snapshot(repo, repo.resolve(ref), out, progress=bar)
+    if as_json:
+        _print_json(
+            {
+                "snapshot": result.snapshot_id.hex(),
+                "paths": [str(p) for p in result.paths],
+                "bytes": result.bytes_written,
+                "seconds": round(result.seconds, 3),
+            }
+        )
+        return
+    rate = result.bytes_written / 1e6 / result.seconds if result.seconds else 0.0
+    for written in result.paths:
+        typer.echo(f"wrote {written}")
+    typer.echo(f"{_mib(result.bytes_written)} in {result.seconds:.2f} s ({rate:,.1f} MB/s)")
+
+
+@app.command(name="ls")
+@_user_errors
+def list_store(store: Annotated[Path, typer.Argument()], as_json: JsonOption = False):
+    """List refs and snapshots."""
+    with Repository.open(store, readonly=True) as repo:
+        refs = {name: target.hex() for name, target in repo.store.refs().items()}
+        snapshots = []
+        for snapshot_id in repo.store.snapshot_ids():
+            snapshot = repo.snapshot(snapshot_id)
+            snapshots.append(
+                {
+                    "id": snapshot_id.hex(),
+                    "parent": snapshot.parent.hex() if snapshot.parent else None,
+                    "created_ns": snapshot.created_ns,
+                    "tensors": len(snapshot.tensors),
+                    "raw_bytes": snapshot.nbytes,
+                    "message": snapshot.message,
+                    "refs": sorted(name for name, target in refs.items() if target == snapshot_id.hex()),
+                }
+            )
+    snapshots.sort(key=lambda item: item["created_ns"])
+    if as_json:
+        _print_json({"refs": refs, "snapshots": snapshots})
+        return
+    for name, target in sorted(refs.items()):
+        typer.echo(f"ref {name} -> {target[:12]}")
+    for item in snapshots:
+        labels = f" [{', '.join(item['refs'])}]" if item["refs"] else ""
+        typer.echo(
+            f"{item['id'][:12]} {item['tensors']} tensors {_mib(item['raw_bytes'])}{labels} {item['message']}"
+        )
+
+
+@app.command()
+@_user_errors
+def show(
+    spec: Annotated[str, typer.Argument(metavar="STORE[@REF|@ID]")],
+    tensor: Annotated[str | None, typer.Argument(help="Show only this tensor.")] = None,
+    as_json: JsonOption = False,
+):
+    """Show a snapshot's tensors: dtype, shape, side, codec, chunks, ratio."""
+    path, ref = split_spec(spec)
+    with Repository.open(path, readonly=True) as repo:
+        snapshot_id = repo.resolve(ref)
+        snapshot = repo.snapshot(snapshot_id)
+    entries = [snapshot.tensors[name] for f in snapshot.files for name in f.tensors]
+    if tensor is not None:
+        entries = [entry for entry in entries if entry.name == tensor]
+        if not entries:
+            raise TensorNotFound(tensor, snapshot_id.hex()[:12])
+    rows = [
+        {
+            "name": e.name,
+            "dtype": e.dtype,
+            "shape": list(e.shape),
+            "side": e.side,
+            "tier": e.tier,
+            "codec": e.codec,
+            "chunks": len(e.chunks),
+            "raw_bytes": e.nbytes,
+            "stored_bytes": e.stored_bytes,
+            "ratio": round(e.stored_bytes / e.nbytes, 4) if e.nbytes else None,
+            "digest": e.digest.hex(),
+        }
+        for e in entries
+    ]
+    if as_json:
+        _print_json({"snapshot": snapshot_id.hex(), "message": snapshot.message, "tensors": rows})
+        return
+    table = Table(title=f"snapshot {snapshot_id.hex()[:12]} {snapshot.message}".strip())
+    for column in ("name", "dtype", "shape", "side", "tier", "codec", "chunks", "ratio"):
+        table.add_column(column, justify="right" if column in ("chunks", "ratio") else "left")
+    for row in rows:
+        ratio = "-" if row["ratio"] is None else f"{row['ratio']:.3f}"
+        shape = "x".join(map(str, row["shape"])) or "scalar"
+        table.add_row(
+            row["name"],
+            row["dtype"],
+            shape,
+            row["side"],
+            row["tier"],
+            row["codec"],
+            str(row["chunks"]),
+            ratio,
+        )
+    Console(width=200).print(table)
+
+
+@app.command()
+@_user_errors
+def stats(store: Annotated[Path, typer.Argument()], as_json: JsonOption = False):
+    """Store-wide counts and sizes."""
+    with Repository.open(store, readonly=True) as repo:
+        counts = repo.store.stat()
+        keys = list(repo.store.iter_keys())
+        stored = sum(repo.store.stored_sizes(keys).values())
+    payload = {**counts, "chunk_bytes": stored, "store": str(store)}
+    if as_json:
+        _print_json(payload)
+        return
+    typer.echo(
+        f"{counts['refs']} refs, {counts['snapshots']} snapshots, {counts['chunks']} chunks "
+        f"({_mib(stored)} stored), data file {_mib(counts['file_bytes'])}"
+    )
+
+
+@app.command()
+@_user_errors
+def verify(
+    spec: Annotated[str, typer.Argument(metavar="STORE[@REF|@ID]", help="A whole store, or one snapshot.")],
+    as_json: JsonOption = False,
+):
+    """Re-hash every chunk and tensor; exit 0 when clean, 4 with one line per damaged tensor."""
+    path, ref = split_spec(spec)
+    with Repository.open(path, readonly=True) as repo, progress_bar(not as_json) as bar:
+        report = verify_store(repo, ref, progress=bar)
+    if as_json:
+        _print_json(
+            {
+                "clean": report.clean,
+                "snapshots": report.snapshots,
+                "tensors": report.tensors,
+                "chunks": report.chunks,
+                "bytes_checked": report.bytes_checked,
+                "damages": [vars(d) for d in report.damages],
+                "orphans": report.orphans,
+            }
+        )
+    else:
+        for damage in report.damages:
+            typer.echo(damage.line())
+        for key in report.orphans:
+            typer.echo(f"orphan: chunk {key} is referenced by no snapshot (harmless; gc removes it)")
+        verdict = "clean" if report.clean else f"{len(report.damages)} damaged"
+        typer.echo(
+            f"{verdict}: {report.snapshots} snapshots, {report.tensors} tensors, {report.chunks} chunks, "
+            f"{_mib(report.bytes_checked)} checked, {len(report.orphans)} orphan chunks"
+        )
+    if not report.clean:
+        raise typer.Exit(4)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app(prog_name="blockstore")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
