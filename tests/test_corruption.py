@@ -1,0 +1,153 @@
+"""Damage is detected, named exactly, and never turned into a garbage tensor or a half-written file."""
+
+from __future__ import annotations
+
+import tracemalloc
+from pathlib import Path
+
+import lmdb
+import msgpack
+import pytest
+import zstandard
+
+from blockstore.chunks import decode_chunk, encode_chunk
+from blockstore.codecs import ByteGroupZstd, Zstd
+from blockstore.errors import ChunkCorrupt
+from blockstore.hashing import chunk_key
+from blockstore.pack import pack
+from blockstore.repo import Repository
+
+from .helpers import assert_one_line_error, cli, random_tensor, write_safetensors
+
+
+@pytest.fixture
+def damaged(tmp_path: Path, store_path: Path):
+    """A store with two tensors; returns (store, snapshot id hex, {tensor: first chunk key})."""
+    model = write_safetensors(
+        tmp_path / "model.safetensors",
+        {
+            "embed.weight": random_tensor("BF16", (256, 64), seed=1),
+            "norm.weight": random_tensor("F32", (64,), seed=2),
+        },
+    )
+    with Repository.open(store_path) as repo:
+        result = pack(repo, [model], chunk_size=4096)
+        snapshot = repo.snapshot(result.snapshot_id)
+    keys = {name: entry.chunks[-1].key for name, entry in snapshot.tensors.items()}
+    return store_path, result.snapshot_id.hex(), keys
+
+
+def edit_chunks(store: Path, edit) -> None:
+    env = lmdb.open(str(store), max_dbs=8)
+    with env.begin(write=True) as txn:
+        edit(txn, env.open_db(b"chunks", txn=txn))
+    env.close()
+
+
+def test_flipped_byte_is_named_by_verify(damaged, tmp_path: Path) -> None:
+    store, snapshot_hex, keys = damaged
+    key = keys["embed.weight"]
+
+    def flip(txn, db):
+        value = bytearray(txn.get(key, db=db))
+        value[-1] ^= 0x01
+        txn.put(key, bytes(value), db=db)
+
+    edit_chunks(store, flip)
+    result = cli("verify", store)
+    assert result.exit_code == 4
+    damage_lines = [line for line in result.stdout.splitlines() if line.startswith("corrupt:")]
+    assert len(damage_lines) == 1
+    line = damage_lines[0]
+    assert "'embed.weight'" in line and key.hex() in line and snapshot_hex[:12] in line
+    assert "norm.weight" not in result.stdout
+
+    out = tmp_path / "out.safetensors"
+    export = cli("export", store, out)
+    assert_one_line_error(export, "tensor 'embed.weight'", "is damaged", exit_code=4)
+    assert not out.exists() and not list(tmp_path.glob(".out.safetensors.partial*"))
+
+
+def test_deleted_chunk_is_reported_missing(damaged) -> None:
+    store, snapshot_hex, keys = damaged
+    edit_chunks(store, lambda txn, db: txn.delete(keys["norm.weight"], db=db))
+    report = cli("verify", store, "--json").json()
+    assert not report["clean"]
+    [damage] = report["damages"]
+    assert damage["kind"] == "missing" and damage["tensor"] == "norm.weight"
+    assert damage["chunk"] == keys["norm.weight"].hex() and damage["snapshot"] == snapshot_hex
+
+
+def test_orphan_chunks_are_reported_but_clean(damaged) -> None:
+    store, _, _ = damaged
+    raw = b"left behind by an interrupted pack"
+    edit_chunks(store, lambda txn, db: txn.put(chunk_key(raw), encode_chunk(Zstd(), memoryview(raw)), db=db))
+    report = cli("verify", store, "--json").json()
+    assert report["clean"] and report["orphans"] == [chunk_key(raw).hex()]
+    assert cli("verify", store).exit_code == 0
+
+
+def test_verify_of_one_snapshot(damaged) -> None:
+    store, snapshot_hex, _ = damaged
+    result = cli("verify", f"{store}@{snapshot_hex[:8]}", "--json").json()
+    assert result["clean"] and result["snapshots"] == 1 and result["orphans"] == []
+
+
+def _envelope(codec_id: str, params: dict, payload: bytes) -> bytes:
+    return msgpack.packb([codec_id, params, payload], use_bin_type=True)
+
+
+def test_decompression_bomb_is_refused_before_allocating() -> None:
+    # 1 GiB of zeros compresses to ~40 KB; the manifest says the chunk holds 4 KiB.
+    bomb = zstandard.ZstdCompressor(level=19).compress(bytes(1 << 30))
+    stored = _envelope("zstd", {"level": 3}, bomb)
+    tracemalloc.start()
+    with pytest.raises(ChunkCorrupt, match="declares 1073741824 bytes, manifest says 4096"):
+        decode_chunk(b"\0" * 16, stored, 4096)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 16 << 20
+
+
+def test_bomb_inside_a_byte_group_plane_is_refused() -> None:
+    bomb = zstandard.ZstdCompressor().compress(bytes(1 << 26))
+    payload = msgpack.packb([[1, bomb], [0, b"\0" * 8]], use_bin_type=True)
+    with pytest.raises(ChunkCorrupt, match="declares 67108864 bytes"):
+        decode_chunk(b"\0" * 16, _envelope("bytegroup+zstd", {"itemsize": 2, "level": 3}, payload), 16)
+
+
+def test_frame_without_content_size_or_with_a_huge_window_is_refused() -> None:
+    streamed = zstandard.ZstdCompressor(write_content_size=False).compress(b"x" * 100)
+    with pytest.raises(ChunkCorrupt, match="declares"):
+        decode_chunk(b"\0" * 16, _envelope("zstd", {"level": 3}, streamed), 100)
+    params = zstandard.ZstdCompressionParameters(window_log=27, compression_level=3)
+    wide = zstandard.ZstdCompressor(compression_params=params).compress(b"x" * 100)
+    if zstandard.get_frame_parameters(wide).window_size > 1 << 20:  # zstd may shrink it for tiny inputs
+        with pytest.raises(ChunkCorrupt, match="window"):
+            decode_chunk(b"\0" * 16, _envelope("zstd", {"level": 3}, wide), 100)
+
+
+@pytest.mark.parametrize(
+    "stored",
+    [
+        b"not msgpack \xc1",
+        msgpack.packb(["zstd", {"level": 3}]),
+        msgpack.packb(["lzma", {}, b"x"]),
+        msgpack.packb(["zstd", {"level": 3, "evil": 1}, b"x"]),
+        msgpack.packb(["raw", {}, b"short"]),
+        msgpack.packb(
+            ["bytegroup+zstd", {"itemsize": 2, "level": 3}, msgpack.packb([[7, b"ab"], [0, b"ab"]])]
+        ),
+    ],
+)
+def test_malformed_chunk_values_are_corrupt_not_crashes(stored: bytes) -> None:
+    with pytest.raises(ChunkCorrupt):
+        decode_chunk(b"\0" * 16, stored, 4)
+
+
+def test_chunk_that_decodes_to_other_bytes_is_corrupt() -> None:
+    raw = bytes(range(64))
+    stored = encode_chunk(ByteGroupZstd(itemsize=4), memoryview(raw))
+    assert decode_chunk(chunk_key(raw), stored, 64) == raw
+    with pytest.raises(ChunkCorrupt, match="do not hash to the chunk's key"):
+        decode_chunk(chunk_key(raw[::-1]), stored, 64)
