@@ -88,3 +88,19 @@ class StoreCorrupt(BlockstoreError):
 class RefConflict(BlockstoreError):
     exit_code = 5
     template = "ref {!r} moved from {} to {} while this operation ran; nothing was published"
+
+
+class WriterActive(BlockstoreError):
+    exit_code = 5
+    template = "store {} is being written ({}); gc deleted nothing, run it again later"
+
+
+class BundleRejected(BlockstoreError):
+    exit_code = 4
+    template = "{}: bundle rejected: {}"
+
+
+class WrongBase(BlockstoreError):
+    template = (
+        "bundle {} applies to snapshot {}, but ref {!r} is at {} (use --force-base if that base is present)"
+    )

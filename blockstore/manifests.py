@@ -78,18 +78,26 @@ class Snapshot:
     message: str = ""
     created_ns: int = 0
 
-    def to_bytes(self) -> bytes:
-        """Canonical bytes: fixed field order, tensors sorted by name, extras sorted by name."""
-        doc = [
+    def _content(self) -> list[Any]:
+        """The fields that define the model itself (not its history): files, tensors, side files."""
+        return [
             MANIFEST_VERSION,
             [[f.name, f.header, list(f.tensors)] for f in self.files],
             [_entry_fields(self.tensors[name]) for name in sorted(self.tensors)],
             [[name, self.extras[name]] for name in sorted(self.extras)],
-            self.parent,
-            self.message,
-            self.created_ns,
         ]
-        return msgpack.packb(doc, use_bin_type=True)
+
+    def to_bytes(self) -> bytes:
+        """Canonical bytes: fixed field order, tensors sorted by name, extras sorted by name."""
+        return msgpack.packb(
+            [*self._content(), self.parent, self.message, self.created_ns], use_bin_type=True
+        )
+
+    @property
+    def content_id(self) -> bytes:
+        """blake2b-256 of the content alone: equal for the same model packed in two stores at two
+        times (their snapshot ids differ by parent, message and time). Patches match bases by it."""
+        return digest(msgpack.packb(self._content(), use_bin_type=True))
 
     @property
     def id(self) -> SnapshotId:

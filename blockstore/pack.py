@@ -23,7 +23,7 @@ from .manifests import ChunkRef, Snapshot, SnapshotId, SourceFile, TensorEntry
 from .policy import default_side
 from .progress import Progress, Silent
 from .repo import Repository, check_ref_name
-from .source import SafetensorsFile, TensorInfo, discover, read_range
+from .source import ModelSource, SafetensorsFile, TensorInfo, discover, read_range
 
 CODEC_CHOICES = ("bytegroup+zstd", "zstd", "raw")
 DEFAULT_CODEC = "bytegroup+zstd"
@@ -36,7 +36,7 @@ class PackResult:
     """What a pack did: the snapshot it published (or found unchanged) and what it cost."""
 
     snapshot_id: SnapshotId
-    ref: str
+    ref: str | None
     tensors: int
     raw_bytes: int
     stored_bytes: int
@@ -124,7 +124,7 @@ def pack(
     repo: Repository,
     inputs: list[Path],
     *,
-    ref: str = "main",
+    ref: str | None = "main",
     message: str = "",
     codec: str = DEFAULT_CODEC,
     level: int = 3,
@@ -132,14 +132,34 @@ def pack(
     workers: int | None = None,
     progress: Progress | None = None,
 ) -> PackResult:
-    """Pack safetensors files (or a model directory) into `repo` and point `ref` at the result."""
+    """Pack safetensors files (or a model directory) into `repo` and point `ref` at the result.
+
+    With `ref=None` the snapshot is stored but no ref moves (`diff` packs a file on the fly so).
+    """
     started = time.perf_counter()
-    check_ref_name(ref)
+    if ref is not None:
+        check_ref_name(ref)
     check_chunk_size(chunk_size)
     codec_for(codec, "F32", level)  # refuse a bad codec or level before reading anything
     progress = progress or Silent()
     model = discover(inputs)
-    expected = repo.store.get_ref(ref)
+    with repo.writer_lease():
+        return _pack_model(repo, model, ref, message, codec, level, chunk_size, workers, progress, started)
+
+
+def _pack_model(
+    repo: Repository,
+    model: ModelSource,
+    ref: str | None,
+    message: str,
+    codec: str,
+    level: int,
+    chunk_size: int,
+    workers: int | None,
+    progress: Progress,
+    started: float,
+) -> PackResult:
+    expected = repo.store.get_ref(ref) if ref is not None else None
     progress.start("pack", sum(source.nbytes for source in model.files))
     writer = _ChunkWriter(repo, workers or os.cpu_count() or 1)
     pending: list[tuple[TensorInfo, Codec, list[tuple[ChunkKey, int]], bytes]] = []
@@ -177,7 +197,12 @@ def pack(
     )
     snapshot = Snapshot(files, entries, model.extras, expected, message, time.time_ns())
     unchanged = expected is not None and _same_content(repo.snapshot(expected), snapshot)
-    snapshot_id = expected if unchanged else repo.publish(snapshot, ref, expected, op="pack")
+    if unchanged:
+        snapshot_id = expected
+    elif ref is None:
+        snapshot_id = repo.store_snapshot(snapshot)
+    else:
+        snapshot_id = repo.publish(snapshot, ref, expected, op="pack")
     return PackResult(
         snapshot_id=snapshot_id,
         ref=ref,

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import re
 import string
+from collections import deque
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from .chunks import decode_chunk
@@ -66,6 +68,15 @@ class Repository:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @contextmanager
+    def writer_lease(self) -> Iterator[None]:
+        """Hold a lease for the span of a write that adds data before a ref points at it."""
+        lease_id = self.store.acquire_lease()
+        try:
+            yield
+        finally:
+            self.store.release_lease(lease_id)
+
     def resolve(self, spec: str | None) -> SnapshotId:
         """A ref name, a full snapshot id or a unique id prefix → the snapshot id."""
         spec = spec or DEFAULT_REF
@@ -92,11 +103,16 @@ class Repository:
         except ManifestError as exc:
             raise StoreCorrupt(self.path, f"snapshot {snapshot_id.hex()}: {exc}") from None
 
-    def publish(self, snapshot: Snapshot, ref: str, expected: SnapshotId | None, op: str) -> SnapshotId:
-        """Write the snapshot, then move `ref` from `expected` to it (compare-and-set)."""
+    def store_snapshot(self, snapshot: Snapshot) -> SnapshotId:
+        """Write a snapshot (one transaction) without pointing any ref at it."""
         data = snapshot.to_bytes()
         snapshot_id = digest(data)
         self.store.put_snapshot(snapshot_id, data)
+        return snapshot_id
+
+    def publish(self, snapshot: Snapshot, ref: str, expected: SnapshotId | None, op: str) -> SnapshotId:
+        """Write the snapshot, then move `ref` from `expected` to it (compare-and-set)."""
+        snapshot_id = self.store_snapshot(snapshot)
         self.store.move_ref(check_ref_name(ref), snapshot_id, expected, op, snapshot.message)
         return snapshot_id
 
@@ -113,3 +129,7 @@ class Repository:
             yield raw
         if hasher.digest() != entry.digest:
             raise TensorCorrupt(entry.name, snapshot_id.hex()[:12], "bytes do not match the tensor digest")
+
+    def check_tensor(self, snapshot_id: SnapshotId, entry: TensorEntry) -> None:
+        """Read a tensor back through every check `tensor_chunks` makes, keeping nothing."""
+        deque(self.tensor_chunks(snapshot_id, entry), maxlen=0)

@@ -12,6 +12,7 @@ unreferenced chunks, never a ref that points at something missing.
 from __future__ import annotations
 
 import os
+import socket
 import struct
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -22,13 +23,22 @@ from typing import Protocol, TypeVar
 import lmdb
 import msgpack
 
-from .errors import ChunkMissing, RefConflict, StoreCorrupt, StoreExists, StoreFormatMismatch, StoreNotFound
+from .errors import (
+    ChunkMissing,
+    RefConflict,
+    StoreCorrupt,
+    StoreExists,
+    StoreFormatMismatch,
+    StoreNotFound,
+    WriterActive,
+)
 from .hashing import ChunkKey
 
 STORE_FORMAT = "blockstore-lmdb/1"
 INITIAL_MAP_SIZE = 1 << 30
 MAX_READERS = 256
 _DB_NAMES = (b"chunks", b"snapshots", b"refs", b"reflog", b"meta")
+_LEASE_PREFIX = b"lease/"
 _T = TypeVar("_T")
 
 
@@ -243,12 +253,73 @@ class LmdbStore:
                     entries.append(ReflogEntry.from_bytes(value))
         return entries
 
+    # writer leases and garbage collection ---------------------------------------------------------
+
+    def acquire_lease(self) -> bytes:
+        """Announce an in-flight writer (pack, apply) so `gc` leaves its not-yet-referenced data alone."""
+        lease_id = os.urandom(8)
+        record = msgpack.packb([os.getpid(), socket.gethostname(), time.time_ns()])
+        self._write(lambda txn: txn.put(_LEASE_PREFIX + lease_id, record, db=self._dbs["meta"]))
+        return lease_id
+
+    def release_lease(self, lease_id: bytes) -> None:
+        self._write(lambda txn: txn.delete(_LEASE_PREFIX + lease_id, db=self._dbs["meta"]))
+
+    def _live_leases(self, txn: lmdb.Transaction) -> list[str]:
+        """Leases of writers still running; a lease of a dead process on this host is stale."""
+        live = []
+        cursor = txn.cursor(db=self._dbs["meta"])
+        if cursor.set_range(_LEASE_PREFIX):
+            for key, value in cursor:
+                if not key.startswith(_LEASE_PREFIX):
+                    break
+                pid, host, _ = msgpack.unpackb(value, raw=False)
+                if host != socket.gethostname() or _process_alive(pid):
+                    live.append(f"pid {pid} on {host}")
+        return live
+
+    def roots_fingerprint(self) -> tuple[dict[str, bytes], int]:
+        """Refs and the reflog's length: if either changes, a gc plan made before is stale."""
+        with self.env.begin() as txn:
+            refs = {key.decode(): value for key, value in txn.cursor(db=self._dbs["refs"])}
+            return refs, txn.stat(self._dbs["reflog"])["entries"]
+
+    def collect(
+        self, snapshot_ids: list[bytes], chunk_keys: list[ChunkKey], fingerprint: tuple[dict[str, bytes], int]
+    ) -> None:
+        """Delete unreachable snapshots and chunks in one transaction, unless a writer is active or
+        the refs moved since the plan was made (both raise WriterActive and delete nothing)."""
+
+        def body(txn: lmdb.Transaction) -> None:
+            live = self._live_leases(txn)
+            if live:
+                raise WriterActive(self.path, ", ".join(live))
+            refs = {key.decode(): value for key, value in txn.cursor(db=self._dbs["refs"])}
+            if (refs, txn.stat(self._dbs["reflog"])["entries"]) != fingerprint:
+                raise WriterActive(self.path, "refs moved while gc was planning")
+            for snapshot_id in snapshot_ids:
+                txn.delete(snapshot_id, db=self._dbs["snapshots"])
+            for key in chunk_keys:
+                txn.delete(key, db=self._dbs["chunks"])
+
+        self._write(body)
+
     def stat(self) -> dict[str, int]:
         """Entry counts per sub-database and the size of the data file."""
         with self.env.begin() as txn:
             counts = {name: txn.stat(db)["entries"] for name, db in self._dbs.items()}
         counts["file_bytes"] = (self.path / "data.mdb").stat().st_size
         return counts
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _last_with_prefix(txn: lmdb.Transaction, db: object, prefix: bytes) -> bytes | None:

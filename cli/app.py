@@ -11,6 +11,7 @@ import functools
 import json
 import sys
 from collections.abc import Callable
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -18,19 +19,22 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from blockstore import patches
 from blockstore.chunks import DEFAULT_CHUNK_SIZE
-from blockstore.errors import BlockstoreError, InvalidArgument, TensorNotFound
+from blockstore.errors import BlockstoreError, InvalidArgument, RefNotFound, TensorNotFound
 from blockstore.export import export as export_snapshot
+from blockstore.gc import gc
 from blockstore.pack import CODEC_CHOICES, DEFAULT_CODEC
 from blockstore.pack import pack as pack_model
-from blockstore.repo import Repository
+from blockstore.patches.bundle import read_key
+from blockstore.repo import Repository, check_ref_name
 from blockstore.verify import verify as verify_store
 
 from .progress import progress_bar
 
 app = typer.Typer(
     name="blockstore",
-    help="A versioned, content-addressed model store: pack safetensors, export, verify.",
+    help="A versioned, content-addressed model store: pack, export, verify, diff, apply, rollback.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -314,6 +318,188 @@ def verify(
         )
     if not report.clean:
         raise typer.Exit(4)
+
+
+KeyOption = Annotated[Path | None, typer.Option("--key", help="Key file for the bundle's MAC.")]
+RefOption = Annotated[str, typer.Option("--ref", help="The ref to move.")]
+
+
+def _id(snapshot_id: bytes | None) -> str | None:
+    return snapshot_id.hex() if snapshot_id else None
+
+
+@app.command()
+@_user_errors
+def diff(
+    store: Annotated[Path, typer.Argument()],
+    old: Annotated[str, typer.Argument(help="Base: a ref, a snapshot id (prefix) or a safetensors file.")],
+    new: Annotated[str, typer.Argument(help="Target: a ref, a snapshot id (prefix) or a safetensors file.")],
+    out: Annotated[Path, typer.Option("--output", "-o", help="Bundle file to write (.bsp).")],
+    key: KeyOption = None,
+    as_json: JsonOption = False,
+):
+    """Write a patch bundle holding only the chunks OLD lacks, plus NEW's snapshot."""
+    with Repository.open(store) as repo:
+        result = patches.diff(repo, old, new, out, key=read_key(key) if key else None)
+    changes = result.changes
+    payload = {
+        "base": result.base.hex(),
+        "target": result.target.hex(),
+        "changed": list(changes.changed),
+        "added": list(changes.added),
+        "removed": list(changes.removed),
+        "chunks_shipped": result.chunks_shipped,
+        "bundle_bytes": result.bundle_bytes,
+        "model_stored_bytes": result.model_stored_bytes,
+        "model_raw_bytes": result.model_raw_bytes,
+    }
+    if as_json:
+        _print_json(payload)
+        return
+    typer.echo(
+        f"{result.base.hex()[:12]} -> {result.target.hex()[:12]}: {len(changes.changed)} tensors changed, "
+        f"{len(changes.added)} added, {len(changes.removed)} removed"
+    )
+    share = result.bundle_bytes / result.model_stored_bytes if result.model_stored_bytes else 0.0
+    typer.echo(
+        f"wrote {out}: {result.chunks_shipped} chunks, {_mib(result.bundle_bytes)} "
+        f"({share:.1%} of the {_mib(result.model_stored_bytes)} stored model)"
+    )
+
+
+@app.command(name="apply")
+@_user_errors
+def apply_bundle(
+    store: Annotated[Path, typer.Argument()],
+    bundle: Annotated[Path, typer.Argument(help="The .bsp bundle.")],
+    ref: RefOption = "main",
+    key: KeyOption = None,
+    force_base: Annotated[
+        bool, typer.Option(help="Apply even if the ref is not at the bundle's base.")
+    ] = False,
+    as_json: JsonOption = False,
+):
+    """Check a bundle completely, add its chunks, verify the target, then move the ref."""
+    with Repository.open(store) as repo:
+        result = patches.apply(
+            repo, bundle, ref=ref, key=read_key(key) if key else None, force_base=force_base
+        )
+    if as_json:
+        _print_json(
+            {
+                "ref": result.ref,
+                "old": _id(result.old),
+                "new": result.new.hex(),
+                "chunks_added": result.chunks_added,
+                "bytes_added": result.bytes_added,
+            }
+        )
+        return
+    typer.echo(
+        f"{result.ref}: {(_id(result.old) or '(nothing)')[:12]} -> {result.new.hex()[:12]} "
+        f"({result.chunks_added} chunks, {_mib(result.bytes_added)} added)"
+    )
+
+
+@app.command(name="rollback")
+@_user_errors
+def rollback_ref(
+    store: Annotated[Path, typer.Argument()],
+    ref: RefOption = "main",
+    to: Annotated[str | None, typer.Option("--to", help="A ref or snapshot id to move to.")] = None,
+    steps: Annotated[int, typer.Option(help="Versions to step back along the ref's history.")] = 1,
+    as_json: JsonOption = False,
+):
+    """Move a ref back (one version by default). Nothing is deleted."""
+    with Repository.open(store) as repo:
+        result = patches.rollback(repo, ref=ref, to=to, steps=steps)
+    if as_json:
+        _print_json({"ref": result.ref, "old": result.old.hex(), "new": result.new.hex()})
+        return
+    typer.echo(f"{result.ref}: {result.old.hex()[:12]} -> {result.new.hex()[:12]}")
+
+
+@app.command(name="log")
+@_user_errors
+def show_log(store: Annotated[Path, typer.Argument()], ref: RefOption = "main", as_json: JsonOption = False):
+    """The ref's history: time, old -> new, operation, message, tensors changed."""
+    with Repository.open(store, readonly=True) as repo:
+        if repo.store.get_ref(ref) is None:
+            raise RefNotFound(ref, store)
+        entries = patches.log(repo, ref)
+    rows = [
+        {
+            "time": datetime.fromtimestamp(e.time_ns / 1e9, tz=timezone.utc).isoformat(timespec="seconds"),
+            "old": _id(e.old),
+            "new": e.new.hex(),
+            "op": e.op,
+            "message": e.message,
+            "tensors_changed": e.tensors_changed,
+        }
+        for e in entries
+    ]
+    if as_json:
+        _print_json({"ref": ref, "entries": rows})
+        return
+    for row in rows:
+        changed = "?" if row["tensors_changed"] is None else row["tensors_changed"]
+        typer.echo(
+            f"{row['time']} {(row['old'] or '(nothing)')[:12]} -> {row['new'][:12]} "
+            f"{row['op']:8} {changed} tensors changed  {row['message']}"
+        )
+
+
+@app.command()
+@_user_errors
+def tag(
+    store: Annotated[Path, typer.Argument()],
+    name: Annotated[str, typer.Argument(help="The new ref's name.")],
+    target: Annotated[str, typer.Argument(help="A ref or snapshot id (prefix).")] = "main",
+    as_json: JsonOption = False,
+):
+    """Create a ref (a tag) pointing at a snapshot; refuses to move an existing one."""
+    with Repository.open(store) as repo:
+        snapshot_id = repo.resolve(target)
+        if repo.store.get_ref(check_ref_name(name)) is not None:
+            raise InvalidArgument(f"ref {name!r} already exists; use rollback --to to move it")
+        repo.store.move_ref(name, snapshot_id, None, "tag", f"tag {name}")
+    if as_json:
+        _print_json({"ref": name, "snapshot": snapshot_id.hex()})
+        return
+    typer.echo(f"{name} -> {snapshot_id.hex()[:12]}")
+
+
+@app.command(name="gc")
+@_user_errors
+def collect_garbage(
+    store: Annotated[Path, typer.Argument()],
+    keep: Annotated[
+        int | None, typer.Option(help="Reflog positions per ref to keep restorable (default all).")
+    ] = None,
+    dry_run: Annotated[bool, typer.Option(help="Report what would be deleted; delete nothing.")] = False,
+    as_json: JsonOption = False,
+):
+    """Delete snapshots and chunks no ref (or kept reflog entry) reaches."""
+    if keep is not None and keep < 0:
+        raise InvalidArgument(f"--keep must be 0 or more, got {keep}")
+    with Repository.open(store) as repo:
+        report = gc(repo, keep=keep, dry_run=dry_run)
+    if as_json:
+        _print_json(
+            {
+                "kept_snapshots": report.kept_snapshots,
+                "deleted_snapshots": list(report.deleted_snapshots),
+                "deleted_chunks": report.deleted_chunks,
+                "freed_bytes": report.freed_bytes,
+                "dry_run": report.dry_run,
+            }
+        )
+        return
+    verb = "would delete" if dry_run else "deleted"
+    typer.echo(
+        f"{verb} {len(report.deleted_snapshots)} snapshots and {report.deleted_chunks} chunks "
+        f"({_mib(report.freed_bytes)}); {report.kept_snapshots} snapshots kept"
+    )
 
 
 def main() -> None:

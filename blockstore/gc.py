@@ -1,0 +1,51 @@
+"""`gc`: delete snapshots and chunks that no ref or kept reflog entry reaches.
+
+Nothing is deleted by apply or rollback; space comes back only here. The plan (what is unreachable)
+is made from a read view; the deletion is one write transaction that first re-checks that no
+writer holds a lease (an in-flight pack or apply has chunks no snapshot references yet) and that
+no ref moved since the plan was made, and deletes nothing otherwise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .hashing import ChunkKey
+from .manifests import SnapshotId
+from .repo import Repository
+
+
+@dataclass(frozen=True)
+class GcReport:
+    kept_snapshots: int
+    deleted_snapshots: tuple[str, ...]
+    deleted_chunks: int
+    freed_bytes: int
+    dry_run: bool
+
+
+def reachable_snapshots(repo: Repository, keep: int | None) -> set[SnapshotId]:
+    """Every ref's target, plus the targets of its last `keep` reflog entries (all when None)."""
+    roots = set(repo.store.refs().values())
+    for ref in repo.store.refs():
+        entries = repo.store.reflog(ref)
+        kept = entries if keep is None else entries[-keep:] if keep > 0 else []
+        roots.update(entry.new for entry in kept)
+    return roots
+
+
+def gc(repo: Repository, *, keep: int | None = None, dry_run: bool = False) -> GcReport:
+    """Collect garbage; `keep` limits how many reflog positions per ref stay restorable."""
+    fingerprint = repo.store.roots_fingerprint()
+    existing = set(repo.store.snapshot_ids())
+    live = reachable_snapshots(repo, keep) & existing
+    referenced: set[ChunkKey] = set()
+    for snapshot_id in live:
+        for entry in repo.snapshot(snapshot_id).tensors.values():
+            referenced.update(chunk.key for chunk in entry.chunks)
+    dead_snapshots = sorted(existing - live)
+    dead_chunks = [key for key in repo.store.iter_keys() if key not in referenced]
+    freed = sum(repo.store.stored_sizes(dead_chunks).values())
+    if not dry_run:
+        repo.store.collect(dead_snapshots, dead_chunks, fingerprint)
+    return GcReport(len(live), tuple(s.hex() for s in dead_snapshots), len(dead_chunks), freed, dry_run)

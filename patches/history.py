@@ -1,0 +1,54 @@
+"""A ref's history, read from its reflog: what `log` prints and where `rollback` steps back to."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from blockstore.errors import BlockstoreError
+from blockstore.manifests import SnapshotId
+from blockstore.repo import Repository
+
+from .diff import tensor_changes
+
+ROLLBACK = "rollback"
+
+
+@dataclass(frozen=True)
+class LogEntry:
+    time_ns: int
+    old: SnapshotId | None
+    new: SnapshotId
+    op: str
+    message: str
+    tensors_changed: int | None
+    """None when one side's snapshot is gone (collected by gc)."""
+
+
+def log(repo: Repository, ref: str) -> list[LogEntry]:
+    """Every move of `ref`, oldest first, with how many tensors each move changed."""
+    entries = []
+    for entry in repo.store.reflog(ref):
+        try:
+            new = repo.snapshot(entry.new)
+            changed = (
+                len(new.tensors) if entry.old is None else tensor_changes(repo.snapshot(entry.old), new).total
+            )
+        except BlockstoreError:
+            changed = None
+        entries.append(LogEntry(entry.time_ns, entry.old, entry.new, entry.op, entry.message, changed))
+    return entries
+
+
+def version_stack(repo: Repository, ref: str) -> list[SnapshotId]:
+    """The versions `ref` went through, newest last, with rolled-back versions popped off.
+
+    A pack or apply pushes its snapshot; a rollback pops back to its target. So rolling back one
+    step twice goes back two versions instead of undoing the first rollback.
+    """
+    stack: list[SnapshotId] = []
+    for entry in repo.store.reflog(ref):
+        if entry.op == ROLLBACK and entry.new in stack:
+            del stack[stack.index(entry.new) + 1 :]
+        else:
+            stack.append(entry.new)
+    return stack
