@@ -14,7 +14,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from .chunks import DEFAULT_CHUNK_SIZE, check_chunk_size, chunk_ranges, encode_chunk
+from .chunks import check_chunk_size, chunk_ranges, encode_chunk
 from .codecs import ByteGroupZstd, Codec, Raw, Zstd
 from .dtypes import plane_count
 from .errors import InvalidArgument
@@ -128,17 +128,19 @@ def pack(
     message: str = "",
     codec: str = DEFAULT_CODEC,
     level: int = 3,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = None,
     workers: int | None = None,
     progress: Progress | None = None,
 ) -> PackResult:
     """Pack safetensors files (or a model directory) into `repo` and point `ref` at the result.
 
     With `ref=None` the snapshot is stored but no ref moves (`diff` packs a file on the fly so).
+    `chunk_size` defaults to the store's own, so versions of a model dedup against each other.
     """
     started = time.perf_counter()
     if ref is not None:
         check_ref_name(ref)
+    chunk_size = chunk_size or repo.chunk_size
     check_chunk_size(chunk_size)
     codec_for(codec, "F32", level)  # refuse a bad codec or level before reading anything
     progress = progress or Silent()

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .chunks import decode_chunk
+from .chunks import DEFAULT_CHUNK_SIZE, check_chunk_size, decode_chunk
 from .errors import (
     AmbiguousSnapshotId,
     BlockstoreError,
@@ -48,8 +48,16 @@ class Repository:
         self.store = store
 
     @classmethod
-    def init(cls, path: Path) -> Repository:
-        return cls(LmdbStore.create(path))
+    def init(cls, path: Path, *, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Repository:
+        """Create a store; its chunk size is kept so every later pack cuts tensors the same way
+        (chunks cut differently never dedup)."""
+        check_chunk_size(chunk_size)
+        return cls(LmdbStore.create(path, {"chunk_size": chunk_size}))
+
+    @property
+    def chunk_size(self) -> int:
+        """The store's chunk size: what `pack` uses unless told otherwise."""
+        return self.store.meta_int("chunk_size") or DEFAULT_CHUNK_SIZE
 
     @classmethod
     def open(cls, path: Path, *, readonly: bool = False) -> Repository:

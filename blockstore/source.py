@@ -110,8 +110,23 @@ def _parse_tensor(path: Path, name: str, info: object) -> TensorInfo:
 
 
 def read_safetensors(path: Path) -> SafetensorsFile:
-    """Read and validate a safetensors file's header; raises InvalidSafetensors naming the problem."""
-    refuse_pickle(path)
+    """Read and validate a safetensors file's header; raises InvalidSafetensors naming the problem.
+
+    Pickle checkpoints are refused by suffix up front; a file that fails validation and starts
+    with pickle or zip magic gets the pickle hint instead. (Magic alone cannot decide: a valid
+    header length such as 640 begins with the bytes of pickle's protocol-2 opcode.)
+    """
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise _pickle_refusal(path)
+    try:
+        return _validate(path)
+    except InvalidSafetensors:
+        if _starts_like_pickle(path):
+            raise _pickle_refusal(path) from None
+        raise
+
+
+def _validate(path: Path) -> SafetensorsFile:
     try:
         with open(path, "rb") as handle:
             size = os.fstat(handle.fileno()).st_size
@@ -160,19 +175,17 @@ def read_safetensors(path: Path) -> SafetensorsFile:
     return SafetensorsFile(path, header, tuple(tensors))
 
 
-def refuse_pickle(path: Path) -> None:
-    """Refuse pickle-based checkpoints by suffix or magic bytes; they are never unpickled."""
-    try:
-        with open(path, "rb") as handle:
-            magic = handle.read(4)
-    except OSError as exc:
-        raise InvalidArgument(f"{path}: cannot read ({exc.strerror})") from None
-    if path.suffix.lower() in PICKLE_SUFFIXES or magic.startswith(_PICKLE_MAGIC):
-        raise UnsupportedInput(
-            path,
-            "looks like a pickle-based checkpoint; blockstore never unpickles. Convert it to "
-            "safetensors first (e.g. safetensors.torch.save_file in a trusted environment)",
-        )
+def _starts_like_pickle(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        return handle.read(4).startswith(_PICKLE_MAGIC)
+
+
+def _pickle_refusal(path: Path) -> UnsupportedInput:
+    return UnsupportedInput(
+        path,
+        "looks like a pickle-based checkpoint; blockstore never unpickles. Convert it to "
+        "safetensors first (e.g. safetensors.torch.save_file in a trusted environment)",
+    )
 
 
 def read_range(handle: int, offset: int, length: int, path: Path) -> bytes:

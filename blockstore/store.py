@@ -87,8 +87,8 @@ class LmdbStore:
         self._open_env()
 
     @classmethod
-    def create(cls, path: Path) -> LmdbStore:
-        """Create an empty store; refuses a path that already holds anything."""
+    def create(cls, path: Path, params: dict[str, int] | None = None) -> LmdbStore:
+        """Create an empty store with creation `params` in `meta`; refuses a non-empty path."""
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise StoreExists(path)
         path.mkdir(parents=True, exist_ok=True)
@@ -99,6 +99,8 @@ class LmdbStore:
                 env.open_db(name, txn=txn)
             txn.put(b"format", STORE_FORMAT.encode(), db=meta)
             txn.put(b"created_ns", str(time.time_ns()).encode(), db=meta)
+            for name, value in (params or {}).items():
+                txn.put(name.encode(), str(value).encode(), db=meta)
         env.close()
         return cls(path)
 
@@ -127,6 +129,12 @@ class LmdbStore:
         if found_format != STORE_FORMAT:
             self._env.close()
             raise StoreFormatMismatch(self.path, found_format, STORE_FORMAT)
+
+    def meta_int(self, name: str) -> int | None:
+        """A creation parameter recorded at `create`, or None for stores made without it."""
+        with self.env.begin(db=self._dbs["meta"]) as txn:
+            value = txn.get(name.encode())
+        return int(value) if value is not None else None
 
     @property
     def env(self) -> lmdb.Environment:

@@ -86,10 +86,11 @@ def _mib(nbytes: int) -> str:
 @_user_errors
 def init(
     store: Annotated[Path, typer.Argument(help="Directory to create the store in.")],
+    chunk_size: Annotated[int, typer.Option(help="Chunk size in bytes for every pack.")] = DEFAULT_CHUNK_SIZE,
     as_json: JsonOption = False,
 ):
     """Create an empty store."""
-    Repository.init(store).close()
+    Repository.init(store, chunk_size=chunk_size).close()
     if as_json:
         _print_json({"store": str(store), "created": True})
     else:
@@ -105,7 +106,9 @@ def pack(
     message: Annotated[str, typer.Option("--message", "-m", help="Recorded with the snapshot.")] = "",
     codec: Annotated[str, typer.Option(help=f"One of: {', '.join(CODEC_CHOICES)}.")] = DEFAULT_CODEC,
     level: Annotated[int, typer.Option(help="zstd compression level.")] = 3,
-    chunk_size: Annotated[int, typer.Option(help="Chunk size in bytes.")] = DEFAULT_CHUNK_SIZE,
+    chunk_size: Annotated[
+        int | None, typer.Option(help="Chunk size in bytes (default: the store's, set at init).")
+    ] = None,
     as_json: JsonOption = False,
 ):
     """Pack a model into the store as a new snapshot (only chunks the store lacks are written)."""

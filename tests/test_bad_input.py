@@ -170,8 +170,10 @@ def test_store_of_another_format_version(tmp_path: Path, store_path: Path) -> No
     assert_one_line_error(result, "has format 'blockstore-lmdb/99'", "reads 'blockstore-lmdb/1'")
 
 
-def test_init_refuses_an_existing_store(store_path: Path) -> None:
+def test_init_refuses_an_existing_store_and_a_bad_chunk_size(tmp_path: Path, store_path: Path) -> None:
     assert_one_line_error(cli("init", store_path), "already exists")
+    assert_one_line_error(cli("init", tmp_path / "new", "--chunk-size", "3"), "chunk size 3")
+    assert not (tmp_path / "new").exists()
 
 
 @pytest.mark.parametrize("command", ["export", "show", "verify"])

@@ -72,3 +72,11 @@ def test_sharded_model_directory_round_trips(tmp_path: Path) -> None:
     for name in [p.name for p in model.iterdir()]:
         assert sha256(out / name) == sha256(model / name), name
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in model.iterdir())
+
+
+def test_store_keeps_its_chunk_size(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    model = write_safetensors(tmp_path / "m.safetensors", {"w": random_tensor("F32", (64, 64))})
+    assert cli("init", store, "--chunk-size", "4096").exit_code == 0
+    assert cli("pack", model, "-s", store, "--json").json()["chunks"] == 4  # 16 KiB / 4 KiB
+    assert cli("pack", model, "-s", store, "--chunk-size", "8192", "--json").json()["chunks"] == 2

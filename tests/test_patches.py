@@ -109,11 +109,12 @@ def update(tmp_path: Path):
         tmp_path / "v2.safetensors",
         {"a": random_tensor("F32", (64, 64), 1), "b": random_tensor("F32", (64, 64), 3)},
     )
-    with Repository.init(tmp_path / "publisher") as repo:
+    # Both stores cut 4 KiB chunks; `diff` packs v2 on the fly with the publisher's chunk size.
+    with Repository.init(tmp_path / "publisher", chunk_size=4096) as repo:
         pack(repo, [v1])
         patches.diff(repo, "main", str(v2), tmp_path / "update.bsp")
     consumer = tmp_path / "consumer"
-    with Repository.init(consumer) as repo:
+    with Repository.init(consumer, chunk_size=4096) as repo:
         pack(repo, [v1])
     return consumer, tmp_path / "update.bsp", v2
 
@@ -131,7 +132,7 @@ def refused(store: Path, bundle: Path, *fragments: str, extra: tuple = ()) -> No
 
 def test_apply_succeeds_and_ships_only_missing_chunks(update) -> None:
     store, bundle, _ = update
-    assert len(read_bundle(bundle).chunks) == 1  # only tensor b changed: one 16 KiB chunk
+    assert len(read_bundle(bundle).chunks) == 4  # only tensor b changed: 16 KiB in 4 KiB chunks
     assert cli("apply", store, bundle).exit_code == 0
 
 
@@ -281,9 +282,9 @@ def test_gc_deletes_nothing_while_a_writer_holds_a_lease(update) -> None:
         with pytest.raises(WriterActive, match=f"pid {os.getpid()}"):
             gc(repo, keep=0)
         assert len(repo.store.snapshot_ids()) == 2
-        assert gc(repo, keep=0, dry_run=True).deleted_chunks == 1
+        assert gc(repo, keep=0, dry_run=True).deleted_chunks == 4
         repo.store.release_lease(lease)
-        assert gc(repo, keep=0).deleted_chunks == 1
+        assert gc(repo, keep=0).deleted_chunks == 4
         assert verify(repo).clean
 
 
@@ -298,7 +299,7 @@ def test_gc_ignores_a_stale_lease_of_a_dead_process(update) -> None:
     with Repository.open(store) as repo:
         patches.apply(repo, bundle)
         patches.rollback(repo)
-        assert gc(repo, keep=0).deleted_chunks == 1
+        assert gc(repo, keep=0).deleted_chunks == 4
 
 
 def test_rollback_refusals(update) -> None:

@@ -14,7 +14,7 @@ from blockstore.export import export
 from blockstore.pack import CODEC_CHOICES, pack
 from blockstore.repo import Repository
 
-from .helpers import ALL_DTYPES, RawTensor, random_tensor, write_safetensors
+from .helpers import ALL_DTYPES, RawTensor, random_tensor, write_raw_file, write_safetensors
 
 
 def roundtrip(repo: Repository, source: Path, out: Path, **options: object) -> bytes:
@@ -116,3 +116,11 @@ def test_generated_files_round_trip(tmp_path_factory: pytest.TempPathFactory, mo
     store = work / "store"
     with Repository.init(store) as repo:
         assert roundtrip(repo, source, work / "out.safetensors", chunk_size=chunk_size) == source.read_bytes()
+
+
+def test_header_length_that_starts_like_pickle_magic(tmp_path: Path, repo: Repository) -> None:
+    """Found by Hypothesis: a 640-byte header's length prefix begins 0x80 0x02, pickle's opcode."""
+    header = b'{"a":{"dtype":"U8","shape":[2],"data_offsets":[0,2]}}'
+    source = write_raw_file(tmp_path / "model.safetensors", header + b" " * (640 - len(header)), b"\x01\x02")
+    assert source.read_bytes()[:2] == b"\x80\x02"
+    assert roundtrip(repo, source, tmp_path / "out.safetensors") == source.read_bytes()
