@@ -14,6 +14,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import InvalidArgument
 from .manifests import Snapshot, SnapshotId, SourceFile
 from .progress import Progress, Silent
 from .repo import Repository
@@ -37,6 +38,8 @@ def _fsync_directory(directory: Path) -> None:
 
 def write_atomically(path: Path, blocks: Iterable[bytes | bytearray]) -> int:
     """Write an iterable of byte blocks to `path` via temp file + fsync + rename; returns bytes."""
+    if not path.parent.is_dir():
+        raise InvalidArgument(f"{path}: directory {path.parent} does not exist")
     temp = path.with_name(f".{path.name}.partial-{os.getpid()}")
     written = 0
     try:

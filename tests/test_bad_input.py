@@ -207,3 +207,9 @@ def test_header_checks_match_the_reference_reader(tmp_path: Path) -> None:
     (length,) = struct.unpack("<Q", raw[:8])
     assert json.loads(raw[8 : 8 + length])["__metadata__"] == {"k": "v"}
     assert load_file(str(path))["a"].shape == (3, 5)
+
+
+def test_output_into_a_missing_directory(tmp_path: Path, packed_store: Path) -> None:
+    out = tmp_path / "missing" / "out.safetensors"
+    assert_one_line_error(cli("export", packed_store, out), f"directory {out.parent} does not exist")
+    assert not out.parent.exists()
