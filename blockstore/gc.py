@@ -26,8 +26,9 @@ class GcReport:
 
 def reachable_snapshots(repo: Repository, keep: int | None) -> set[SnapshotId]:
     """Every ref's target, plus the targets of its last `keep` reflog entries (all when None)."""
-    roots = set(repo.store.refs().values())
-    for ref in repo.store.refs():
+    refs = repo.store.refs()
+    roots = set(refs.values())
+    for ref in refs:
         entries = repo.store.reflog(ref)
         kept = entries if keep is None else entries[-keep:] if keep > 0 else []
         roots.update(entry.new for entry in kept)
@@ -41,8 +42,7 @@ def gc(repo: Repository, *, keep: int | None = None, dry_run: bool = False) -> G
     live = reachable_snapshots(repo, keep) & existing
     referenced: set[ChunkKey] = set()
     for snapshot_id in live:
-        for entry in repo.snapshot(snapshot_id).tensors.values():
-            referenced.update(chunk.key for chunk in entry.chunks)
+        referenced |= repo.snapshot(snapshot_id).chunk_keys()
     dead_snapshots = sorted(existing - live)
     dead_chunks = [key for key in repo.store.iter_keys() if key not in referenced]
     freed = sum(repo.store.stored_sizes(dead_chunks).values())

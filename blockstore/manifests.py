@@ -111,6 +111,10 @@ class Snapshot:
     def stored_bytes(self) -> int:
         return sum(entry.stored_bytes for entry in self.tensors.values())
 
+    def chunk_keys(self) -> set[ChunkKey]:
+        """Every chunk this snapshot references (what gc keeps, what a patch's base already has)."""
+        return {chunk.key for entry in self.tensors.values() for chunk in entry.chunks}
+
     @classmethod
     def from_bytes(cls, data: bytes | memoryview) -> Snapshot:
         """Parse stored snapshot bytes, refusing anything that is not a well-formed snapshot."""

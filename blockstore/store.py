@@ -219,9 +219,12 @@ class LmdbStore:
 
     # refs and reflog ------------------------------------------------------------------------------
 
+    def _refs_in(self, txn: lmdb.Transaction) -> dict[str, bytes]:
+        return {key.decode(): value for key, value in txn.cursor(db=self._dbs["refs"])}
+
     def refs(self) -> dict[str, bytes]:
-        with self.env.begin(db=self._dbs["refs"]) as txn:
-            return {key.decode(): value for key, value in txn.cursor()}
+        with self.env.begin() as txn:
+            return self._refs_in(txn)
 
     def get_ref(self, name: str) -> bytes | None:
         with self.env.begin(db=self._dbs["refs"]) as txn:
@@ -286,11 +289,13 @@ class LmdbStore:
                     live.append(f"pid {pid} on {host}")
         return live
 
+    def _fingerprint_in(self, txn: lmdb.Transaction) -> tuple[dict[str, bytes], int]:
+        return self._refs_in(txn), txn.stat(self._dbs["reflog"])["entries"]
+
     def roots_fingerprint(self) -> tuple[dict[str, bytes], int]:
         """Refs and the reflog's length: if either changes, a gc plan made before is stale."""
         with self.env.begin() as txn:
-            refs = {key.decode(): value for key, value in txn.cursor(db=self._dbs["refs"])}
-            return refs, txn.stat(self._dbs["reflog"])["entries"]
+            return self._fingerprint_in(txn)
 
     def collect(
         self, snapshot_ids: list[bytes], chunk_keys: list[ChunkKey], fingerprint: tuple[dict[str, bytes], int]
@@ -302,8 +307,7 @@ class LmdbStore:
             live = self._live_leases(txn)
             if live:
                 raise WriterActive(self.path, ", ".join(live))
-            refs = {key.decode(): value for key, value in txn.cursor(db=self._dbs["refs"])}
-            if (refs, txn.stat(self._dbs["reflog"])["entries"]) != fingerprint:
+            if self._fingerprint_in(txn) != fingerprint:
                 raise WriterActive(self.path, "refs moved while gc was planning")
             for snapshot_id in snapshot_ids:
                 txn.delete(snapshot_id, db=self._dbs["snapshots"])

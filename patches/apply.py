@@ -56,8 +56,7 @@ def _checked_chunks(repo: Repository, bundle: Bundle) -> list[tuple[bytes, bytes
     """(key, stored value) of every shipped chunk the store lacks, each proven to decode to its key."""
     new = []
     existing = repo.store.contains(chunk.key for chunk in bundle.chunks)
-    for chunk in bundle.chunks:
-        value = bundle.read_chunk(chunk)
+    for chunk, value in bundle.chunk_values():
         try:
             raw = decode_chunk(chunk.key, value, chunk.raw_len)
             if chunk.key in existing:
@@ -109,7 +108,7 @@ def apply(
     with repo.writer_lease():
         new_chunks = _checked_chunks(repo, bundle)
         shipped = {key for key, _ in new_chunks}
-        needed = {chunk.key for entry in target.tensors.values() for chunk in entry.chunks}
+        needed = target.chunk_keys()
         absent = needed - shipped - repo.store.contains(needed - shipped)
         if absent:
             raise BundleRejected(

@@ -57,10 +57,12 @@ class Bundle:
     snapshot: bytes
     chunks: tuple[BundleChunk, ...]
 
-    def read_chunk(self, chunk: BundleChunk) -> bytes:
+    def chunk_values(self) -> Iterator[tuple[BundleChunk, bytes]]:
+        """Each shipped chunk with its stored value, read in file order through one handle."""
         with open(self.path, "rb") as handle:
-            handle.seek(chunk.offset)
-            return handle.read(chunk.stored_len)
+            for chunk in self.chunks:
+                handle.seek(chunk.offset)
+                yield chunk, handle.read(chunk.stored_len)
 
 
 def read_key(path: Path) -> bytes:

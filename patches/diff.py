@@ -66,7 +66,7 @@ def diff(repo: Repository, old: str, new: str, out: Path, *, key: bytes | None =
     """Write the bundle that upgrades OLD to NEW; returns what it holds."""
     base_id, target_id = resolve_version(repo, old), resolve_version(repo, new)
     base, target = repo.snapshot(base_id), repo.snapshot(target_id)
-    have = {chunk.key for entry in base.tensors.values() for chunk in entry.chunks}
+    have = base.chunk_keys()
     shipped: dict[bytes, BundleChunk] = {}
     for entry in target.tensors.values():
         for chunk in entry.chunks:
