@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .errors import InvalidArgument
 from .hashing import ChunkKey
 from .manifests import SnapshotId
 from .repo import Repository
@@ -37,6 +38,8 @@ def reachable_snapshots(repo: Repository, keep: int | None) -> set[SnapshotId]:
 
 def gc(repo: Repository, *, keep: int | None = None, dry_run: bool = False) -> GcReport:
     """Collect garbage; `keep` limits how many reflog positions per ref stay restorable."""
+    if keep is not None and keep < 0:
+        raise InvalidArgument(f"--keep must be 0 or more, got {keep}")
     fingerprint = repo.store.roots_fingerprint()
     existing = set(repo.store.snapshot_ids())
     live = reachable_snapshots(repo, keep) & existing

@@ -21,7 +21,7 @@ from rich.table import Table
 
 from blockstore import patches
 from blockstore.chunks import DEFAULT_CHUNK_SIZE
-from blockstore.errors import BlockstoreError, InvalidArgument, RefNotFound, TensorNotFound
+from blockstore.errors import BlockstoreError, InvalidArgument, TensorNotFound
 from blockstore.export import export as export_snapshot
 from blockstore.gc import gc
 from blockstore.pack import CODEC_CHOICES, DEFAULT_CODEC
@@ -427,8 +427,6 @@ def rollback_ref(
 def show_log(store: Annotated[Path, typer.Argument()], ref: RefOption = "main", as_json: JsonOption = False):
     """The ref's history: time, old -> new, operation, message, tensors changed."""
     with Repository.open(store, readonly=True) as repo:
-        if repo.store.get_ref(ref) is None:
-            raise RefNotFound(ref, store)
         entries = patches.log(repo, ref)
     rows = [
         {
@@ -483,8 +481,6 @@ def collect_garbage(
     as_json: JsonOption = False,
 ):
     """Delete snapshots and chunks no ref (or kept reflog entry) reaches."""
-    if keep is not None and keep < 0:
-        raise InvalidArgument(f"--keep must be 0 or more, got {keep}")
     with Repository.open(store) as repo:
         report = gc(repo, keep=keep, dry_run=dry_run)
     if as_json:

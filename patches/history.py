@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from blockstore.errors import BlockstoreError
+from blockstore.errors import BlockstoreError, RefNotFound
 from blockstore.manifests import SnapshotId
 from blockstore.repo import Repository
 
@@ -26,6 +26,8 @@ class LogEntry:
 
 def log(repo: Repository, ref: str) -> list[LogEntry]:
     """Every move of `ref`, oldest first, with how many tensors each move changed."""
+    if repo.store.get_ref(ref) is None:
+        raise RefNotFound(ref, repo.path)
     entries = []
     for entry in repo.store.reflog(ref):
         try:

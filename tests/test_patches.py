@@ -15,7 +15,7 @@ from safetensors.numpy import load_file, save_file
 
 import blockstore.chunks as chunks_module
 from blockstore import patches
-from blockstore.errors import BundleRejected, WriterActive, WrongBase
+from blockstore.errors import BundleRejected, InvalidArgument, RefNotFound, WriterActive, WrongBase
 from blockstore.gc import gc
 from blockstore.pack import pack
 from blockstore.patches.bundle import BundleChunk, read_bundle, read_key, write_bundle
@@ -309,3 +309,12 @@ def test_rollback_refusals(update) -> None:
     assert_one_line_error(cli("rollback", store, "--to", "deadbeef"), "does not exist", exit_code=3)
     assert_one_line_error(cli("tag", store, "main"), "already exists")
     assert_one_line_error(cli("gc", store, "--keep", "-1"), "--keep must be 0 or more")
+
+
+def test_api_refusals_match_the_cli(update) -> None:
+    store, _, _ = update
+    with Repository.open(store) as repo:
+        with pytest.raises(InvalidArgument, match="--keep must be 0 or more"):
+            gc(repo, keep=-1)
+        with pytest.raises(RefNotFound):
+            patches.log(repo, "nope")
