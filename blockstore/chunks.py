@@ -52,17 +52,22 @@ def encode_chunk(codec: Codec, raw: memoryview) -> bytes:
     return msgpack.packb([codec.id, codec_params(codec), encoded], use_bin_type=True)
 
 
-def decode_chunk(key: ChunkKey, value: bytes | memoryview, raw_len: int) -> bytearray:
-    """Decode a stored chunk and check it is the chunk `key` names; raises ChunkCorrupt otherwise."""
+def decode_chunk_into(key: ChunkKey, value: bytes | memoryview, out: memoryview) -> None:
+    """Decode a stored chunk straight into `out` (exactly its raw length) and check it is the chunk
+    `key` names; raises ChunkCorrupt otherwise. The lazy runtime decodes into one tensor buffer."""
     try:
         codec_id, params, payload = msgpack.unpackb(value, use_list=True, raw=False)
         if not (isinstance(codec_id, str) and isinstance(params, dict) and isinstance(payload, bytes)):
             raise DecodeError("malformed chunk envelope")
-        codec = make_codec(codec_id, params)
-        out = bytearray(raw_len)
-        codec.decode_into(payload, memoryview(out))
+        make_codec(codec_id, params).decode_into(payload, out)
     except (DecodeError, InvalidArgument, ValueError, TypeError, msgpack.UnpackException) as exc:
         raise ChunkCorrupt(key.hex(), exc) from None
     if chunk_key(out) != key:
         raise ChunkCorrupt(key.hex(), "decoded bytes do not hash to the chunk's key")
+
+
+def decode_chunk(key: ChunkKey, value: bytes | memoryview, raw_len: int) -> bytearray:
+    """Decode a stored chunk into a new buffer (see `decode_chunk_into`)."""
+    out = bytearray(raw_len)
+    decode_chunk_into(key, value, memoryview(out))
     return out

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import socket
 import struct
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ import msgpack
 
 from .errors import (
     ChunkMissing,
+    InvalidArgument,
     RefConflict,
     StoreCorrupt,
     StoreExists,
@@ -77,6 +79,20 @@ class ReflogEntry:
         return cls(int(time_ns), old, bytes(new), str(op), str(message))
 
 
+@dataclass
+class _SharedEnv:
+    """One process's handle on one store's environment, shared by every LmdbStore on that path."""
+
+    env: lmdb.Environment
+    dbs: dict[str, object]
+    readonly: bool
+    users: int = 0
+
+
+_SHARED: dict[tuple[int, str], _SharedEnv] = {}
+_SHARED_LOCK = threading.Lock()
+
+
 class LmdbStore:
     """A blockstore on one LMDB environment (a directory holding data.mdb and lock.mdb)."""
 
@@ -84,6 +100,7 @@ class LmdbStore:
         self.path = path
         self.readonly = readonly
         self._pid = -1
+        self._key: tuple[int, str] | None = None
         self._open_env()
 
     @classmethod
@@ -105,11 +122,26 @@ class LmdbStore:
         return cls(path)
 
     def _open_env(self) -> None:
+        """Join this process's environment for the path, opening it first if needed: LMDB forbids
+        opening one environment twice in a process, and a program may hold a writer and a lazy
+        reader on the same store."""
+        key = (os.getpid(), os.path.realpath(self.path))
+        with _SHARED_LOCK:
+            shared = _SHARED.get(key)
+            if shared is None:
+                shared = _SHARED[key] = _SharedEnv(*self._open_lmdb(), readonly=self.readonly)
+            elif shared.readonly and not self.readonly:
+                raise InvalidArgument(f"store {self.path} is already open read-only in this process")
+            shared.users += 1
+        self._env, self._dbs, self._key = shared.env, shared.dbs, key
+        self._pid = os.getpid()
+
+    def _open_lmdb(self) -> tuple[lmdb.Environment, dict[str, object]]:
         if not (self.path / "data.mdb").is_file():
             raise StoreNotFound(self.path, self.path)
         size = (self.path / "data.mdb").stat().st_size
         try:
-            self._env = lmdb.open(
+            env = lmdb.open(
                 str(self.path),
                 map_size=max(INITIAL_MAP_SIZE, 2 * size),
                 max_dbs=len(_DB_NAMES),
@@ -118,21 +150,27 @@ class LmdbStore:
                 readonly=self.readonly,
                 readahead=False,
             )
-            self._env.reader_check()
-            self._dbs = {name.decode(): self._env.open_db(name, create=False) for name in _DB_NAMES}
-            with self._env.begin(db=self._dbs["meta"]) as txn:
-                found = txn.get(b"format")
         except lmdb.Error as exc:
             raise StoreCorrupt(self.path, f"LMDB cannot open it ({exc})") from None
-        self._pid = os.getpid()
-        found_format = bytes(found).decode(errors="replace") if found is not None else None
-        if found_format != STORE_FORMAT:
-            self._env.close()
-            raise StoreFormatMismatch(self.path, found_format, STORE_FORMAT)
+        try:
+            env.reader_check()
+            dbs = {name.decode(): env.open_db(name, create=False) for name in _DB_NAMES}
+            with env.begin(db=dbs["meta"]) as txn:
+                found = txn.get(b"format")
+            found_format = bytes(found).decode(errors="replace") if found is not None else None
+            if found_format != STORE_FORMAT:
+                raise StoreFormatMismatch(self.path, found_format, STORE_FORMAT)
+        except lmdb.Error as exc:
+            env.close()
+            raise StoreCorrupt(self.path, f"LMDB cannot open it ({exc})") from None
+        except BaseException:
+            env.close()
+            raise
+        return env, dbs
 
     def meta_int(self, name: str) -> int | None:
         """A creation parameter recorded at `create`, or None for stores made without it."""
-        with self.env.begin(db=self._dbs["meta"]) as txn:
+        with self._begin("meta") as txn:
             value = txn.get(name.encode())
         return int(value) if value is not None else None
 
@@ -143,8 +181,30 @@ class LmdbStore:
             self._open_env()
         return self._env
 
+    def _begin(
+        self, db: str | None = None, *, write: bool = False, buffers: bool = False
+    ) -> lmdb.Transaction:
+        """A transaction, adopting a map another process has grown meanwhile (a long-lived reader
+        such as the lazy runtime would otherwise fail on its next read after a writer's pack)."""
+        handle = self._dbs[db] if db else None
+        try:
+            return self.env.begin(db=handle, write=write, buffers=buffers)
+        except lmdb.MapResizedError:
+            self.env.set_mapsize(0)
+            return self.env.begin(db=handle, write=write, buffers=buffers)
+
     def close(self) -> None:
-        self._env.close()
+        """Leave the shared environment; the last user of it in this process closes it."""
+        if self._key is None:
+            return
+        with _SHARED_LOCK:
+            shared = _SHARED.get(self._key)
+            if shared is not None:
+                shared.users -= 1
+                if shared.users == 0:
+                    del _SHARED[self._key]
+                    shared.env.close()
+        self._key = None
 
     def __enter__(self) -> LmdbStore:
         return self
@@ -156,7 +216,7 @@ class LmdbStore:
         """Run `body` in one write transaction, doubling map_size and retrying when it fills."""
         while True:
             try:
-                with self.env.begin(write=True) as txn:
+                with self._begin(write=True) as txn:
                     return body(txn)
             except lmdb.MapFullError:
                 self.env.set_mapsize(self.env.info()["map_size"] * 2)
@@ -164,7 +224,7 @@ class LmdbStore:
     # chunks ---------------------------------------------------------------------------------------
 
     def get(self, key: ChunkKey) -> bytes:
-        with self.env.begin(db=self._dbs["chunks"]) as txn:
+        with self._begin("chunks") as txn:
             value = txn.get(key)
         if value is None:
             raise ChunkMissing(key.hex())
@@ -172,7 +232,7 @@ class LmdbStore:
 
     def stored_sizes(self, keys: Iterable[ChunkKey]) -> dict[ChunkKey, int]:
         sizes = {}
-        with self.env.begin(db=self._dbs["chunks"], buffers=True) as txn:
+        with self._begin("chunks", buffers=True) as txn:
             for key in keys:
                 value = txn.get(key)
                 if value is not None:
@@ -200,21 +260,21 @@ class LmdbStore:
         return self._write(lambda txn: sum(txn.delete(key, db=self._dbs["chunks"]) for key in doomed))
 
     def iter_keys(self) -> Iterator[ChunkKey]:
-        with self.env.begin(db=self._dbs["chunks"]) as txn:
+        with self._begin("chunks") as txn:
             keys = list(txn.cursor().iternext(keys=True, values=False))
         return iter(keys)
 
     # snapshots ------------------------------------------------------------------------------------
 
     def get_snapshot_bytes(self, snapshot_id: bytes) -> bytes | None:
-        with self.env.begin(db=self._dbs["snapshots"]) as txn:
+        with self._begin("snapshots") as txn:
             return txn.get(snapshot_id)
 
     def put_snapshot(self, snapshot_id: bytes, data: bytes) -> None:
         self._write(lambda txn: txn.put(snapshot_id, data, db=self._dbs["snapshots"], overwrite=False))
 
     def snapshot_ids(self) -> list[bytes]:
-        with self.env.begin(db=self._dbs["snapshots"]) as txn:
+        with self._begin("snapshots") as txn:
             return list(txn.cursor().iternext(keys=True, values=False))
 
     # refs and reflog ------------------------------------------------------------------------------
@@ -223,11 +283,11 @@ class LmdbStore:
         return {key.decode(): value for key, value in txn.cursor(db=self._dbs["refs"])}
 
     def refs(self) -> dict[str, bytes]:
-        with self.env.begin() as txn:
+        with self._begin() as txn:
             return self._refs_in(txn)
 
     def get_ref(self, name: str) -> bytes | None:
-        with self.env.begin(db=self._dbs["refs"]) as txn:
+        with self._begin("refs") as txn:
             return txn.get(name.encode())
 
     def move_ref(self, name: str, new: bytes, expected: bytes | None, op: str, message: str) -> None:
@@ -255,7 +315,7 @@ class LmdbStore:
     def reflog(self, name: str) -> list[ReflogEntry]:
         prefix = name.encode() + b"\0"
         entries = []
-        with self.env.begin(db=self._dbs["reflog"]) as txn:
+        with self._begin("reflog") as txn:
             cursor = txn.cursor()
             if cursor.set_range(prefix):
                 for key, value in cursor:
@@ -294,7 +354,7 @@ class LmdbStore:
 
     def roots_fingerprint(self) -> tuple[dict[str, bytes], int]:
         """Refs and the reflog's length: if either changes, a gc plan made before is stale."""
-        with self.env.begin() as txn:
+        with self._begin() as txn:
             return self._fingerprint_in(txn)
 
     def collect(
@@ -318,7 +378,7 @@ class LmdbStore:
 
     def stat(self) -> dict[str, int]:
         """Entry counts per sub-database and the size of the data file."""
-        with self.env.begin() as txn:
+        with self._begin() as txn:
             counts = {name: txn.stat(db)["entries"] for name, db in self._dbs.items()}
         counts["file_bytes"] = (self.path / "data.mdb").stat().st_size
         return counts

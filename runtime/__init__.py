@@ -1,1 +1,11 @@
-"""Lazy materialization, precision policy and torch integration (DESIGN.md §5). Not built yet."""
+"""Lazy materialization and torch integration (DESIGN.md §5).
+
+`open(store, ref)` gives a read-only Mapping of lazy tensors; `load_model(store, ref, ...)` gives a
+working torch/transformers module whose weights are decoded when its forward first touches them.
+"""
+
+from .cache import RuntimeStats, parse_size
+from .lazy import LazyStateDict, LazyTensor, open
+from .modules import LazyWeight, load_model
+
+__all__ = ["LazyStateDict", "LazyTensor", "LazyWeight", "RuntimeStats", "load_model", "open", "parse_size"]

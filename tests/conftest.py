@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
 
 from blockstore.repo import Repository
+
+# Tests never reach a model hub: every model comes from a PyPI package or is built from a config.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 @pytest.fixture

@@ -1,0 +1,147 @@
+"""The runtime's memory of materialized tensors: a budgeted LRU for static blocks, resident dynamic ones.
+
+Static tensors (and decoded row-chunks of static tables) are kept while they fit the budget and the
+coldest is evicted when a new one pushes the total over it; the next touch decodes it again. Dynamic
+tensors are kept for good and never count against the budget: the compute path must not pay a
+decode twice. Every lookup and decode is counted in `RuntimeStats`, so tests and benchmarks can
+prove what was (and was not) read.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from concurrent.futures import Future
+from dataclasses import asdict, dataclass
+
+import torch
+
+from blockstore.errors import InvalidArgument
+
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*", re.I)
+_UNITS = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "KI": 1 << 10, "MI": 1 << 20, "GI": 1 << 30}
+
+
+def parse_size(size: int | str | None) -> int | None:
+    """'2GB', '512MiB', '1.5G' or a byte count → bytes; None means no budget."""
+    if size is None or isinstance(size, int):
+        if isinstance(size, int) and size < 0:
+            raise InvalidArgument(f"budget {size} is negative")
+        return size
+    match = _SIZE.fullmatch(size)
+    unit = match.group(2).upper().removesuffix("B") if match else None
+    if match is None or unit not in _UNITS:
+        raise InvalidArgument(f"budget {size!r} is not a size like '2GB', '512MiB' or 1000000")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+@dataclass
+class RuntimeStats:
+    """Counters since the store was opened (a copy is returned by `stats()`)."""
+
+    chunks_read: int = 0
+    bytes_read: int = 0
+    bytes_decoded: int = 0
+    decode_seconds: float = 0.0
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    prefetched: int = 0
+    cached_bytes: int = 0
+    resident_bytes: int = 0
+    peak_cached_bytes: int = 0
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+@dataclass
+class _Entry:
+    tensor: torch.Tensor
+    nbytes: int
+    evictable: bool
+
+
+class TensorCache:
+    """Thread-safe LRU of materialized tensors with single-flight loading.
+
+    Two threads asking for the same missing key share one decode: the first loads, the others wait
+    on its future. The newest entry is never evicted by its own insertion, so a tensor bigger than
+    the whole budget still works (it is evicted by the next one).
+    """
+
+    def __init__(self, budget: int | None, stats: RuntimeStats) -> None:
+        self.budget = budget
+        self.stats = stats
+        self.lock = threading.Lock()
+        self._entries: OrderedDict[Hashable, _Entry] = OrderedDict()
+        self._loading: dict[Hashable, Future[torch.Tensor]] = {}
+
+    def __contains__(self, key: Hashable) -> bool:
+        with self.lock:
+            return key in self._entries or key in self._loading
+
+    def peek(self, key: Hashable) -> torch.Tensor | None:
+        """The cached tensor, counted as a hit, or None (not counted: the caller may look elsewhere)."""
+        with self.lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                return None
+            self._entries.move_to_end(key)
+            self.stats.hits += 1
+            return entry.tensor
+
+    def get_or_load(
+        self, key: Hashable, load: Callable[[], torch.Tensor], *, evictable: bool, prefetch: bool = False
+    ) -> torch.Tensor:
+        """The cached tensor for `key`, or `load()`'s result, cached (and counted) once."""
+        with self.lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                self._entries.move_to_end(key)
+                if not prefetch:
+                    self.stats.hits += 1
+                return entry.tensor
+            pending = self._loading.get(key)
+            if pending is None:
+                pending = self._loading[key] = Future()
+                owner = True
+                if prefetch:
+                    self.stats.prefetched += 1
+                else:
+                    self.stats.misses += 1
+            else:
+                owner = False
+                if not prefetch:
+                    self.stats.hits += 1
+        if not owner:
+            return pending.result()
+        try:
+            tensor = load()
+        except BaseException as exc:
+            with self.lock:
+                del self._loading[key]
+            pending.set_exception(exc)
+            raise
+        with self.lock:
+            del self._loading[key]
+            self._insert(key, tensor, evictable)
+        pending.set_result(tensor)
+        return tensor
+
+    def _insert(self, key: Hashable, tensor: torch.Tensor, evictable: bool) -> None:
+        nbytes = tensor.untyped_storage().nbytes()
+        self._entries[key] = _Entry(tensor, nbytes, evictable)
+        if not evictable:
+            self.stats.resident_bytes += nbytes
+            return
+        self.stats.cached_bytes += nbytes
+        self.stats.peak_cached_bytes = max(self.stats.peak_cached_bytes, self.stats.cached_bytes)
+        if self.budget is not None:
+            for old_key in [k for k, e in self._entries.items() if e.evictable and k != key]:
+                if self.stats.cached_bytes <= self.budget:
+                    break
+                self.stats.cached_bytes -= self._entries.pop(old_key).nbytes
+                self.stats.evictions += 1

@@ -1,0 +1,337 @@
+"""`LazyStateDict` and `LazyTensor`: a snapshot's tensors, decoded only when touched (DESIGN.md §5).
+
+Opening reads the snapshot alone. `materialize()` decodes a tensor's chunks in parallel (one zstd
+context per thread, see `blockstore.codecs`) straight into one preallocated buffer — pinned when the
+target is a GPU, so the host→device copy is asynchronous. Row lookups on a static table decode only
+the chunks that hold those rows (chunk boundaries fall on whole rows), which is what an embedding
+lookup needs.
+
+Integrity: every chunk is checked against its xxh3-128 key as it is decoded, and the keys come from
+a snapshot checked against its blake2b id; the whole-tensor blake2b digest is left to `verify` and
+`export`, because hashing every tensor on every load would cost as much as decoding it.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import os
+import time
+from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from itertools import accumulate
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from blockstore.chunks import decode_chunk_into
+from blockstore.dtypes import nbytes_of
+from blockstore.errors import BlockstoreError, InvalidArgument, TensorCorrupt, UnsupportedInput
+from blockstore.manifests import Snapshot, SnapshotId, TensorEntry
+from blockstore.policy import STATIC
+from blockstore.repo import DEFAULT_REF, Repository
+
+from .cache import RuntimeStats, TensorCache, parse_size
+from .prefetch import LayerPrefetcher
+
+_OPTIONAL_DTYPES = {
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+    "F8_E8M0": "float8_e8m0fnu",
+    "F8_E4M3FNUZ": "float8_e4m3fnuz",
+    "F8_E5M2FNUZ": "float8_e5m2fnuz",
+    "U16": "uint16",
+    "U32": "uint32",
+    "U64": "uint64",
+}
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    "BOOL": torch.bool,
+    "U8": torch.uint8,
+    "I8": torch.int8,
+    "I16": torch.int16,
+    "I32": torch.int32,
+    "I64": torch.int64,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "C64": torch.complex64,
+    **{name: getattr(torch, attr) for name, attr in _OPTIONAL_DTYPES.items() if hasattr(torch, attr)},
+}
+"""safetensors dtype → torch dtype. F4 and F6 have no element-per-element torch dtype."""
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """A torch device the runtime can place tensors on, refused clearly when it is not there."""
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise InvalidArgument(f"device {device!r} is not a torch device ({exc})") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidArgument(f"device {str(resolved)!r} requested but CUDA is not available here")
+    if resolved.type not in ("cpu", "cuda"):
+        raise InvalidArgument(f"device {str(resolved)!r} is not supported (cpu or cuda)")
+    return resolved
+
+
+class LazyTensor:
+    """A handle on one stored tensor: metadata now, bytes on `materialize()` or row lookup."""
+
+    def __init__(self, owner: LazyStateDict, entry: TensorEntry) -> None:
+        self._owner = owner
+        self.entry = entry
+        self._row_starts = _row_starts(entry)
+
+    @property
+    def name(self) -> str:
+        return self.entry.name
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._owner.torch_dtype(self.entry)
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size(self.entry.shape)
+
+    @property
+    def side(self) -> str:
+        return self.entry.side
+
+    @property
+    def nbytes(self) -> int:
+        return self.entry.nbytes
+
+    def __repr__(self) -> str:
+        return f"LazyTensor({self.name!r}, {self.entry.dtype}, {list(self.entry.shape)}, {self.side})"
+
+    def materialize(self, device: str | torch.device | None = None) -> torch.Tensor:
+        """The whole tensor at its stored dtype on `device` (default: the state dict's)."""
+        return self._owner.materialize(self.entry, device)
+
+    def index_select(self, ids: torch.Tensor | list[int]) -> torch.Tensor:
+        """Rows `ids` of dimension 0, decoding only the chunks that hold them (for a static table
+        not already materialized); the result is a new tensor on the state dict's device."""
+        ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1).cpu()
+        rows = self.shape[0] if self.shape else 0
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= rows):
+            raise IndexError(f"row index out of range for tensor {self.name!r} with {rows} rows")
+        full = self._owner.cached(self.entry)
+        if full is not None or self._row_starts is None or self.side != STATIC:
+            full = full if full is not None else self.materialize()
+            return full.index_select(0, ids.to(full.device))
+        return self._owner.gather_rows(self.entry, self._row_starts, ids)
+
+    def __getitem__(self, index: Any) -> torch.Tensor:
+        """`t[i]`, `t[a:b]`, `t[[i, j]]` or `t[long_tensor]` read rows through `index_select`;
+        any other index materializes the tensor and indexes it."""
+        rows = self.shape[0] if self.shape else 0
+        if isinstance(index, int) and -rows <= index < rows:
+            return self.index_select([index % rows])[0]
+        if isinstance(index, slice):
+            return self.index_select(torch.arange(*index.indices(rows)))
+        if isinstance(index, list) or (isinstance(index, torch.Tensor) and not index.is_floating_point()):
+            ids = torch.as_tensor(index)
+            if ids.dtype != torch.bool and ids.dim() == 1:
+                return self.index_select(torch.where(ids < 0, ids + rows, ids))
+        return self.materialize()[index]
+
+
+def _row_starts(entry: TensorEntry) -> list[int] | None:
+    """First row of each chunk, plus the row count at the end, when every chunk boundary falls on
+    a whole row (the usual cut); None when rows cannot be read chunk by chunk."""
+    if len(entry.shape) < 2 or entry.shape[0] == 0 or not entry.chunks:
+        return None
+    row_bytes = nbytes_of(entry.dtype, math.prod(entry.shape[1:]))
+    if not row_bytes:
+        return None
+    offsets = [0, *accumulate(chunk.raw_len for chunk in entry.chunks)]
+    if any(offset % row_bytes for offset in offsets):
+        return None
+    return [offset // row_bytes for offset in offsets]
+
+
+class LazyStateDict(Mapping[str, LazyTensor]):
+    """A read-only Mapping name → LazyTensor over one snapshot of a store.
+
+    The snapshot is fixed at open time: a writer that packs or applies a new version meanwhile does
+    not change what this object reads (chunks stay until `gc`, which only removes unreferenced ones).
+    """
+
+    def __init__(
+        self,
+        repo: Repository,
+        snapshot_id: SnapshotId,
+        snapshot: Snapshot,
+        *,
+        device: str | torch.device = "cpu",
+        budget: int | str | None = None,
+        prefetch: int = 0,
+        workers: int | None = None,
+    ) -> None:
+        if prefetch < 0:
+            raise InvalidArgument(f"prefetch {prefetch} is negative")
+        self.repo = repo
+        self.snapshot_id = snapshot_id
+        self.snapshot = snapshot
+        self.device = resolve_device(device)
+        self._stats = RuntimeStats()
+        self._cache = TensorCache(parse_size(budget), self._stats)
+        self._pool = ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1), "blockstore-decode")
+        self._tensors = {name: LazyTensor(self, entry) for name, entry in snapshot.tensors.items()}
+        self._prefetcher = LayerPrefetcher(self, prefetch) if prefetch else None
+
+    # Mapping -----------------------------------------------------------------------------------------
+
+    def __getitem__(self, name: str) -> LazyTensor:
+        try:
+            return self._tensors[name]
+        except KeyError:
+            raise KeyError(f"tensor {name!r} is not in snapshot {self.snapshot_id.hex()[:12]}") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    # lifecycle ---------------------------------------------------------------------------------------
+
+    @property
+    def config(self) -> bytes | None:
+        """config.json as packed beside the weights, if it was."""
+        return self.snapshot.extras.get("config.json")
+
+    def stats(self) -> RuntimeStats:
+        """A copy of the counters: chunks read, bytes decoded, hits, misses, evictions, ..."""
+        with self._cache.lock:
+            return replace(self._stats)
+
+    def wait_for_prefetch(self) -> None:
+        """Block until the background decodes scheduled so far are done (for measurements)."""
+        if self._prefetcher:
+            self._prefetcher.wait()
+
+    def close(self) -> None:
+        """Stop the worker threads and close the store; tensors already returned stay valid."""
+        if self._prefetcher:
+            self._prefetcher.close()
+        self._pool.shutdown(wait=True)
+        self.repo.close()
+
+    def __enter__(self) -> LazyStateDict:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # materialization -----------------------------------------------------------------------------------
+
+    def torch_dtype(self, entry: TensorEntry) -> torch.dtype:
+        dtype = TORCH_DTYPES.get(entry.dtype)
+        if dtype is None:
+            raise UnsupportedInput(entry.name, f"dtype {entry.dtype} has no torch equivalent here")
+        return dtype
+
+    def is_materialized(self, name: str) -> bool:
+        """Whether tensor `name` is materialized (or being) on the default device, without a count."""
+        return (name, str(self.device)) in self._cache
+
+    def cached(self, entry: TensorEntry) -> torch.Tensor | None:
+        """The whole tensor if it is materialized on the default device right now (a hit), else None."""
+        return self._cache.peek((entry.name, str(self.device)))
+
+    def materialize(
+        self, entry: TensorEntry, device: str | torch.device | None = None, *, prefetch: bool = False
+    ) -> torch.Tensor:
+        target = resolve_device(device) if device is not None else self.device
+        dtype = self.torch_dtype(entry)
+        if self._prefetcher and not prefetch:
+            self._prefetcher.touched(entry.name)
+
+        def load() -> torch.Tensor:
+            host = self._decode(entry, target.type == "cuda")
+            tensor = host.view(dtype).reshape(entry.shape)
+            return tensor.to(target, non_blocking=True) if target.type == "cuda" else tensor
+
+        return self._cache.get_or_load(
+            (entry.name, str(target)), load, evictable=entry.side == STATIC, prefetch=prefetch
+        )
+
+    def gather_rows(self, entry: TensorEntry, row_starts: list[int], ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` (checked, on the CPU) of a static table, decoding (and caching) only the chunks
+        that hold them."""
+        row_bytes = entry.nbytes // row_starts[-1]
+        out = torch.empty((ids.numel(), row_bytes), dtype=torch.uint8)
+        chunk_of = torch.tensor([bisect.bisect_right(row_starts, i) - 1 for i in ids.tolist()])
+        for index in sorted(set(chunk_of.tolist())):
+
+            def load(index: int = index) -> torch.Tensor:
+                return self._decode_chunks(entry, [index], pinned=False)
+
+            block = self._cache.get_or_load((entry.name, "chunk", index), load, evictable=True)
+            picked = chunk_of == index
+            out[picked] = block.view(-1, row_bytes)[ids[picked] - row_starts[index]]
+        dtype = self.torch_dtype(entry)
+        result = out.view(dtype).reshape(ids.numel(), *entry.shape[1:])
+        return result.to(self.device, non_blocking=True) if self.device.type == "cuda" else result
+
+    def _decode(self, entry: TensorEntry, pinned: bool) -> torch.Tensor:
+        return self._decode_chunks(entry, range(len(entry.chunks)), pinned=pinned)
+
+    def _decode_chunks(self, entry: TensorEntry, indices: Any, *, pinned: bool) -> torch.Tensor:
+        """Decode chunks `indices` (consecutive) of `entry` into one new uint8 buffer, in parallel."""
+        indices = list(indices)
+        offsets = [0, *accumulate(entry.chunks[i].raw_len for i in indices)]
+        buffer = torch.empty(offsets[-1], dtype=torch.uint8, pin_memory=pinned)
+        view = memoryview(buffer.numpy())
+        started = time.perf_counter()
+
+        def decode_one(position: int) -> int:
+            chunk = entry.chunks[indices[position]]
+            value = self.repo.store.get(chunk.key)
+            decode_chunk_into(chunk.key, value, view[offsets[position] : offsets[position + 1]])
+            return len(value)
+
+        try:
+            if len(indices) > 1:
+                stored = sum(self._pool.map(decode_one, range(len(indices))))
+            else:
+                stored = sum(decode_one(position) for position in range(len(indices)))
+        except BlockstoreError as exc:
+            raise TensorCorrupt(entry.name, self.snapshot_id.hex()[:12], exc) from None
+        with self._cache.lock:
+            self._stats.chunks_read += len(indices)
+            self._stats.bytes_read += stored
+            self._stats.bytes_decoded += offsets[-1]
+            self._stats.decode_seconds += time.perf_counter() - started
+        return buffer
+
+
+def open(
+    store: str | Path,
+    ref: str = DEFAULT_REF,
+    *,
+    device: str | torch.device = "cpu",
+    budget: int | str | None = None,
+    prefetch: int = 0,
+    workers: int | None = None,
+) -> LazyStateDict:
+    """Open `ref` (a ref name or snapshot id prefix) of the store at `store` for lazy reading.
+
+    Only the snapshot is read here. `budget` ('2GB', '512MiB' or bytes) bounds the static tensors
+    kept materialized; `prefetch=N` decodes the next N layers' static tensors in the background when
+    a layer is touched; `device` places materialized tensors (cpu or cuda).
+    """
+    repo = Repository.open(Path(store), readonly=True)
+    try:
+        snapshot_id = repo.resolve(ref)
+        snapshot = repo.snapshot(snapshot_id)
+        return LazyStateDict(
+            repo, snapshot_id, snapshot, device=device, budget=budget, prefetch=prefetch, workers=workers
+        )
+    except BaseException:
+        repo.close()
+        raise

@@ -1,0 +1,263 @@
+"""torch and transformers integration: a working `nn.Module` whose weights stay in the store until used.
+
+The model is built with its parameters on the `meta` device (accelerate's `init_empty_weights`,
+buffers kept real so non-persistent ones such as rotary `inv_freq` keep their computed values).
+Every parameter found in the snapshot is then replaced by a `LazyWeight`: a storage-less tensor
+with the stored shape, dtype and target device. The first op that touches it — inside the module's
+forward, or anywhere else — materializes it through the runtime's cache:
+
+- static weights stay `LazyWeight`s, so the budgeted LRU is the only owner of their bytes and an
+  evicted block is decoded again on its next use; an embedding lookup (`aten.embedding`) decodes
+  only the chunks holding the looked-up rows;
+- dynamic weights are swapped, on first use, for plain resident parameters, so the latency-sensitive
+  compute path pays no dispatch cost after its first forward.
+
+A tensor subclass rather than forward pre-hooks: hooks would leave `meta` tensors in the model
+between forwards, which breaks `model.device`, `generate()` and weights shared across modules
+(tied lm_head ↔ embeddings), all of which read parameters outside the owning module's forward.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_map_only
+
+from blockstore.errors import InvalidArgument, UnsupportedInput
+from blockstore.policy import STATIC
+from blockstore.repo import DEFAULT_REF
+
+from .lazy import LazyStateDict, LazyTensor, open
+
+_aten = torch.ops.aten
+_ALIASES = (_aten.detach.default, _aten.alias.default)
+
+
+@dataclass
+class _Binding:
+    """One stored tensor bound into a model, and every (module, attribute) that refers to it."""
+
+    handle: LazyTensor
+    device: torch.device
+    owners: list[tuple[nn.Module, str, bool]]
+    resident: bool = False
+
+    def real(self) -> torch.Tensor:
+        tensor = self.handle.materialize(self.device)
+        if self.handle.side != STATIC and not self.resident:
+            self.resident = True
+            self.attach(tensor)
+        return tensor
+
+    def attach(self, tensor: torch.Tensor) -> None:
+        """Make every owner refer to `tensor` (one Parameter object, so tied weights stay tied)."""
+        param = nn.Parameter(tensor, requires_grad=False)
+        for module, attr, is_param in self.owners:
+            if is_param:
+                module._parameters[attr] = param
+            else:
+                module._buffers[attr] = tensor
+
+
+class LazyWeight(torch.Tensor):
+    """A stored tensor's stand-in inside a model: right shape, dtype and device, no storage."""
+
+    binding: _Binding
+
+    @staticmethod
+    def __new__(cls, binding: _Binding) -> LazyWeight:
+        handle = binding.handle
+        return torch.Tensor._make_wrapper_subclass(  # type: ignore[attr-defined]
+            cls, handle.shape, dtype=handle.dtype, device=binding.device, requires_grad=False
+        )
+
+    def __init__(self, binding: _Binding) -> None:
+        self.binding = binding
+
+    def __repr__(self, *, tensor_contents: Any = None) -> str:
+        handle = self.binding.handle
+        return f"LazyWeight({handle.name!r}, {handle.dtype}, {list(handle.shape)}, {handle.side})"
+
+    @classmethod
+    def __torch_dispatch__(
+        cls, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        if func in _ALIASES:
+            return LazyWeight(args[0].binding)
+        if func is _aten.embedding.default and isinstance(args[0], LazyWeight):
+            binding, indices = args[0].binding, args[1]
+            if binding.handle.side == STATIC and not isinstance(indices, LazyWeight):
+                rows = binding.handle.index_select(indices.reshape(-1))
+                return rows.to(binding.device).reshape(*indices.shape, *binding.handle.shape[1:])
+        args, kwargs = tree_map_only(LazyWeight, lambda weight: weight.binding.real(), (args, kwargs))
+        return func(*args, **kwargs)
+
+
+# model construction -------------------------------------------------------------------------------
+
+
+def _config_dict(config: Any, state: LazyStateDict) -> dict[str, Any] | None:
+    if config is None:
+        if state.config is None:
+            return None
+        try:
+            return json.loads(state.config)
+        except ValueError as exc:
+            raise InvalidArgument(f"config.json of snapshot {state.snapshot_id.hex()[:12]}: {exc}") from None
+    if isinstance(config, (str, Path)):
+        return json.loads(Path(config).read_bytes())
+    if isinstance(config, dict):
+        return config
+    return None
+
+
+def _transformers_config(config: Any, state: LazyStateDict) -> Any:
+    """A transformers config from an object, a dict, a config.json path or the snapshot's config.json."""
+    from transformers import AutoConfig, PretrainedConfig
+
+    if isinstance(config, PretrainedConfig):
+        return config
+    values = _config_dict(config, state)
+    if values is None:
+        raise InvalidArgument(
+            f"snapshot {state.snapshot_id.hex()[:12]} has no config.json: pass config= or a model class"
+        )
+    values = dict(values)
+    model_type = values.pop("model_type", None)
+    if not model_type:
+        raise InvalidArgument("the model config has no model_type: pass config= or a model class")
+    return AutoConfig.for_model(model_type, **values)
+
+
+def _is_transformers_class(model: Any) -> bool:
+    return isinstance(model, type) and hasattr(model, "config_class") and hasattr(model, "base_model_prefix")
+
+
+def _construct(model: Any, config: Any, state: LazyStateDict) -> nn.Module:
+    """Build the model skeleton: transformers from a config (or a class + config), or any callable."""
+    is_config = type(model).__name__.endswith("Config") and hasattr(model, "to_dict")
+    if model is None or is_config or _is_transformers_class(model):
+        import transformers
+
+        hf_config = _transformers_config(model if is_config else config, state)
+        if _is_transformers_class(model):
+            built = model(hf_config)
+        else:
+            architectures = getattr(hf_config, "architectures", None) or []
+            cls = getattr(transformers, architectures[0], None) if architectures else None
+            built = cls(hf_config) if cls is not None else transformers.AutoModel.from_config(hf_config)
+        return built
+    if not callable(model):
+        raise InvalidArgument(f"model {model!r} is neither a config, a module class nor a factory")
+    return model(config) if config is not None else model()
+
+
+def _empty_weights() -> Any:
+    try:
+        from accelerate import init_empty_weights
+    except ImportError:
+        raise UnsupportedInput("load_model", "needs the accelerate package: pip install accelerate") from None
+    return init_empty_weights(include_buffers=False)
+
+
+# binding ------------------------------------------------------------------------------------------
+
+
+def _stored_name(name: str, state: LazyStateDict, prefix: str) -> str | None:
+    """The snapshot's name for a model tensor: as is, or with the base-model prefix added/removed
+    (checkpoints of a bare `BertModel` and of `BertForX` differ by `bert.`)."""
+    candidates = [name]
+    if prefix:
+        candidates += [name.removeprefix(f"{prefix}."), f"{prefix}.{name}"]
+    return next((candidate for candidate in candidates if candidate in state), None)
+
+
+def _model_tensors(model: nn.Module) -> dict[int, list[tuple[str, nn.Module, str, bool]]]:
+    """Every parameter and persistent buffer, grouped by identity (tied weights share a group)."""
+    groups: dict[int, list[tuple[str, nn.Module, str, bool]]] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        prefix = f"{module_name}." if module_name else ""
+        for attr, param in module._parameters.items():
+            if param is not None:
+                groups.setdefault(id(param), []).append((prefix + attr, module, attr, True))
+        for attr, buffer in module._buffers.items():
+            if buffer is not None and attr not in module._non_persistent_buffers_set:
+                groups.setdefault(id(buffer), []).append((prefix + attr, module, attr, False))
+    return groups
+
+
+def bind(model: nn.Module, state: LazyStateDict) -> list[str]:
+    """Replace every parameter and persistent buffer found in `state` by a LazyWeight (one per
+    stored tensor, shared by tied attributes). Returns the stored tensors the model does not use.
+    A parameter the snapshot lacks, or one stored with another shape, is refused by name."""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    used: set[str] = set()
+    missing: list[str] = []
+    for group in _model_tensors(model).values():
+        found = [(name, stored) for name, *_ in group if (stored := _stored_name(name, state, prefix))]
+        if not found:
+            if any(is_param for *_, is_param in group):
+                missing.append(group[0][0])
+            continue
+        model_name, stored = found[0]
+        handle = state[stored]
+        expected = getattr(group[0][1], group[0][2]).shape
+        if tuple(handle.shape) != tuple(expected):
+            raise InvalidArgument(
+                f"tensor {stored!r} is stored with shape {list(handle.shape)}, "
+                f"the model's {model_name!r} has {list(expected)}"
+            )
+        owners = [(module, attr, is_param) for _, module, attr, is_param in group]
+        binding = _Binding(handle, state.device, owners)
+        binding.attach(LazyWeight(binding))
+        used.add(stored)
+    if missing:
+        shown = ", ".join(repr(name) for name in missing[:3])
+        raise InvalidArgument(
+            f"{len(missing)} parameter(s) of {type(model).__name__} are not in snapshot "
+            f"{state.snapshot_id.hex()[:12]}: {shown}{' ...' if len(missing) > 3 else ''}"
+        )
+    return sorted(set(state) - used)
+
+
+def load_model(
+    store: str | Path,
+    ref: str = DEFAULT_REF,
+    model: type[nn.Module] | Callable[..., nn.Module] | Any = None,
+    *,
+    config: Any = None,
+    device: str | torch.device = "cpu",
+    budget: int | str | None = None,
+    prefetch: int = 0,
+    workers: int | None = None,
+) -> nn.Module:
+    """A working model whose weights are read from `store@ref` when first used.
+
+    `model`: None (a transformers model from the snapshot's config.json or `config`), a transformers
+    config, a transformers model class, or any class/factory building an `nn.Module` (called with
+    `config` when given). The returned module is in eval mode; `model.blockstore` is its
+    `LazyStateDict` (for `stats()` and `close()`).
+    """
+    state = open(store, ref, device=device, budget=budget, prefetch=prefetch, workers=workers)
+    try:
+        with _empty_weights():
+            module = _construct(model, config, state)
+        if hasattr(module, "tie_weights"):
+            # transformers ties lm_head to the embeddings when loading, not when constructing; and
+            # outside init_empty_weights, which would re-create the tied parameter on assignment.
+            module.tie_weights()
+        unused = bind(module, state)
+    except BaseException:
+        state.close()
+        raise
+    module.eval()
+    module.blockstore = state
+    module.blockstore_unused = unused
+    return module

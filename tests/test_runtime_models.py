@@ -1,0 +1,189 @@
+"""Lazily loaded torch/transformers models: bit-identical to eager ones, and provably lazy."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import save_file
+
+from blockstore import runtime
+from blockstore.errors import InvalidArgument
+from blockstore.pack import pack
+from blockstore.repo import Repository
+
+SENTENCES = ["blockstore keeps weights in chunks", "The cat sat on the mat.", "hello world"]
+PROMPT = torch.tensor([[1, 5, 17, 300, 42, 7]])
+
+
+def packed_store(path: Path, inputs: list[Path], chunk_size: int | None = None) -> Path:
+    with Repository.init(path, **({"chunk_size": chunk_size} if chunk_size else {})) as repo:
+        pack(repo, inputs)
+    return path
+
+
+@pytest.fixture(scope="module")
+def minilm_store(minilm_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """MiniLM packed with its config.json (picked up beside the weights)."""
+    return packed_store(tmp_path_factory.mktemp("minilm") / "store", [minilm_path])
+
+
+@pytest.fixture(scope="module")
+def minilm_inputs(minilm_path: Path) -> dict[str, torch.Tensor]:
+    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_path.parent)
+    return dict(tokenizer(SENTENCES, padding=True, return_tensors="pt"))
+
+
+def test_minilm_outputs_are_bit_identical_to_eager_transformers(minilm_store, minilm_path, minilm_inputs):
+    eager = transformers.AutoModel.from_pretrained(minilm_path.parent).eval()
+    lazy = runtime.load_model(minilm_store)
+    try:
+        assert type(lazy) is type(eager)
+        with torch.no_grad():
+            expected = eager(**minilm_inputs).last_hidden_state
+            for _ in range(2):  # first forward decodes, second runs on cached/resident weights
+                assert torch.equal(lazy(**minilm_inputs).last_hidden_state, expected)
+        assert lazy.blockstore_unused == ["embeddings.position_ids"]  # a non-persistent buffer now
+    finally:
+        lazy.blockstore.close()
+
+
+def test_an_embedding_forward_decodes_far_less_than_the_table(minilm_store, minilm_inputs):
+    lazy = runtime.load_model(minilm_store)
+    try:
+        table = lazy.blockstore["embeddings.word_embeddings.weight"]
+        assert lazy.blockstore.stats().bytes_decoded == 0
+        with torch.no_grad():
+            lazy.embeddings(input_ids=minilm_inputs["input_ids"][2:, :4])  # [CLS] hello world [SEP]
+        stats = lazy.blockstore.stats()
+        assert 0 < stats.bytes_decoded < table.nbytes / 4
+        assert not lazy.blockstore.is_materialized(table.name)
+    finally:
+        lazy.blockstore.close()
+
+
+RSS_PROBE = """
+import json, sys, psutil, torch, transformers.models.bert.modeling_bert
+from blockstore import runtime
+process = psutil.Process()
+before = process.memory_info().rss
+model = runtime.load_model(sys.argv[1])
+after_open = process.memory_info().rss
+model.blockstore["encoder.layer.0.intermediate.dense.weight"].materialize()
+print(json.dumps({"open": after_open - before, "stats": model.blockstore.stats().as_dict()}))
+"""
+
+
+def test_opening_grows_rss_by_far_less_than_the_model(minilm_store, minilm_path):
+    probe = subprocess.run(
+        [sys.executable, "-c", RSS_PROBE, str(minilm_store)], check=True, capture_output=True, text=True
+    )
+    measured = json.loads(probe.stdout)
+    model_bytes = minilm_path.stat().st_size
+    assert measured["open"] < model_bytes / 5, measured
+    assert measured["stats"]["chunks_read"] == 1  # only the one tensor asked for
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A seeded random-init Llama-style decoder with tied embeddings, saved as a checkpoint would be
+    (the tied lm_head.weight is not written)."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=1000,
+        hidden_size=128,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        architectures=["LlamaForCausalLM"],
+    )
+    model = transformers.LlamaForCausalLM(config)
+    directory = tmp_path_factory.mktemp("llama")
+    weights = {name: t.contiguous() for name, t in model.state_dict().items() if name != "lm_head.weight"}
+    save_file(weights, directory / "model.safetensors")
+    config.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def llama_eager_tokens(llama_dir: Path) -> torch.Tensor:
+    model = transformers.AutoModelForCausalLM.from_pretrained(llama_dir).eval()
+    with torch.no_grad():
+        return model.generate(PROMPT, max_new_tokens=12, do_sample=False)
+
+
+@pytest.fixture(scope="module")
+def llama_store(llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return packed_store(tmp_path_factory.mktemp("llama") / "store", [llama_dir], chunk_size=64 << 10)
+
+
+@pytest.mark.parametrize("options", [{}, {"budget": "400KB", "prefetch": 1}])
+def test_llama_generate_is_identical_lazily(llama_store, llama_eager_tokens, options):
+    model = runtime.load_model(llama_store, **options)
+    try:
+        assert model.lm_head.weight is model.model.embed_tokens.weight  # tied, one stored tensor
+        with torch.no_grad():
+            tokens = model.generate(PROMPT, max_new_tokens=12, do_sample=False)
+        assert torch.equal(tokens, llama_eager_tokens)
+        stats = model.blockstore.stats()
+        if "budget" in options:
+            assert stats.evictions > 0 and stats.prefetched > 0
+        else:
+            assert stats.evictions == 0
+    finally:
+        model.blockstore.close()
+
+
+class TinyNet(torch.nn.Module):
+    """A plain torch module (no transformers) with a buffer."""
+
+    def __init__(self, width: int = 8) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(50, width)
+        self.proj = torch.nn.Linear(width, 3)
+        self.register_buffer("scale", torch.ones(3))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.embed(ids)).sum(1) * self.scale
+
+
+def test_plain_torch_module_class_and_bad_models_are_refused_by_name(tmp_path: Path):
+    torch.manual_seed(1)
+    eager = TinyNet().eval()
+    eager.scale.fill_(2.0)
+    save_file(eager.state_dict(), tmp_path / "tiny.safetensors")
+    store = packed_store(tmp_path / "store", [tmp_path / "tiny.safetensors"])
+    ids = torch.tensor([[1, 2, 49]])
+    lazy = runtime.load_model(store, model=TinyNet)
+    assert torch.equal(lazy(ids), eager(ids))
+    lazy.blockstore.close()
+    with pytest.raises(InvalidArgument, match="shape"):
+        runtime.load_model(store, model=lambda: TinyNet(width=4))
+    with pytest.raises(InvalidArgument, match=r"not in snapshot.*'extra\.weight'"):
+        runtime.load_model(store, model=lambda: torch.nn.ModuleDict({"extra": torch.nn.Linear(2, 2)}))
+    with pytest.raises(InvalidArgument, match=r"no config\.json"):
+        runtime.load_model(store)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_generate_is_identical_and_weights_live_on_the_gpu(llama_store, llama_dir):
+    eager = transformers.AutoModelForCausalLM.from_pretrained(llama_dir).eval().to("cuda")
+    with torch.no_grad():
+        expected = eager.generate(PROMPT.cuda(), max_new_tokens=12, do_sample=False)
+    model = runtime.load_model(llama_store, device="cuda", budget="400KB")
+    try:
+        assert model.device.type == "cuda"
+        with torch.no_grad():
+            tokens = model.generate(PROMPT.cuda(), max_new_tokens=12, do_sample=False)
+        assert torch.equal(tokens, expected)
+        assert model.blockstore["model.norm.weight"].materialize().is_cuda
+    finally:
+        model.blockstore.close()
