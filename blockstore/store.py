@@ -148,7 +148,9 @@ class LmdbStore:
                 max_readers=MAX_READERS,
                 create=False,
                 readonly=self.readonly,
-                readahead=False,
+                # Chunk values are MiBs of contiguous overflow pages read front to back: without
+                # the kernel's readahead a cold read faults 4 KiB at a time (MiniLM: 1.9 s vs 0.27 s).
+                readahead=True,
             )
         except lmdb.Error as exc:
             raise StoreCorrupt(self.path, f"LMDB cannot open it ({exc})") from None

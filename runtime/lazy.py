@@ -13,7 +13,6 @@ a snapshot checked against its blake2b id; the whole-tensor blake2b digest is le
 
 from __future__ import annotations
 
-import bisect
 import math
 import os
 import time
@@ -127,7 +126,9 @@ class LazyTensor:
     def __getitem__(self, index: Any) -> torch.Tensor:
         """`t[i]`, `t[a:b]`, `t[[i, j]]` or `t[long_tensor]` read rows through `index_select`;
         any other index materializes the tensor and indexes it."""
-        rows = self.shape[0] if self.shape else 0
+        if not self.shape:
+            return self.materialize()[index]
+        rows = self.shape[0]
         if isinstance(index, int) and -rows <= index < rows:
             return self.index_select([index % rows])[0]
         if isinstance(index, slice):
@@ -265,15 +266,16 @@ class LazyStateDict(Mapping[str, LazyTensor]):
         that hold them."""
         row_bytes = entry.nbytes // row_starts[-1]
         out = torch.empty((ids.numel(), row_bytes), dtype=torch.uint8)
-        chunk_of = torch.tensor([bisect.bisect_right(row_starts, i) - 1 for i in ids.tolist()])
-        for index in sorted(set(chunk_of.tolist())):
+        starts = torch.tensor(row_starts)
+        chunk_of = torch.searchsorted(starts, ids, right=True) - 1
+        for index in chunk_of.unique().tolist():
 
             def load(index: int = index) -> torch.Tensor:
                 return self._decode_chunks(entry, [index], pinned=False)
 
             block = self._cache.get_or_load((entry.name, "chunk", index), load, evictable=True)
             picked = chunk_of == index
-            out[picked] = block.view(-1, row_bytes)[ids[picked] - row_starts[index]]
+            out[picked] = block.view(-1, row_bytes)[ids[picked] - starts[index]]
         dtype = self.torch_dtype(entry)
         result = out.view(dtype).reshape(ids.numel(), *entry.shape[1:])
         return result.to(self.device, non_blocking=True) if self.device.type == "cuda" else result

