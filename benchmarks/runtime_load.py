@@ -8,7 +8,8 @@ For each method, in a fresh subprocess per measurement (so peak RSS is that meth
 - `full_s`: every tensor materialized in memory (blockstore: all `materialize()`; `load_file`;
   `safe_open` + `get_tensor` for each);
 - `peak_rss_mb` and `rss_growth_mb`: the child's peak RSS, and its growth over the RSS just before
-  the timed part (imports excluded).
+  the timed part (imports excluded); `anon_growth_mb`: the growth of anonymous memory alone at the
+  end (RSS also counts the mmapped pages of the file or store read, which the kernel can drop).
 Medians and min-max of `--runs` runs, and each metric's ratio to `load_file`. `--cold` drops the page
 cache of the model file and the store (posix_fadvise DONTNEED) before every run.
 
@@ -76,6 +77,16 @@ def _touch(tensors: dict[str, torch.Tensor]) -> None:
         tensor.reshape(-1).view(torch.uint8)[::4096].sum()
 
 
+def _anonymous_rss() -> int:
+    """Resident anonymous memory (decoded tensors, heap) without file-backed pages (mmapped files,
+    which the kernel can drop): Linux's RssAnon, or 0 where /proc is not there."""
+    status = Path("/proc/self/status")
+    if not status.exists():
+        return 0
+    line = next(line for line in status.read_text().splitlines() if line.startswith("RssAnon:"))
+    return int(line.split()[1]) * 1024
+
+
 def _child(method: str, mode: str, model: Path, store: Path) -> dict[str, float]:
     import psutil
     from safetensors import safe_open
@@ -87,6 +98,7 @@ def _child(method: str, mode: str, model: Path, store: Path) -> dict[str, float]
     # "[CLS] hello world is a test [SEP]" in BERT's vocabulary; folded into smaller vocabularies.
     input_ids = torch.tensor([[101, 7592, 2088, 2003, 1037, 3231, 102]]) % config.vocab_size
     baseline = psutil.Process().memory_info().rss
+    anon_baseline = _anonymous_rss()
     result: dict[str, float] = {}
     started = time.perf_counter()
     with torch.no_grad():
@@ -117,6 +129,7 @@ def _child(method: str, mode: str, model: Path, store: Path) -> dict[str, float]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     result["peak_rss_mb"] = peak / 1e6
     result["rss_growth_mb"] = (peak - baseline) / 1e6
+    result["anon_growth_mb"] = (_anonymous_rss() - anon_baseline) / 1e6
     return result
 
 

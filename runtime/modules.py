@@ -95,7 +95,7 @@ class LazyWeight(torch.Tensor):
             binding, indices = args[0].binding, args[1]
             if binding.handle.side == STATIC and not isinstance(indices, LazyWeight):
                 rows = binding.handle.index_select(indices.reshape(-1))
-                return rows.to(binding.device).reshape(*indices.shape, *binding.handle.shape[1:])
+                return rows.reshape(*indices.shape, *binding.handle.shape[1:])
         args, kwargs = tree_map_only(LazyWeight, lambda weight: weight.binding.real(), (args, kwargs))
         return func(*args, **kwargs)
 
@@ -103,37 +103,54 @@ class LazyWeight(torch.Tensor):
 # model construction -------------------------------------------------------------------------------
 
 
-def _config_dict(config: Any, state: LazyStateDict) -> dict[str, Any] | None:
+def _transformers() -> Any:
+    try:
+        import transformers
+    except ImportError:
+        raise UnsupportedInput("load_model", "a model built from a config needs transformers") from None
+    return transformers
+
+
+def _config_values(config: Any, state: LazyStateDict) -> tuple[dict[str, Any], str]:
+    """(config.json values, where they came from) for config=None (the snapshot's), a path or a dict."""
+    if isinstance(config, dict):
+        return dict(config), "config"
     if config is None:
         if state.config is None:
-            return None
+            raise InvalidArgument(
+                f"snapshot {state.snapshot_id.hex()[:12]} has no config.json: pass config= or model="
+            )
+        text, origin = state.config, f"config.json of snapshot {state.snapshot_id.hex()[:12]}"
+    elif isinstance(config, (str, Path)):
+        origin = str(config)
         try:
-            return json.loads(state.config)
-        except ValueError as exc:
-            raise InvalidArgument(f"config.json of snapshot {state.snapshot_id.hex()[:12]}: {exc}") from None
-    if isinstance(config, (str, Path)):
-        return json.loads(Path(config).read_bytes())
-    if isinstance(config, dict):
-        return config
-    return None
+            text = Path(config).read_bytes()
+        except OSError as exc:
+            raise InvalidArgument(f"{origin}: {exc.strerror}") from None
+    else:
+        raise InvalidArgument(f"config of type {type(config).__name__} is not a config, dict or path")
+    try:
+        values = json.loads(text)
+    except ValueError as exc:
+        raise InvalidArgument(f"{origin}: not JSON ({exc})") from None
+    if not isinstance(values, dict):
+        raise InvalidArgument(f"{origin}: not a JSON object")
+    return values, origin
 
 
 def _transformers_config(config: Any, state: LazyStateDict) -> Any:
     """A transformers config from an object, a dict, a config.json path or the snapshot's config.json."""
-    from transformers import AutoConfig, PretrainedConfig
-
-    if isinstance(config, PretrainedConfig):
+    transformers = _transformers()
+    if isinstance(config, transformers.PretrainedConfig):
         return config
-    values = _config_dict(config, state)
-    if values is None:
-        raise InvalidArgument(
-            f"snapshot {state.snapshot_id.hex()[:12]} has no config.json: pass config= or a model class"
-        )
-    values = dict(values)
+    values, origin = _config_values(config, state)
     model_type = values.pop("model_type", None)
     if not model_type:
-        raise InvalidArgument("the model config has no model_type: pass config= or a model class")
-    return AutoConfig.for_model(model_type, **values)
+        raise InvalidArgument(f"{origin} has no model_type: pass config= or model=")
+    try:
+        return transformers.AutoConfig.for_model(model_type, **values)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InvalidArgument(f"{origin}: {exc}") from None
 
 
 def _is_transformers_class(model: Any) -> bool:
@@ -144,8 +161,7 @@ def _construct(model: Any, config: Any, state: LazyStateDict) -> nn.Module:
     """Build the model skeleton: transformers from a config (or a class + config), or any callable."""
     is_config = type(model).__name__.endswith("Config") and hasattr(model, "to_dict")
     if model is None or is_config or _is_transformers_class(model):
-        import transformers
-
+        transformers = _transformers()
         hf_config = _transformers_config(model if is_config else config, state)
         if _is_transformers_class(model):
             built = model(hf_config)

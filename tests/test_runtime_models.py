@@ -187,3 +187,18 @@ def test_cuda_generate_is_identical_and_weights_live_on_the_gpu(llama_store, lla
         assert model.blockstore["model.norm.weight"].materialize().is_cuda
     finally:
         model.blockstore.close()
+
+
+def test_bad_configs_are_one_line_errors_naming_their_origin(llama_store: Path, tmp_path: Path):
+    (tmp_path / "broken.json").write_text("{not json")
+    cases = [
+        (tmp_path / "absent.json", "absent.json: No such file"),
+        (tmp_path / "broken.json", "broken.json: not JSON"),
+        ({"hidden_size": 8}, "config has no model_type"),
+        ({"model_type": "no-such-architecture"}, "no-such-architecture"),
+        (42, "config of type int"),
+    ]
+    for config, fragment in cases:
+        with pytest.raises(InvalidArgument) as caught:
+            runtime.load_model(llama_store, config=config)
+        assert fragment in str(caught.value) and "\n" not in str(caught.value)
