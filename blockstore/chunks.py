@@ -44,12 +44,17 @@ def chunk_ranges(dtype: str, shape: tuple[int, ...], nbytes: int, chunk_size: in
     return [(start, min(start + stride, nbytes)) for start in range(0, nbytes, stride)]
 
 
+def chunk_value(codec: Codec, payload: bytes) -> bytes:
+    """The stored form of an encoded chunk: codec id and params travel with the payload."""
+    return msgpack.packb([codec.id, codec_params(codec), payload], use_bin_type=True)
+
+
 def encode_chunk(codec: Codec, raw: memoryview) -> bytes:
-    """Stored value for `raw`: encoded with `codec`, or kept raw when encoding does not pay."""
+    """Stored value for lossless `raw`: encoded with `codec`, or kept raw when that does not pay."""
     encoded = codec.encode(raw)
     if len(encoded) >= len(raw):
         codec, encoded = Raw(), bytes(raw)
-    return msgpack.packb([codec.id, codec_params(codec), encoded], use_bin_type=True)
+    return chunk_value(codec, encoded)
 
 
 def decode_chunk_into(key: ChunkKey, value: bytes | memoryview, out: memoryview) -> None:

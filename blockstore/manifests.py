@@ -17,7 +17,9 @@ import msgpack
 
 from .hashing import DIGEST_SIZE, ChunkKey, digest
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
+"""2 added each tensor's measured error (lossy tiers); version 1 snapshots still read, error None."""
+_READABLE_VERSIONS = (1, 2)
 
 SnapshotId = bytes
 """32 bytes: blake2b-256 of a snapshot's canonical bytes."""
@@ -37,6 +39,15 @@ class ChunkRef:
 
 
 @dataclass(frozen=True)
+class TensorError:
+    """How far a lossy tier's decoded tensor is from the original: the largest absolute difference
+    and the relative Frobenius norm ||decoded - original|| / ||original||."""
+
+    max_abs: float
+    rel_frobenius: float
+
+
+@dataclass(frozen=True)
 class TensorEntry:
     """Everything needed to rebuild and check one tensor."""
 
@@ -48,6 +59,7 @@ class TensorEntry:
     codec: str
     chunks: tuple[ChunkRef, ...]
     digest: bytes
+    error: TensorError | None = None
 
     @property
     def nbytes(self) -> int:
@@ -122,8 +134,8 @@ class Snapshot:
             version, files, entries, extras, parent, message, created_ns = msgpack.unpackb(
                 data, use_list=True, raw=False
             )
-            if version != MANIFEST_VERSION:
-                raise ManifestError(f"manifest version {version!r}, expected {MANIFEST_VERSION}")
+            if version not in _READABLE_VERSIONS:
+                raise ManifestError(f"manifest version {version!r}, expected one of {_READABLE_VERSIONS}")
             tensors = {entry.name: entry for entry in map(_entry_from_fields, entries)}
             snapshot = cls(
                 files=tuple(SourceFile(str(n), bytes(h), tuple(map(str, t))) for n, h, t in files),
@@ -158,11 +170,15 @@ def _entry_fields(entry: TensorEntry) -> list[Any]:
         entry.codec,
         [[c.key, c.raw_len, c.stored_len] for c in entry.chunks],
         entry.digest,
+        [entry.error.max_abs, entry.error.rel_frobenius] if entry.error else None,
     ]
 
 
 def _entry_from_fields(fields: list[Any]) -> TensorEntry:
-    name, dtype, shape, side, tier, codec, chunks, tensor_digest = fields
+    name, dtype, shape, side, tier, codec, chunks, tensor_digest, *rest = fields
+    if len(rest) > 1:
+        raise ManifestError(f"tensor {name!r} has {len(fields)} fields")
+    error = TensorError(float(rest[0][0]), float(rest[0][1])) if rest and rest[0] is not None else None
     if not isinstance(tensor_digest, bytes) or len(tensor_digest) != DIGEST_SIZE:
         raise ManifestError(f"tensor {name!r} has a malformed digest")
     refs = tuple(ChunkRef(bytes(key), int(raw_len), int(stored_len)) for key, raw_len, stored_len in chunks)
@@ -175,6 +191,7 @@ def _entry_from_fields(fields: list[Any]) -> TensorEntry:
         str(codec),
         refs,
         tensor_digest,
+        error,
     )
 
 

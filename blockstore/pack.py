@@ -8,27 +8,33 @@ some unreferenced chunks.
 
 from __future__ import annotations
 
+import math
 import os
 import time
+from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from .chunks import check_chunk_size, chunk_ranges, encode_chunk
+from .chunks import check_chunk_size, chunk_ranges, chunk_value, encode_chunk
 from .codecs import ByteGroupZstd, Codec, Raw, Zstd
 from .dtypes import plane_count
 from .errors import InvalidArgument
 from .hashing import ChunkKey, chunk_key, new_digest
-from .manifests import ChunkRef, Snapshot, SnapshotId, SourceFile, TensorEntry
-from .policy import default_side
+from .manifests import ChunkRef, Snapshot, SnapshotId, SourceFile, TensorEntry, TensorError
+from .policy import LOSSLESS, Decision, Policy
 from .progress import Progress, Silent
+from .quantize import lossy_codec
 from .repo import Repository, check_ref_name
 from .source import ModelSource, SafetensorsFile, TensorInfo, discover, read_range
 
 CODEC_CHOICES = ("bytegroup+zstd", "zstd", "raw")
 DEFAULT_CODEC = "bytegroup+zstd"
-LOSSLESS = "lossless"
 _BATCH_BYTES = 64 << 20
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -45,10 +51,42 @@ class PackResult:
     total_chunks: int
     seconds: float
     unchanged: bool
+    decisions: dict[str, Decision] = field(default_factory=dict)
+    groups: dict[str, GroupStats] = field(default_factory=dict)
 
     @property
     def ratio(self) -> float:
         return self.stored_bytes / self.raw_bytes if self.raw_bytes else 1.0
+
+
+@dataclass(frozen=True)
+class GroupStats:
+    """Totals of the tensors sharing one side and tier ("static/int8"), and their worst error."""
+
+    tensors: int
+    raw_bytes: int
+    stored_bytes: int
+    worst_rel_error: float | None
+
+    @property
+    def ratio(self) -> float:
+        return self.stored_bytes / self.raw_bytes if self.raw_bytes else 1.0
+
+
+def group_stats(entries: Iterable[TensorEntry]) -> dict[str, GroupStats]:
+    """Per side/tier totals of a snapshot's tensors (what `pack` prints)."""
+    grouped: dict[str, list[TensorEntry]] = {}
+    for entry in entries:
+        grouped.setdefault(f"{entry.side}/{entry.tier}", []).append(entry)
+    return {
+        key: GroupStats(
+            len(members),
+            sum(e.nbytes for e in members),
+            sum(e.stored_bytes for e in members),
+            max((e.error.rel_frobenius for e in members if e.error), default=None),
+        )
+        for key, members in sorted(grouped.items())
+    }
 
 
 def codec_for(codec_id: str, dtype: str, level: int) -> Codec:
@@ -74,17 +112,30 @@ class _ChunkWriter:
         self.new_chunks = 0
         self.new_bytes = 0
 
-    def add(self, key: ChunkKey, codec: Codec, raw: bytes) -> None:
+    def _is_new(self, key: ChunkKey) -> bool:
         if key in self.sizes or key in self._pending:
-            return
+            return False
         existing = self._store.stored_sizes([key])
-        if existing:
-            self.sizes.update(existing)
-            return
-        self._pending[key] = self._pool.submit(encode_chunk, codec, memoryview(raw))
-        self._pending_raw += len(raw)
+        self.sizes.update(existing)
+        return not existing
+
+    def _queue(self, key: ChunkKey, value: Future[bytes], raw_len: int) -> None:
+        self._pending[key] = value
+        self._pending_raw += raw_len
         if self._pending_raw >= _BATCH_BYTES:
             self.flush()
+
+    def add(self, key: ChunkKey, codec: Codec, raw: bytes) -> None:
+        """Queue a lossless chunk: encoded on the pool unless the store or this pack has it."""
+        if self._is_new(key):
+            self._queue(key, self._pool.submit(encode_chunk, codec, memoryview(raw)), len(raw))
+
+    def add_value(self, key: ChunkKey, value: bytes, raw_len: int) -> None:
+        """Queue a chunk whose stored value is already made (a lossy tier keys by decoded bytes)."""
+        if self._is_new(key):
+            done: Future[bytes] = Future()
+            done.set_result(value)
+            self._queue(key, done, raw_len)
 
     def flush(self) -> None:
         encoded = [(key, future.result()) for key, future in self._pending.items()]
@@ -120,6 +171,66 @@ def _pack_tensor(
     return chunks, hasher.digest()
 
 
+class _ErrorMeter:
+    """Accumulates a lossy tensor's error over its chunks (float64 sums: no overflow on big ones)."""
+
+    def __init__(self) -> None:
+        self.max_abs = 0.0
+        self.error_sq = 0.0
+        self.original_sq = 0.0
+
+    def add(self, original: torch.Tensor, decoded: torch.Tensor) -> None:
+        difference = decoded.double() - original.double()
+        self.max_abs = max(self.max_abs, float(difference.abs().max()) if difference.numel() else 0.0)
+        self.error_sq += float(difference.square().sum())
+        self.original_sq += float(original.double().square().sum())
+
+    def result(self) -> TensorError:
+        if self.original_sq == 0:
+            return TensorError(self.max_abs, 0.0 if self.error_sq == 0 else math.inf)
+        return TensorError(self.max_abs, math.sqrt(self.error_sq / self.original_sq))
+
+
+def _pack_lossy_tensor(
+    handle: int,
+    source: SafetensorsFile,
+    tensor: TensorInfo,
+    codec: Any,
+    chunk_size: int,
+    writer: _ChunkWriter,
+    progress: Progress,
+) -> tuple[list[tuple[ChunkKey, int]], bytes, TensorError]:
+    """Quantize one tensor chunk by chunk; chunks are keyed and digested by their decoded bytes."""
+    import torch
+
+    hasher = new_digest()
+    meter = _ErrorMeter()
+    chunks = []
+    for start, end in chunk_ranges(tensor.dtype, tensor.shape, tensor.nbytes, chunk_size):
+        raw = read_range(handle, source.data_start + tensor.begin + start, end - start, source.path)
+        try:
+            payload, decoded = codec.quantize(memoryview(raw))
+        except InvalidArgument as exc:
+            raise InvalidArgument(f"{source.path}: tensor {tensor.name!r}: {exc}") from None
+        decoded_bytes = decoded.view(torch.uint8).numpy().tobytes()
+        meter.add(torch.frombuffer(bytearray(raw), dtype=decoded.dtype).float(), decoded.float())
+        hasher.update(decoded_bytes)
+        key = chunk_key(decoded_bytes)
+        chunks.append((key, len(raw)))
+        writer.add_value(key, chunk_value(codec, payload), len(raw))
+        progress.advance(len(raw))
+    return chunks, hasher.digest(), meter.result()
+
+
+def plan(model: ModelSource, policy: Policy) -> dict[str, Decision]:
+    """Every tensor's side, tier and reason, decided before anything is read or written."""
+    return {
+        tensor.name: policy.decide(tensor.name, tensor.dtype, tensor.shape)
+        for source in model.files
+        for tensor in source.tensors
+    }
+
+
 def pack(
     repo: Repository,
     inputs: list[Path],
@@ -130,23 +241,47 @@ def pack(
     level: int = 3,
     chunk_size: int | None = None,
     workers: int | None = None,
+    policy: Policy | None = None,
     progress: Progress | None = None,
 ) -> PackResult:
     """Pack safetensors files (or a model directory) into `repo` and point `ref` at the result.
 
     With `ref=None` the snapshot is stored but no ref moves (`diff` packs a file on the fly so).
     `chunk_size` defaults to the store's own, so versions of a model dedup against each other.
+    `policy` decides each tensor's side and tier (default: the built-in rules, everything lossless);
+    `codec` is the lossless codec.
     """
     started = time.perf_counter()
     if ref is not None:
         check_ref_name(ref)
-    chunk_size = chunk_size or repo.chunk_size
-    check_chunk_size(chunk_size)
+    options = _Options(codec, level, chunk_size or repo.chunk_size, workers, policy or Policy())
+    check_chunk_size(options.chunk_size)
     codec_for(codec, "F32", level)  # refuse a bad codec or level before reading anything
-    progress = progress or Silent()
     model = discover(inputs)
+    decisions = plan(model, options.policy)
+    lossy_codecs = {
+        name: lossy_codec(decision.tier, _dtype_of(model, name), options.policy.block_size, level)
+        for name, decision in decisions.items()
+        if decision.tier != LOSSLESS
+    }
     with repo.writer_lease():
-        return _pack_model(repo, model, ref, message, codec, level, chunk_size, workers, progress, started)
+        result = _pack_model(
+            repo, model, ref, message, options, decisions, lossy_codecs, progress or Silent()
+        )
+    return replace(result, seconds=time.perf_counter() - started)
+
+
+@dataclass(frozen=True)
+class _Options:
+    codec: str
+    level: int
+    chunk_size: int
+    workers: int | None
+    policy: Policy
+
+
+def _dtype_of(model: ModelSource, name: str) -> str:
+    return next(t.dtype for source in model.files for t in source.tensors if t.name == name)
 
 
 def _pack_model(
@@ -154,44 +289,52 @@ def _pack_model(
     model: ModelSource,
     ref: str | None,
     message: str,
-    codec: str,
-    level: int,
-    chunk_size: int,
-    workers: int | None,
+    options: _Options,
+    decisions: dict[str, Decision],
+    lossy_codecs: dict[str, Any],
     progress: Progress,
-    started: float,
 ) -> PackResult:
     expected = repo.store.get_ref(ref) if ref is not None else None
     progress.start("pack", sum(source.nbytes for source in model.files))
-    writer = _ChunkWriter(repo, workers or os.cpu_count() or 1)
-    pending: list[tuple[TensorInfo, Codec, list[tuple[ChunkKey, int]], bytes]] = []
+    writer = _ChunkWriter(repo, options.workers or os.cpu_count() or 1)
+    packed: dict[str, tuple[TensorInfo, str, list[tuple[ChunkKey, int]], bytes, TensorError | None]] = {}
     try:
         for source in model.files:
             handle = os.open(source.path, os.O_RDONLY)
             try:
                 for tensor in source.tensors:
-                    tensor_codec = codec_for(codec, tensor.dtype, level)
-                    chunks, tensor_digest = _pack_tensor(
-                        handle, source, tensor, tensor_codec, chunk_size, writer, progress
-                    )
-                    pending.append((tensor, tensor_codec, chunks, tensor_digest))
+                    args = (handle, source, tensor)
+                    lossy = lossy_codecs.get(tensor.name)
+                    if lossy is not None:
+                        chunks, tensor_digest, error = _pack_lossy_tensor(
+                            *args, lossy, options.chunk_size, writer, progress
+                        )
+                        codec_id = lossy.id
+                    else:
+                        lossless = codec_for(options.codec, tensor.dtype, options.level)
+                        chunks, tensor_digest = _pack_tensor(
+                            *args, lossless, options.chunk_size, writer, progress
+                        )
+                        codec_id, error = lossless.id, None
+                    packed[tensor.name] = (tensor, codec_id, chunks, tensor_digest, error)
             finally:
                 os.close(handle)
         writer.flush()
     finally:
         writer.close()
     entries = {
-        tensor.name: TensorEntry(
-            name=tensor.name,
+        name: TensorEntry(
+            name=name,
             dtype=tensor.dtype,
             shape=tensor.shape,
-            side=default_side(tensor.name, tensor.dtype, tensor.shape)[0],
-            tier=LOSSLESS,
-            codec=tensor_codec.id,
+            side=decisions[name].side,
+            tier=decisions[name].tier,
+            codec=codec_id,
             chunks=tuple(ChunkRef(key, raw_len, writer.sizes[key]) for key, raw_len in chunks),
             digest=tensor_digest,
+            error=error,
         )
-        for tensor, tensor_codec, chunks, tensor_digest in pending
+        for name, (tensor, codec_id, chunks, tensor_digest, error) in packed.items()
     }
     files = tuple(
         SourceFile(source.path.name, source.header, tuple(t.name for t in source.tensors))
@@ -214,8 +357,10 @@ def _pack_model(
         new_chunks=writer.new_chunks,
         new_bytes=writer.new_bytes,
         total_chunks=sum(len(entry.chunks) for entry in entries.values()),
-        seconds=time.perf_counter() - started,
+        seconds=0.0,
         unchanged=unchanged,
+        decisions=decisions,
+        groups=group_stats(entries.values()),
     )
 
 

@@ -1,29 +1,54 @@
-"""Static/dynamic classification of tensors (DESIGN.md §4).
+"""Static/dynamic classification of tensors and the precision tier each gets (DESIGN.md §4).
 
 Static: big, rarely-updated blocks (embeddings, lm_head, MLP and expert weights) that may be
-materialized lazily and evicted. Dynamic: the latency- and accuracy-sensitive compute path
-(attention, norms, biases, position buffers, integer and small tensors), kept resident and lossless.
+materialized lazily, evicted, and stored at a lossy tier. Dynamic: the latency- and
+accuracy-sensitive compute path (attention, norms, biases, routers, position buffers, integer and
+small tensors), kept resident and always lossless.
+
+Defaults come from names (Llama/Mistral/Qwen, GPT-2, BERT, MoE layouts) and sizes; a policy (a TOML
+file and/or `--static` / `--dynamic` globs) overrides them. Every decision carries its reason, so
+`pack --explain` can say why a tensor landed where it did.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import math
 import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from .dtypes import INTEGER_DTYPES, nbytes_of
+from .errors import InvalidArgument
+from .quantize import DEFAULT_BLOCK_SIZE, lossy_codec
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
 
 STATIC = "static"
 DYNAMIC = "dynamic"
+SIDES = (STATIC, DYNAMIC)
+LOSSLESS = "lossless"
+LOSSY_TIERS = ("int8", "fp8", "int4")
+TIERS = (LOSSLESS, *LOSSY_TIERS)
+LOSSY_DTYPES = frozenset({"F32", "F16", "BF16"})
 SMALL_TENSOR_BYTES = 64 << 10
+DRIFT_BOUNDS = ("min_cosine", "min_top1", "max_logit_diff", "max_ppl_increase")
 
 _DYNAMIC_NAMES = re.compile(
-    r"(norm|bias|attn|attention|self_attn|q_proj|k_proj|v_proj|o_proj|rotary|position_ids|inv_freq)", re.I
+    r"(norm|bias|attn|attention|self_attn|q_proj|k_proj|v_proj|o_proj|rotary|position_ids|inv_freq"
+    r"|router|shared_expert_gate|\.gate\.weight$)",
+    re.I,
 )
 _STATIC_NAMES = re.compile(
-    r"(embed|wte|wpe|lm_head|mlp|expert|ffn|feed_forward|intermediate|output\.dense)", re.I
+    r"(embed|wte|wpe|lm_head|mlp|expert|ffn|feed_forward|intermediate|output\.dense|c_fc)", re.I
 )
 _NAME_RULES = (
-    (_DYNAMIC_NAMES, DYNAMIC, "attention/norm/bias/position"),
+    (_DYNAMIC_NAMES, DYNAMIC, "attention/norm/bias/router/position"),
     (_STATIC_NAMES, STATIC, "embedding/MLP/expert"),
 )
 
@@ -40,3 +65,149 @@ def default_side(name: str, dtype: str, shape: tuple[int, ...]) -> tuple[str, st
         if match:
             return side, f"name matches {match.group(0)!r} ({kind})"
     return STATIC, "large weight with no dynamic-path name"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """An override: tensors matching `pattern` (a glob) go to `side` and/or get `tier`."""
+
+    pattern: str
+    side: str | None = None
+    tier: str | None = None
+    origin: str = "policy"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Where a tensor goes and why."""
+
+    side: str
+    tier: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Rules applied in order after the defaults (a later match wins), plus the static side's
+    default tier, the lossy block size, and drift bounds for `check-drift`."""
+
+    rules: tuple[Rule, ...] = ()
+    static_tier: str = LOSSLESS
+    block_size: int = DEFAULT_BLOCK_SIZE
+    drift: dict[str, float] = field(default_factory=dict)
+    source: str = "defaults"
+
+    def decide(self, name: str, dtype: str, shape: tuple[int, ...]) -> Decision:
+        """Side and tier for one tensor; a lossy tier asked for a dynamic tensor is refused."""
+        side, reason = default_side(name, dtype, shape)
+        asked: Rule | None = None
+        for rule in self.rules:
+            if fnmatch.fnmatchcase(name, rule.pattern):
+                if rule.side:
+                    side, reason = rule.side, f"{rule.origin} {rule.pattern!r}"
+                if rule.tier:
+                    asked = rule
+        if asked is not None and asked.tier in LOSSY_TIERS and side == DYNAMIC:
+            raise InvalidArgument(
+                f"tensor {name!r} is dynamic ({reason}): tier {asked.tier} from {asked.origin} "
+                f"{asked.pattern!r} is only allowed on static tensors (move it with --static or a rule)"
+            )
+        tier = asked.tier if asked is not None else (self.static_tier if side == STATIC else LOSSLESS)
+        if tier in LOSSY_TIERS and dtype not in LOSSY_DTYPES:
+            return Decision(side, LOSSLESS, f"{reason}; {dtype} is kept lossless")
+        return Decision(side, tier, reason)
+
+    def with_overrides(
+        self,
+        static: list[str] = (),
+        dynamic: list[str] = (),
+        static_tier: str | None = None,  # type: ignore[assignment]
+    ) -> Policy:
+        """This policy plus command-line globs (applied last) and a static tier."""
+        extra = tuple(Rule(glob, STATIC, origin="--static") for glob in static) + tuple(
+            Rule(glob, DYNAMIC, origin="--dynamic") for glob in dynamic
+        )
+        tier = _check_tier(static_tier, "--static-tier") if static_tier else self.static_tier
+        return Policy(self.rules + extra, tier, self.block_size, self.drift, self.source)
+
+
+def _check_tier(tier: object, where: str) -> str:
+    if tier not in TIERS:
+        raise InvalidArgument(f"{where}: tier {tier!r} is not one of {', '.join(TIERS)}")
+    return str(tier)
+
+
+def _check_keys(table: dict[str, Any], allowed: set[str], where: str) -> None:
+    unknown = sorted(set(table) - allowed)
+    if unknown:
+        raise InvalidArgument(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(allowed))})")
+
+
+def load_policy(path: Path) -> Policy:
+    """Read a TOML policy file; any mistake is one error naming the file and the key.
+
+    [static]
+    tier = "int8"              # default tier of static tensors: lossless, int8, fp8 or int4
+    block_size = 64            # elements per quantization block
+    [dynamic]
+    tier = "lossless"          # the only tier the dynamic side allows
+    [[rule]]                   # later rules win
+    match = "*.mlp.down_proj.weight"
+    side = "static"            # optional
+    tier = "int4"              # optional
+    [drift]                    # bounds for check-drift
+    min_cosine = 0.99
+    """
+    where = str(path)
+    try:
+        document = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise InvalidArgument(f"{where}: {exc.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidArgument(f"{where}: not valid TOML ({exc})") from None
+    _check_keys(document, {"static", "dynamic", "rule", "drift"}, where)
+    static = _table(document, "static", where)
+    _check_keys(static, {"tier", "block_size"}, f"{where} [static]")
+    dynamic = _table(document, "dynamic", where)
+    _check_keys(dynamic, {"tier"}, f"{where} [dynamic]")
+    if _check_tier(dynamic.get("tier", LOSSLESS), f"{where} [dynamic]") != LOSSLESS:
+        raise InvalidArgument(f"{where} [dynamic]: the dynamic side only allows tier 'lossless'")
+    block_size = static.get("block_size", DEFAULT_BLOCK_SIZE)
+    try:
+        if not isinstance(block_size, int) or isinstance(block_size, bool):
+            raise InvalidArgument("block_size must be an integer")
+        lossy_codec("int8", "F32", block_size)
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"{where} [static]: {exc}") from None
+    rules = []
+    raw_rules = document.get("rule", [])
+    if not isinstance(raw_rules, list):
+        raise InvalidArgument(f"{where}: rule must be an array of tables ([[rule]])")
+    for index, rule in enumerate(raw_rules, 1):
+        rule_where = f"{where} rule {index}"
+        if not isinstance(rule, dict) or not isinstance(rule.get("match"), str):
+            raise InvalidArgument(f'{rule_where}: needs match = "GLOB"')
+        _check_keys(rule, {"match", "side", "tier"}, rule_where)
+        side = rule.get("side")
+        if side is not None and side not in SIDES:
+            raise InvalidArgument(f"{rule_where}: side {side!r} is not static or dynamic")
+        tier = _check_tier(rule["tier"], rule_where) if "tier" in rule else None
+        rules.append(Rule(rule["match"], side, tier, origin=f"{path.name} rule {index}"))
+    drift = _table(document, "drift", where)
+    _check_keys(drift, set(DRIFT_BOUNDS), f"{where} [drift]")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in drift.values()):
+        raise InvalidArgument(f"{where} [drift]: bounds must be numbers")
+    return Policy(
+        tuple(rules),
+        _check_tier(static.get("tier", LOSSLESS), f"{where} [static]"),
+        block_size,
+        {key: float(value) for key, value in drift.items()},
+        source=where,
+    )
+
+
+def _table(document: dict[str, Any], name: str, where: str) -> dict[str, Any]:
+    table = document.get(name, {})
+    if not isinstance(table, dict):
+        raise InvalidArgument(f"{where}: [{name}] must be a table")
+    return table

@@ -11,6 +11,7 @@ import functools
 import json
 import sys
 from collections.abc import Callable
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -27,6 +28,7 @@ from blockstore.gc import gc
 from blockstore.pack import CODEC_CHOICES, DEFAULT_CODEC
 from blockstore.pack import pack as pack_model
 from blockstore.patches.bundle import read_key
+from blockstore.policy import TIERS, Policy, load_policy
 from blockstore.repo import Repository, check_ref_name
 from blockstore.verify import verify as verify_store
 
@@ -109,9 +111,27 @@ def pack(
     chunk_size: Annotated[
         int | None, typer.Option(help="Chunk size in bytes (default: the store's, set at init).")
     ] = None,
+    policy: Annotated[
+        Path | None, typer.Option(help="TOML policy: sides, tiers, rules, drift bounds.")
+    ] = None,
+    static: Annotated[
+        list[str] | None, typer.Option("--static", help="Glob of tensors forced static (repeatable).")
+    ] = None,
+    dynamic: Annotated[
+        list[str] | None, typer.Option("--dynamic", help="Glob of tensors forced dynamic (repeatable).")
+    ] = None,
+    static_tier: Annotated[
+        str | None, typer.Option(help=f"Tier of static tensors: {', '.join(TIERS)}.")
+    ] = None,
+    explain: Annotated[
+        bool, typer.Option("--explain", help="Print each tensor's side, tier and why.")
+    ] = False,
     as_json: JsonOption = False,
 ):
     """Pack a model into the store as a new snapshot (only chunks the store lacks are written)."""
+    chosen = (load_policy(policy) if policy else Policy()).with_overrides(
+        static or [], dynamic or [], static_tier
+    )
     with Repository.open(store) as repo, progress_bar(not as_json) as bar:
         result = pack_model(
             repo,
@@ -121,6 +141,7 @@ def pack(
             codec=codec,
             level=level,
             chunk_size=chunk_size,
+            policy=chosen,
             progress=bar,
         )
     summary = {
@@ -136,10 +157,18 @@ def pack(
         "new_bytes": result.new_bytes,
         "seconds": round(result.seconds, 3),
         "mb_per_s": round(result.raw_bytes / 1e6 / result.seconds, 1) if result.seconds else None,
+        "groups": {
+            key: {**asdict(group), "ratio": round(group.ratio, 4)} for key, group in result.groups.items()
+        },
     }
+    if explain:
+        summary["explain"] = {name: asdict(decision) for name, decision in result.decisions.items()}
     if as_json:
         _print_json(summary)
         return
+    if explain:
+        for name, decision in result.decisions.items():
+            typer.echo(f"{decision.side:7} {decision.tier:8} {name}: {decision.reason}")
     state = (
         "unchanged, ref not moved" if result.unchanged else f"{result.ref} -> {result.snapshot_id.hex()[:12]}"
     )
@@ -148,6 +177,12 @@ def pack(
         f"{result.tensors} tensors, {_mib(result.raw_bytes)} raw, {_mib(result.stored_bytes)} stored "
         f"(ratio {result.ratio:.4f})"
     )
+    for key, group in result.groups.items():
+        error = "" if group.worst_rel_error is None else f", worst relative error {group.worst_rel_error:.2e}"
+        typer.echo(
+            f"  {key:17} {group.tensors:4} tensors {_mib(group.raw_bytes):>11} -> "
+            f"{_mib(group.stored_bytes):>11} (ratio {group.ratio:.4f}{error})"
+        )
     typer.echo(
         f"{result.new_chunks} of {result.total_chunks} chunks new ({_mib(result.new_bytes)} written) "
         f"in {result.seconds:.2f} s ({summary['mb_per_s']} MB/s)"
@@ -221,7 +256,7 @@ def show(
     tensor: Annotated[str | None, typer.Argument(help="Show only this tensor.")] = None,
     as_json: JsonOption = False,
 ):
-    """Show a snapshot's tensors: dtype, shape, side, codec, chunks, ratio."""
+    """Show a snapshot's tensors: dtype, shape, side, tier, codec, chunks, ratio, lossy error."""
     path, ref = split_spec(spec)
     with Repository.open(path, readonly=True) as repo:
         snapshot_id = repo.resolve(ref)
@@ -244,6 +279,8 @@ def show(
             "stored_bytes": e.stored_bytes,
             "ratio": round(e.stored_bytes / e.nbytes, 4) if e.nbytes else None,
             "digest": e.digest.hex(),
+            "max_abs_error": e.error.max_abs if e.error else None,
+            "rel_error": e.error.rel_frobenius if e.error else None,
         }
         for e in entries
     ]
@@ -251,8 +288,9 @@ def show(
         _print_json({"snapshot": snapshot_id.hex(), "message": snapshot.message, "tensors": rows})
         return
     table = Table(title=f"snapshot {snapshot_id.hex()[:12]} {snapshot.message}".strip())
-    for column in ("name", "dtype", "shape", "side", "tier", "codec", "chunks", "ratio"):
-        table.add_column(column, justify="right" if column in ("chunks", "ratio") else "left")
+    numeric = ("chunks", "ratio", "rel error")
+    for column in ("name", "dtype", "shape", "side", "tier", "codec", *numeric):
+        table.add_column(column, justify="right" if column in numeric else "left")
     for row in rows:
         ratio = "-" if row["ratio"] is None else f"{row['ratio']:.3f}"
         shape = "x".join(map(str, row["shape"])) or "scalar"
@@ -265,6 +303,7 @@ def show(
             row["codec"],
             str(row["chunks"]),
             ratio,
+            "-" if row["rel_error"] is None else f"{row['rel_error']:.2e}",
         )
     Console(width=200).print(table)
 
