@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import tracemalloc
+import zlib
 from pathlib import Path
 
 import lmdb
 import msgpack
+import numpy as np
 import pytest
 import zstandard
 
@@ -151,3 +153,34 @@ def test_chunk_that_decodes_to_other_bytes_is_corrupt() -> None:
     assert decode_chunk(chunk_key(raw), stored, 64) == raw
     with pytest.raises(ChunkCorrupt, match="do not hash to the chunk's key"):
         decode_chunk(chunk_key(raw[::-1]), stored, 64)
+
+
+def _huffman_plane(data: bytes) -> bytes:
+    packer = zlib.compressobj(1, zlib.DEFLATED, -15, 9, zlib.Z_HUFFMAN_ONLY)
+    return packer.compress(data) + packer.flush()
+
+
+@pytest.mark.parametrize(
+    ("payload", "fragment"),
+    [
+        (_huffman_plane(bytes(1 << 20)), "exactly 8 bytes"),  # a Huffman bomb: 1 MiB where 8 are due
+        (_huffman_plane(b"\1" * 4), "exactly 8 bytes"),  # too short
+        (_huffman_plane(b"\1" * 8) + b"trailing", "exactly 8 bytes"),
+        (b"\xff" * 12, "does not decode"),
+    ],
+)
+def test_hostile_huffman_planes_are_corrupt(payload: bytes, fragment: str) -> None:
+    planes = msgpack.packb([[2, payload], [0, b"\0" * 8]], use_bin_type=True)
+    with pytest.raises(ChunkCorrupt, match=fragment):
+        decode_chunk(b"\0" * 16, _envelope("bytegroup+zstd", {"itemsize": 2, "level": 3}, planes), 16)
+
+
+def test_skewed_exponent_plane_is_huffman_coded_and_sign_rotation_round_trips() -> None:
+    values = np.random.default_rng(0).normal(0, 0.02, 1 << 16).astype(np.float32)
+    values[::7] *= -1
+    raw = values.tobytes()
+    codec = ByteGroupZstd(itemsize=4, rotate=True)
+    stored = encode_chunk(codec, memoryview(raw))
+    modes = [mode for mode, _ in msgpack.unpackb(msgpack.unpackb(stored)[2])]
+    assert 2 in modes and 0 in modes  # the exponent plane is Huffman-coded, mantissa planes raw
+    assert decode_chunk(chunk_key(raw), stored, len(raw)) == raw
