@@ -52,25 +52,6 @@ def drop_page_cache(paths: list[Path]) -> None:
 # child side ---------------------------------------------------------------------------------------
 
 
-def _model_class(model_dir: Path) -> tuple[Any, Any]:
-    """The config and the transformers class it names (imported before any clock starts)."""
-    import transformers
-
-    config = transformers.AutoConfig.from_pretrained(model_dir)
-    return config, getattr(transformers, config.architectures[0])
-
-
-def _eager_model(tensors: dict[str, Any], config: Any, cls: Any) -> Any:
-    """The eager baseline's model: built on meta, weights assigned (no copy), as transformers does."""
-    from accelerate import init_empty_weights
-
-    with init_empty_weights(include_buffers=False):
-        model = cls(config)
-    model.load_state_dict(tensors, strict=False, assign=True)
-    model.tie_weights()
-    return model.eval()
-
-
 def _touch(tensors: dict[str, torch.Tensor]) -> None:
     """Read one byte of every page: an mmap-backed `load_file` has read nothing until then."""
     for tensor in tensors.values():
@@ -89,14 +70,16 @@ def _anonymous_rss() -> int:
 
 def _child(method: str, mode: str, model: Path, store: Path) -> dict[str, float]:
     import psutil
+    import transformers
     from safetensors import safe_open
     from safetensors.torch import load_file
 
     from blockstore import runtime
 
-    config, cls = _model_class(model.parent)
+    config = json.loads((model.parent / "config.json").read_bytes())
+    getattr(transformers, config["architectures"][0])  # import the model's code before any clock
     # "[CLS] hello world is a test [SEP]" in BERT's vocabulary; folded into smaller vocabularies.
-    input_ids = torch.tensor([[101, 7592, 2088, 2003, 1037, 3231, 102]]) % config.vocab_size
+    input_ids = torch.tensor([[101, 7592, 2088, 2003, 1037, 3231, 102]]) % config["vocab_size"]
     baseline = psutil.Process().memory_info().rss
     anon_baseline = _anonymous_rss()
     result: dict[str, float] = {}
@@ -106,10 +89,11 @@ def _child(method: str, mode: str, model: Path, store: Path) -> dict[str, float]
             if method == "blockstore":
                 lazy = runtime.load_model(store)
             elif method == "load_file":
-                lazy = _eager_model(load_file(model), config, cls)
+                lazy = runtime.eager_model(load_file(model), config=config)
             else:
                 with safe_open(model, "pt") as handle:
-                    lazy = _eager_model({k: handle.get_tensor(k) for k in handle.keys()}, config, cls)  # noqa: SIM118
+                    tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+                lazy = runtime.eager_model(tensors, config=config)
             lazy(input_ids=input_ids)
             result["first_forward_s"] = time.perf_counter() - started
         else:

@@ -6,6 +6,15 @@ working torch/transformers module whose weights are decoded when its forward fir
 
 from .cache import RuntimeStats, parse_size
 from .lazy import LazyStateDict, LazyTensor, open
-from .modules import LazyWeight, load_model
+from .modules import LazyWeight, eager_model, load_model
 
-__all__ = ["LazyStateDict", "LazyTensor", "LazyWeight", "RuntimeStats", "load_model", "open", "parse_size"]
+__all__ = [
+    "LazyStateDict",
+    "LazyTensor",
+    "LazyWeight",
+    "RuntimeStats",
+    "eager_model",
+    "load_model",
+    "open",
+    "parse_size",
+]

@@ -20,7 +20,7 @@ between forwards, which breaks `model.device`, `generate()` and weights shared a
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -111,15 +111,14 @@ def _transformers() -> Any:
     return transformers
 
 
-def _config_values(config: Any, state: LazyStateDict) -> tuple[dict[str, Any], str]:
+def _config_values(config: Any, state: LazyStateDict | None) -> tuple[dict[str, Any], str]:
     """(config.json values, where they came from) for config=None (the snapshot's), a path or a dict."""
     if isinstance(config, dict):
         return dict(config), "config"
     if config is None:
-        if state.config is None:
-            raise InvalidArgument(
-                f"snapshot {state.snapshot_id.hex()[:12]} has no config.json: pass config= or model="
-            )
+        if state is None or state.config is None:
+            where = f"snapshot {state.snapshot_id.hex()[:12]}" if state else "the model"
+            raise InvalidArgument(f"{where} has no config.json: pass config= or model=")
         text, origin = state.config, f"config.json of snapshot {state.snapshot_id.hex()[:12]}"
     elif isinstance(config, (str, Path)):
         origin = str(config)
@@ -138,7 +137,7 @@ def _config_values(config: Any, state: LazyStateDict) -> tuple[dict[str, Any], s
     return values, origin
 
 
-def _transformers_config(config: Any, state: LazyStateDict) -> Any:
+def _transformers_config(config: Any, state: LazyStateDict | None) -> Any:
     """A transformers config from an object, a dict, a config.json path or the snapshot's config.json."""
     transformers = _transformers()
     if isinstance(config, transformers.PretrainedConfig):
@@ -157,7 +156,7 @@ def _is_transformers_class(model: Any) -> bool:
     return isinstance(model, type) and hasattr(model, "config_class") and hasattr(model, "base_model_prefix")
 
 
-def _construct(model: Any, config: Any, state: LazyStateDict) -> nn.Module:
+def _construct(model: Any, config: Any, state: LazyStateDict | None) -> nn.Module:
     """Build the model skeleton: transformers from a config (or a class + config), or any callable."""
     is_config = type(model).__name__.endswith("Config") and hasattr(model, "to_dict")
     if model is None or is_config or _is_transformers_class(model):
@@ -248,6 +247,31 @@ def bind(model: nn.Module, state: LazyStateDict) -> list[str]:
     return sorted(set(state) - used)
 
 
+def _skeleton(model: Any, config: Any, state: LazyStateDict | None) -> nn.Module:
+    """The model with parameters on `meta` and its own buffers real, not yet tied."""
+    with _empty_weights():
+        return _construct(model, config, state)
+
+
+def _tie(module: nn.Module) -> None:
+    if hasattr(module, "tie_weights"):
+        # transformers ties lm_head to the embeddings when loading, not when constructing; and
+        # outside init_empty_weights, which would re-create the tied parameter on assignment.
+        module.tie_weights()
+
+
+def eager_model(tensors: Mapping[str, torch.Tensor], model: Any = None, *, config: Any = None) -> nn.Module:
+    """The same kind of model as `load_model` builds, with `tensors` assigned (no copy): the eager
+    reference that drift checks and benchmarks compare against."""
+    module = _skeleton(model, config, None)
+    module.load_state_dict(dict(tensors), strict=False, assign=True)
+    _tie(module)
+    missing = [name for name, param in module.named_parameters() if param.is_meta]
+    if missing:
+        raise InvalidArgument(f"{len(missing)} parameter(s) missing from the reference: {missing[0]!r}")
+    return module.eval()
+
+
 def load_model(
     store: str | Path,
     ref: str = DEFAULT_REF,
@@ -268,12 +292,8 @@ def load_model(
     """
     state = open(store, ref, device=device, budget=budget, prefetch=prefetch, workers=workers)
     try:
-        with _empty_weights():
-            module = _construct(model, config, state)
-        if hasattr(module, "tie_weights"):
-            # transformers ties lm_head to the embeddings when loading, not when constructing; and
-            # outside init_empty_weights, which would re-create the tied parameter on assignment.
-            module.tie_weights()
+        module = _skeleton(model, config, state)
+        _tie(module)
         unused = bind(module, state)
     except BaseException:
         state.close()
