@@ -3,7 +3,7 @@
 Each class carries its own message template and exit code (borg's habit), so the CLI needs a single
 `except BlockstoreError` that prints one line and exits with `exit_code`, never a traceback.
 Exit codes: 2 bad input or usage, 3 something named does not exist, 4 damaged data,
-5 a concurrent writer got there first.
+5 a concurrent writer got there first, 6 a packed model drifts beyond its bounds.
 """
 
 from __future__ import annotations
@@ -104,3 +104,10 @@ class WrongBase(BlockstoreError):
     template = (
         "bundle {} applies to snapshot {}, but ref {!r} is at {} (use --force-base if that base is present)"
     )
+
+
+class DriftExceeded(BlockstoreError):
+    """A packed model drifts from its original beyond the policy's bounds (`check-drift`)."""
+
+    exit_code = 6
+    template = "drift of {} beyond the {} bounds: {}"

@@ -38,6 +38,14 @@ TIERS = (LOSSLESS, *LOSSY_TIERS)
 LOSSY_DTYPES = frozenset({"F32", "F16", "BF16"})
 SMALL_TENSOR_BYTES = 64 << 10
 DRIFT_BOUNDS = ("min_cosine", "min_top1", "max_logit_diff", "max_ppl_increase")
+# Default end-to-end bounds by the loosest tier in a snapshot: mean-pooled cosine similarity of
+# hidden states, top-1 agreement of next-token predictions, relative perplexity increase.
+DEFAULT_DRIFT: dict[str, dict[str, float]] = {
+    LOSSLESS: {"min_cosine": 0.99999, "min_top1": 1.0, "max_ppl_increase": 0.001},
+    "int8": {"min_cosine": 0.99, "min_top1": 0.95, "max_ppl_increase": 0.02},
+    "fp8": {"min_cosine": 0.98, "min_top1": 0.9, "max_ppl_increase": 0.05},
+    "int4": {"min_cosine": 0.9, "min_top1": 0.7, "max_ppl_increase": 0.3},
+}
 
 _DYNAMIC_NAMES = re.compile(
     r"(norm|bias|attn|attention|self_attn|q_proj|k_proj|v_proj|o_proj|rotary|position_ids|inv_freq"
@@ -94,8 +102,13 @@ class Policy:
     rules: tuple[Rule, ...] = ()
     static_tier: str = LOSSLESS
     block_size: int = DEFAULT_BLOCK_SIZE
-    drift: dict[str, float] = field(default_factory=dict)
+    drift: dict[str, dict[str, float]] = field(default_factory=dict)
     source: str = "defaults"
+
+    def drift_bounds(self, tier: str) -> dict[str, float]:
+        """Bounds for a snapshot whose loosest tier is `tier`: defaults, then the policy's
+        [drift] values, then its [drift.TIER] values."""
+        return {**DEFAULT_DRIFT[tier], **self.drift.get("*", {}), **self.drift.get(tier, {})}
 
     def decide(self, name: str, dtype: str, shape: tuple[int, ...]) -> Decision:
         """Side and tier for one tensor; a lossy tier asked for a dynamic tensor is refused."""
@@ -193,17 +206,33 @@ def load_policy(path: Path) -> Policy:
             raise InvalidArgument(f"{rule_where}: side {side!r} is not static or dynamic")
         tier = _check_tier(rule["tier"], rule_where) if "tier" in rule else None
         rules.append(Rule(rule["match"], side, tier, origin=f"{path.name} rule {index}"))
-    drift = _table(document, "drift", where)
-    _check_keys(drift, set(DRIFT_BOUNDS), f"{where} [drift]")
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in drift.values()):
-        raise InvalidArgument(f"{where} [drift]: bounds must be numbers")
+    drift = _drift_bounds(_table(document, "drift", where), where)
     return Policy(
         tuple(rules),
         _check_tier(static.get("tier", LOSSLESS), f"{where} [static]"),
         block_size,
-        {key: float(value) for key, value in drift.items()},
+        drift,
         source=where,
     )
+
+
+def _drift_bounds(table: dict[str, Any], where: str) -> dict[str, dict[str, float]]:
+    """[drift] numbers apply to every tier; [drift.TIER] tables to snapshots at that tier."""
+    bounds: dict[str, dict[str, float]] = {"*": {}}
+    for key, value in table.items():
+        if isinstance(value, dict):
+            _check_tier(key, f"{where} [drift.{key}]")
+            bounds[key] = _drift_numbers(value, f"{where} [drift.{key}]")
+        else:
+            bounds["*"].update(_drift_numbers({key: value}, f"{where} [drift]"))
+    return bounds
+
+
+def _drift_numbers(table: dict[str, Any], where: str) -> dict[str, float]:
+    _check_keys(table, set(DRIFT_BOUNDS), where)
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in table.values()):
+        raise InvalidArgument(f"{where}: bounds must be numbers")
+    return {key: float(value) for key, value in table.items()}
 
 
 def _table(document: dict[str, Any], name: str, where: str) -> dict[str, Any]:

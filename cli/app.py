@@ -22,7 +22,7 @@ from rich.table import Table
 
 from blockstore import patches
 from blockstore.chunks import DEFAULT_CHUNK_SIZE
-from blockstore.errors import BlockstoreError, InvalidArgument, TensorNotFound
+from blockstore.errors import BlockstoreError, DriftExceeded, InvalidArgument, TensorNotFound
 from blockstore.export import export as export_snapshot
 from blockstore.gc import gc
 from blockstore.pack import CODEC_CHOICES, DEFAULT_CODEC
@@ -538,6 +538,47 @@ def collect_garbage(
         f"{verb} {len(report.deleted_snapshots)} snapshots and {report.deleted_chunks} chunks "
         f"({_mib(report.freed_bytes)}); {report.kept_snapshots} snapshots kept"
     )
+
+
+@app.command(name="check-drift")
+@_user_errors
+def check_drift_command(
+    spec: Annotated[str, typer.Argument(metavar="STORE[@REF|@ID]", help="Packed model to check.")],
+    reference: Annotated[
+        Path, typer.Option(help="The original weights: a safetensors file or model directory.")
+    ],
+    model_config: Annotated[
+        Path | None, typer.Option(help="config.json (default: the one packed with the model).")
+    ] = None,
+    tokenizer: Annotated[
+        Path | None, typer.Option(help="Tokenizer directory: real prompts and a perplexity text.")
+    ] = None,
+    policy: Annotated[Path | None, typer.Option(help="TOML policy whose [drift] bounds apply.")] = None,
+    as_json: JsonOption = False,
+):
+    """Run the packed model and the original on fixed inputs; exit 6 when drift exceeds the bounds."""
+    from blockstore.runtime.drift import check_drift
+
+    path, ref = split_spec(spec)
+    report = check_drift(
+        path,
+        ref or "main",
+        reference=reference,
+        config=model_config,
+        tokenizer=tokenizer,
+        policy=load_policy(policy) if policy else None,
+    )
+    if as_json:
+        _print_json({**asdict(report), "passed": report.passed})
+    else:
+        typer.echo(f"{report.kind} at tier {report.tier} (loosest tier in the snapshot)")
+        for name, value in report.metrics.items():
+            typer.echo(f"  {name:16} {value:.6g}")
+        typer.echo("bounds: " + ", ".join(f"{name} {limit:.10g}" for name, limit in report.bounds.items()))
+    if not report.passed:
+        raise DriftExceeded(spec, report.tier, "; ".join(report.failures))
+    if not as_json:
+        typer.echo("drift within bounds")
 
 
 def main() -> None:

@@ -128,7 +128,7 @@ def test_policy_file_rules_tiers_and_refusal(tmp_path: Path) -> None:
         "[drift]\nmin_cosine = 0.995\n"
     )
     policy = load_policy(path)
-    assert policy.block_size == 32 and policy.drift == {"min_cosine": 0.995}
+    assert policy.block_size == 32 and policy.drift_bounds("int8")["min_cosine"] == 0.995
     assert policy.decide("m.layers.0.mlp.down_proj.weight", "F32", (512, 512)).tier == "int4"
     assert policy.decide("m.layers.0.mlp.up_proj.weight", "F32", (512, 512)).tier == "int8"
     moved = policy.decide("m.layers.0.self_attn.o_proj.weight", "F32", (512, 512))
