@@ -1,99 +1,171 @@
-"""Compression ratio and pack/export throughput of the lossless codecs on a real model.
+"""Ratio, pack and decode throughput and drift of every tier on a real model, against zstd and ZipNN.
 
-Measures, on the same bytes: blockstore's `bytegroup+zstd` and `zstd` codecs (pack and export,
-end to end through the store) and plain zstd level 3 over the whole file's data (one call, one
-thread) as the baseline. By default runs on all-MiniLM-L6-v2 as shipped (fp32) and on a bf16 cast
-of it. Prints a table, or JSON with --json.
+On the same weights — the model as shipped and a bf16 cast of it — measures:
+- blockstore with the static side at each tier (`lossless`, `int8`, `fp8`, `int4`; the dynamic side
+  is always lossless) and with the plain `zstd` codec: whole-model ratio (stored / raw), pack MB/s,
+  decode MB/s (every tensor materialized through the runtime from a warm store), and for the lossy
+  tiers the worst per-tensor relative error and the end-to-end drift (`check-drift`'s metrics,
+  with the tokenizer found beside the model, if any);
+- plain zstd level 3 over all tensor bytes (one call, one thread);
+- ZipNN (when the `zipnn` package is installed) over the same bytes, with its default threads.
+Ratios are over the tensor data (headers excluded). Prints a table, or JSON with --json.
 
-    python -m blockstore.benchmarks.pack_ratio [MODEL.safetensors] [--json]
+    python -m blockstore.benchmarks.pack_ratio [MODEL.safetensors] [--tiers lossless,int8] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import zstandard
 from safetensors.torch import load_file, save_file
 
-from blockstore.export import export
+from blockstore import runtime
 from blockstore.pack import pack
+from blockstore.policy import TIERS, Policy
 from blockstore.repo import Repository
+from blockstore.runtime.drift import check_drift
 
 from .models import bundled_minilm
 
+ZIPNN_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
-def bf16_cast(source: Path, out: Path) -> Path:
+
+def bf16_cast(source: Path, out_dir: Path) -> Path:
+    """The model cast to bf16 (integers kept), with config.json copied beside it."""
     tensors = {
         name: t.to(torch.bfloat16) if t.is_floating_point() else t
         for name, t in load_file(str(source)).items()
     }
-    save_file(tensors, str(out), metadata={"format": "pt"})
-    return out
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    if (source.parent / "config.json").is_file():
+        shutil.copy(source.parent / "config.json", out_dir / "config.json")
+    return out_dir / "model.safetensors"
 
 
-def measure_codec(model: Path, codec: str, work: Path) -> dict[str, float]:
-    store = work / f"store-{codec}"
-    with Repository.init(store) as repo:
-        packed = pack(repo, [model], codec=codec)
+def _decode_mb_s(store: Path) -> float:
+    with runtime.open(store) as state:
         started = time.perf_counter()
-        export(repo, packed.snapshot_id, work / "export.safetensors")
-        export_seconds = time.perf_counter() - started
-    return {
+        decoded = sum(state[name].materialize().nbytes for name in state)
+        return decoded / 1e6 / (time.perf_counter() - started)
+
+
+def measure_blockstore(
+    model: Path, tier: str, codec: str, work: Path, tokenizer: Path | None
+) -> dict[str, Any]:
+    store = work / f"store-{tier}-{codec}"
+    with Repository.init(store) as repo:
+        packed = pack(repo, [model], codec=codec, policy=Policy(static_tier=tier))
+    row: dict[str, Any] = {
         "ratio": packed.ratio,
         "pack_mb_s": packed.raw_bytes / 1e6 / packed.seconds,
-        "export_mb_s": packed.raw_bytes / 1e6 / export_seconds,
+        "decode_mb_s": _decode_mb_s(store),
     }
+    lossy = [group for key, group in packed.groups.items() if key.endswith(f"/{tier}") and tier != "lossless"]
+    if lossy:
+        row["worst_rel_error"] = max(group.worst_rel_error or 0.0 for group in lossy)
+        if (model.parent / "config.json").is_file():
+            report = check_drift(store, reference=model, tokenizer=tokenizer)
+            row["drift"] = report.metrics
+    shutil.rmtree(store)
+    return row
 
 
-def measure_plain_zstd(model: Path) -> dict[str, float]:
-    data = model.read_bytes()
+def _tensor_bytes(model: Path) -> tuple[bytes, torch.dtype]:
+    tensors = load_file(str(model))
+    dtypes = [t.dtype for t in tensors.values() if t.is_floating_point()]
+    data = b"".join(t.contiguous().view(torch.uint8).numpy().tobytes() for t in tensors.values())
+    return data, max(set(dtypes), key=dtypes.count)
+
+
+def measure_plain_zstd(data: bytes) -> dict[str, float]:
     started = time.perf_counter()
     frame = zstandard.ZstdCompressor(level=3).compress(data)
     compress_seconds = time.perf_counter() - started
     started = time.perf_counter()
     zstandard.ZstdDecompressor().decompress(frame)
-    decompress_seconds = time.perf_counter() - started
     return {
         "ratio": len(frame) / len(data),
         "pack_mb_s": len(data) / 1e6 / compress_seconds,
-        "export_mb_s": len(data) / 1e6 / decompress_seconds,
+        "decode_mb_s": len(data) / 1e6 / (time.perf_counter() - started),
     }
 
 
-def run(model: Path) -> dict[str, dict[str, dict[str, float]]]:
-    results = {}
+def measure_zipnn(data: bytes, dtype: torch.dtype) -> dict[str, float] | None:
+    try:
+        from zipnn import ZipNN
+    except ImportError:
+        return None
+    coder = ZipNN(input_format="byte", bytearray_dtype=ZIPNN_DTYPES[dtype])
+    started = time.perf_counter()
+    packed = coder.compress(bytearray(data))
+    compress_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    restored = coder.decompress(packed)
+    decode_seconds = time.perf_counter() - started
+    assert bytes(restored) == data, "ZipNN did not round-trip"
+    return {
+        "ratio": len(packed) / len(data),
+        "pack_mb_s": len(data) / 1e6 / compress_seconds,
+        "decode_mb_s": len(data) / 1e6 / decode_seconds,
+    }
+
+
+def run(model: Path, tiers: tuple[str, ...] = TIERS) -> dict[str, dict[str, dict[str, Any]]]:
+    tokenizer = model.parent if (model.parent / "tokenizer.json").is_file() else None
+    results: dict[str, dict[str, dict[str, Any]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        variants = {"fp32 (as shipped)": model, "bf16 cast": bf16_cast(model, work / "bf16.safetensors")}
-        for index, (label, path) in enumerate(variants.items()):
-            (work / str(index)).mkdir()
-            results[label] = {
-                "bytegroup+zstd": measure_codec(path, "bytegroup+zstd", work / str(index)),
-                "zstd (blockstore, 4 MiB chunks)": measure_codec(path, "zstd", work / str(index)),
-                "plain zstd -3 (whole file, 1 thread)": measure_plain_zstd(path),
+        variants = {"as shipped": model, "bf16 cast": bf16_cast(model, work / "bf16")}
+        for label, path in variants.items():
+            rows = {
+                f"blockstore {tier}": measure_blockstore(path, tier, "bytegroup+zstd", work, tokenizer)
+                for tier in tiers
             }
+            rows["blockstore zstd codec"] = measure_blockstore(path, "lossless", "zstd", work, tokenizer)
+            data, dtype = _tensor_bytes(path)
+            rows["plain zstd -3"] = measure_plain_zstd(data)
+            zipnn = measure_zipnn(data, dtype)
+            if zipnn is not None:
+                rows["ZipNN"] = zipnn
+            results[label] = rows
     return results
+
+
+def _drift_cell(row: dict[str, Any]) -> str:
+    drift = row.get("drift", {})
+    if "min_cosine" in drift:
+        return f"cos {drift['min_cosine']:.5f}"
+    if "ppl_increase" in drift:
+        return f"ppl {drift['ppl_increase']:+.2%}, top1 {drift['top1_agreement']:.3f}"
+    return ""
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", nargs="?", type=Path, help="safetensors file (default: bundled MiniLM)")
+    parser.add_argument("--tiers", default=",".join(TIERS), help="comma-separated tiers to measure")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    results = run(args.model or bundled_minilm())
+    results = run(args.model or bundled_minilm(), tuple(args.tiers.split(",")))
     if args.json:
         print(json.dumps(results, indent=2))
         return
-    print(f"{'variant':18} {'method':36} {'ratio':>7} {'pack MB/s':>10} {'export MB/s':>12}")
+    columns = f"{'ratio':>7} {'pack MB/s':>10} {'decode MB/s':>12} {'rel err':>8}  drift"
+    print(f"{'variant':11} {'method':22} {columns}")
     for label, methods in results.items():
         for method, row in methods.items():
-            figures = f"{row['ratio']:7.4f} {row['pack_mb_s']:10.0f} {row['export_mb_s']:12.0f}"
-            print(f"{label:18} {method:36} {figures}")
+            error = f"{row['worst_rel_error']:8.1e}" if "worst_rel_error" in row else " " * 8
+            figures = f"{row['ratio']:7.4f} {row['pack_mb_s']:10.0f} {row['decode_mb_s']:12.0f} {error}"
+            print(f"{label:11} {method:22} {figures}  {_drift_cell(row)}")
 
 
 if __name__ == "__main__":

@@ -11,16 +11,21 @@ from safetensors.torch import save_file
 from blockstore.benchmarks import runtime_load
 from blockstore.benchmarks.pack_ratio import run
 
-from .helpers import random_tensor, write_safetensors
+from .helpers import RawTensor, write_safetensors
 
 
-def test_pack_ratio_benchmark_runs(tmp_path: Path) -> None:
-    model = write_safetensors(tmp_path / "m.safetensors", {"w": random_tensor("F32", (64, 64))})
-    results = run(model)
-    assert set(results) == {"fp32 (as shipped)", "bf16 cast"}
+def test_pack_ratio_benchmark_runs_every_tier(tmp_path: Path) -> None:
+    weights = (torch.randn(256, 256) * 0.02).numpy().tobytes()
+    model = write_safetensors(
+        tmp_path / "m.safetensors", {"mlp.weight": RawTensor("F32", (256, 256), weights)}
+    )
+    results = run(model, ("lossless", "int8"))
+    assert set(results) == {"as shipped", "bf16 cast"}
     for methods in results.values():
-        assert len(methods) == 3
-        assert all(row["ratio"] > 0 and row["pack_mb_s"] > 0 for row in methods.values())
+        assert {"blockstore lossless", "blockstore int8", "plain zstd -3"} <= set(methods)
+        assert all(row["ratio"] > 0 and row["decode_mb_s"] > 0 for row in methods.values())
+        assert methods["blockstore int8"]["ratio"] < methods["blockstore lossless"]["ratio"]
+        assert 0 < methods["blockstore int8"]["worst_rel_error"] < 0.01
 
 
 def test_runtime_load_benchmark_runs_every_method(tmp_path: Path) -> None:
