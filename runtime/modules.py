@@ -185,7 +185,7 @@ def _empty_weights() -> Any:
 # binding ------------------------------------------------------------------------------------------
 
 
-def _stored_name(name: str, state: LazyStateDict, prefix: str) -> str | None:
+def _stored_name(name: str, state: Mapping[str, Any], prefix: str) -> str | None:
     """The snapshot's name for a model tensor: as is, or with the base-model prefix added/removed
     (checkpoints of a bare `BertModel` and of `BertForX` differ by `bert.`)."""
     candidates = [name]
@@ -264,7 +264,12 @@ def eager_model(tensors: Mapping[str, torch.Tensor], model: Any = None, *, confi
     """The same kind of model as `load_model` builds, with `tensors` assigned (no copy): the eager
     reference that drift checks and benchmarks compare against."""
     module = _skeleton(model, config, None)
-    module.load_state_dict(dict(tensors), strict=False, assign=True)
+    prefix = getattr(module, "base_model_prefix", "") or ""
+    wanted = [*(name for name, _ in module.named_parameters()), *module.state_dict()]
+    found = {name: stored for name in wanted if (stored := _stored_name(name, tensors, prefix))}
+    module.load_state_dict(
+        {name: tensors[stored] for name, stored in found.items()}, strict=False, assign=True
+    )
     _tie(module)
     missing = [name for name, param in module.named_parameters() if param.is_meta]
     if missing:

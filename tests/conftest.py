@@ -7,6 +7,9 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
+import transformers
+from safetensors.torch import save_file
 
 from blockstore.repo import Repository
 
@@ -36,3 +39,22 @@ def minilm_path() -> Path:
     path = Path(spec.origin).parent / "model" / "model.safetensors"
     assert path.is_file(), path
     return path
+
+
+@pytest.fixture(scope="session")
+def decoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A seeded random-init Llama whose vocabulary fits MiniLM's tokenizer (for the perplexity text)."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=30522,
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        architectures=["LlamaForCausalLM"],
+    )
+    directory = tmp_path_factory.mktemp("decoder")
+    model = transformers.LlamaForCausalLM(config)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, directory / "model.safetensors")
+    config.save_pretrained(directory)
+    return directory

