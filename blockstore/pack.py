@@ -31,8 +31,8 @@ from .source import ModelSource, SafetensorsFile, TensorInfo, discover, read_ran
 
 CODEC_CHOICES = ("bytegroup+zstd", "zstd", "raw")
 DEFAULT_CODEC = "bytegroup+zstd"
-# Float dtypes whose sign bit is rotated out of the exponent byte before byte grouping.
-ROTATED_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
+# Float dtypes whose sign bit is moved out of the exponent byte before byte grouping.
+SIGN_SPLIT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
 _BATCH_BYTES = 64 << 20
 
 if TYPE_CHECKING:
@@ -95,7 +95,7 @@ def codec_for(codec_id: str, dtype: str, level: int) -> Codec:
     """The codec a tensor of `dtype` gets under the user's `--codec` choice."""
     if codec_id == "bytegroup+zstd":
         itemsize = plane_count(dtype)
-        return ByteGroupZstd(itemsize, level, rotate=dtype in ROTATED_DTYPES and itemsize > 1)
+        return ByteGroupZstd(itemsize, level, split_sign=dtype in SIGN_SPLIT_DTYPES)
     if codec_id == "zstd":
         return Zstd(level=level)
     if codec_id == "raw":

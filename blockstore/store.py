@@ -188,12 +188,13 @@ class LmdbStore:
     ) -> lmdb.Transaction:
         """A transaction, adopting a map another process has grown meanwhile (a long-lived reader
         such as the lazy runtime would otherwise fail on its next read after a writer's pack)."""
+        env = self.env  # first: after a fork it reopens, and the database handles with it
         handle = self._dbs[db] if db else None
         try:
-            return self.env.begin(db=handle, write=write, buffers=buffers)
+            return env.begin(db=handle, write=write, buffers=buffers)
         except lmdb.MapResizedError:
-            self.env.set_mapsize(0)
-            return self.env.begin(db=handle, write=write, buffers=buffers)
+            env.set_mapsize(0)
+            return env.begin(db=handle, write=write, buffers=buffers)
 
     def close(self) -> None:
         """Leave the shared environment; the last user of it in this process closes it."""

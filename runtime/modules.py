@@ -49,7 +49,7 @@ class _Binding:
     resident: bool = False
 
     def real(self) -> torch.Tensor:
-        tensor = self.handle.materialize(self.device)
+        tensor = self.handle.materialize()  # on the state dict's device, which is ours
         if self.handle.side != STATIC and not self.resident:
             self.resident = True
             self.attach(tensor)

@@ -7,11 +7,10 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
-import transformers
-from safetensors.torch import save_file
 
 from blockstore.repo import Repository
+
+from .helpers import write_llama
 
 # Tests never reach a model hub: every model comes from a PyPI package or is built from a config.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -43,18 +42,13 @@ def minilm_path() -> Path:
 
 @pytest.fixture(scope="session")
 def decoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A seeded random-init Llama whose vocabulary fits MiniLM's tokenizer (for the perplexity text)."""
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
+    """A random-init Llama whose vocabulary fits MiniLM's tokenizer (for the perplexity text)."""
+    return write_llama(
+        tmp_path_factory.mktemp("decoder"),
         vocab_size=30522,
         hidden_size=64,
         intermediate_size=256,
         num_hidden_layers=2,
         num_attention_heads=4,
-        architectures=["LlamaForCausalLM"],
+        tie_word_embeddings=False,
     )
-    directory = tmp_path_factory.mktemp("decoder")
-    model = transformers.LlamaForCausalLM(config)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, directory / "model.safetensors")
-    config.save_pretrained(directory)
-    return directory

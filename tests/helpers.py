@@ -144,3 +144,20 @@ def assert_one_line_error(result: CliResult, *fragments: str, exit_code: int | N
     assert "Traceback" not in result.stderr + result.stdout
     for fragment in fragments:
         assert fragment in lines[0], (fragment, lines[0])
+
+
+def write_llama(directory: Path, **config_values: object) -> Path:
+    """A seeded random-init Llama checkpoint (weights + config.json) as a checkpoint would be saved:
+    with tied embeddings, the tied lm_head.weight is not written."""
+    import torch
+    import transformers
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(architectures=["LlamaForCausalLM"], **config_values)
+    model = transformers.LlamaForCausalLM(config)
+    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    weights = {name: t.contiguous() for name, t in model.state_dict().items() if name not in tied}
+    save_file(weights, directory / "model.safetensors")
+    config.save_pretrained(directory)
+    return directory

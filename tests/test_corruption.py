@@ -175,11 +175,11 @@ def test_hostile_huffman_planes_are_corrupt(payload: bytes, fragment: str) -> No
         decode_chunk(b"\0" * 16, _envelope("bytegroup+zstd", {"itemsize": 2, "level": 3}, planes), 16)
 
 
-def test_skewed_exponent_plane_is_huffman_coded_and_sign_rotation_round_trips() -> None:
+def test_skewed_exponent_plane_is_huffman_coded_and_the_sign_split_round_trips() -> None:
     values = np.random.default_rng(0).normal(0, 0.02, 1 << 16).astype(np.float32)
     values[::7] *= -1
     raw = values.tobytes()
-    codec = ByteGroupZstd(itemsize=4, rotate=True)
+    codec = ByteGroupZstd(itemsize=4, split_sign=True)
     stored = encode_chunk(codec, memoryview(raw))
     modes = [mode for mode, _ in msgpack.unpackb(msgpack.unpackb(stored)[2])]
     assert 2 in modes and 0 in modes  # the exponent plane is Huffman-coded, mantissa planes raw

@@ -17,6 +17,8 @@ from blockstore.errors import InvalidArgument
 from blockstore.pack import pack
 from blockstore.repo import Repository
 
+from .helpers import write_llama
+
 SENTENCES = ["blockstore keeps weights in chunks", "The cat sat on the mat.", "hello world"]
 PROMPT = torch.tensor([[1, 5, 17, 300, 42, 7]])
 
@@ -91,10 +93,9 @@ def test_opening_grows_rss_by_far_less_than_the_model(minilm_store, minilm_path)
 
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A seeded random-init Llama-style decoder with tied embeddings, saved as a checkpoint would be
-    (the tied lm_head.weight is not written)."""
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
+    """A Llama-style decoder with tied embeddings (its lm_head.weight is not in the file)."""
+    return write_llama(
+        tmp_path_factory.mktemp("llama"),
         vocab_size=1000,
         hidden_size=128,
         intermediate_size=512,
@@ -103,14 +104,7 @@ def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         num_key_value_heads=2,
         max_position_embeddings=256,
         tie_word_embeddings=True,
-        architectures=["LlamaForCausalLM"],
     )
-    model = transformers.LlamaForCausalLM(config)
-    directory = tmp_path_factory.mktemp("llama")
-    weights = {name: t.contiguous() for name, t in model.state_dict().items() if name != "lm_head.weight"}
-    save_file(weights, directory / "model.safetensors")
-    config.save_pretrained(directory)
-    return directory
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 import blockstore.store as store_module
-from blockstore.errors import RefConflict, StoreCorrupt
+from blockstore.errors import InvalidArgument, RefConflict, StoreCorrupt
 from blockstore.export import export
 from blockstore.pack import pack
 from blockstore.repo import Repository
@@ -74,3 +74,14 @@ def test_interrupted_pack_leaves_last_good_version(tmp_path: Path, monkeypatch: 
             assert sha256(tmp_path / "out") == sha256(v1)
         retried = pack(repo, [v2])
         assert retried.new_chunks == 0 and repo.resolve("main") == retried.snapshot_id
+
+
+def test_handles_on_one_path_share_one_environment(tmp_path: Path) -> None:
+    path = tmp_path / "store"
+    with LmdbStore.create(path) as writer:
+        writer.put_batch([(b"k" * 16, b"value")])
+        with LmdbStore(path, readonly=True) as reader:  # LMDB forbids a second open environment
+            assert reader.env is writer.env and reader.get(b"k" * 16) == b"value"
+        assert writer.get(b"k" * 16) == b"value"  # the reader's close left the writer's env open
+    with LmdbStore(path, readonly=True) as reader, pytest.raises(InvalidArgument, match="read-only"):
+        LmdbStore(path)
