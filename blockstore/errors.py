@@ -3,7 +3,8 @@
 Each class carries its own message template and exit code (borg's habit), so the CLI needs a single
 `except BlockstoreError` that prints one line and exits with `exit_code`, never a traceback.
 Exit codes: 2 bad input or usage, 3 something named does not exist, 4 damaged data,
-5 a concurrent writer got there first, 6 a packed model drifts beyond its bounds.
+5 a concurrent writer got there first, 6 a packed model drifts beyond its bounds, 7 a benchmark
+regressed past the gate.
 """
 
 from __future__ import annotations
@@ -111,3 +112,17 @@ class DriftExceeded(BlockstoreError):
 
     exit_code = 6
     template = "drift of {} beyond the {} bounds: {}"
+
+
+class EvidenceDamaged(BlockstoreError):
+    """An evidence pack whose files no longer match its manifest."""
+
+    exit_code = 4
+    template = "evidence pack {} is damaged: {} problem(s)"
+
+
+class Regression(BlockstoreError):
+    """`gate` found a metric worse than the baseline beyond its tolerance."""
+
+    exit_code = 7
+    template = "{} metric(s) regressed beyond tolerance; worst: {}"

@@ -22,7 +22,14 @@ from rich.table import Table
 
 from blockstore import patches
 from blockstore.chunks import DEFAULT_CHUNK_SIZE
-from blockstore.errors import BlockstoreError, DriftExceeded, InvalidArgument, TensorNotFound
+from blockstore.errors import (
+    BlockstoreError,
+    DriftExceeded,
+    EvidenceDamaged,
+    InvalidArgument,
+    Regression,
+    TensorNotFound,
+)
 from blockstore.export import export as export_snapshot
 from blockstore.gc import gc
 from blockstore.pack import CODEC_CHOICES, DEFAULT_CODEC
@@ -579,6 +586,80 @@ def check_drift_command(
         raise DriftExceeded(spec, report.tier, "; ".join(report.failures))
     if not as_json:
         typer.echo("drift within bounds")
+
+
+@app.command()
+@_user_errors
+def bench(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Evidence pack directory to create.")],
+    model: Annotated[
+        Path | None, typer.Argument(help="safetensors file with config.json beside it (default: MiniLM).")
+    ] = None,
+    runs: Annotated[int, typer.Option(min=1, help="Runs per figure, each in a fresh process.")] = 5,
+    cold: Annotated[bool, typer.Option("--cold", help="Drop the files' page cache before each run.")] = False,
+    as_json: JsonOption = False,
+):
+    """Measure lazy loading against safetensors (load_file, safe_open) into an evidence pack."""
+    from blockstore.benchmarks import evidence, runtime_load
+    from blockstore.benchmarks.models import bundled_minilm
+
+    report = runtime_load.run(model or bundled_minilm(), runs, cold)
+    pack = evidence.write_pack(out, {"benchmark": "runtime_load", **report}, evidence.command_line())
+    if as_json:
+        _print_json({"pack": str(pack), **report})
+    else:
+        typer.echo((pack / "report.md").read_text().rstrip())
+        typer.echo(f"evidence pack: {pack}")
+
+
+evidence_app = typer.Typer(help="Check evidence packs.", no_args_is_help=True)
+app.add_typer(evidence_app, name="evidence")
+
+
+@evidence_app.command(name="verify")
+@_user_errors
+def evidence_verify(pack: Annotated[Path, typer.Argument()], as_json: JsonOption = False):
+    """Re-check every file of a pack against its manifest; exit 4 naming what was altered."""
+    from blockstore.benchmarks.evidence import verify_pack
+
+    problems = verify_pack(pack)
+    if as_json:
+        _print_json({"pack": str(pack), "intact": not problems, "problems": problems})
+    else:
+        for problem in problems:
+            typer.echo(f"damaged: {problem}")
+    if problems:
+        raise EvidenceDamaged(pack, len(problems))
+    if not as_json:
+        typer.echo(f"intact: {pack}")
+
+
+@app.command(name="gate")
+@_user_errors
+def gate_command(
+    baseline: Annotated[Path, typer.Argument(help="Baseline evidence pack.")],
+    new: Annotated[Path, typer.Argument(help="New evidence pack.")],
+    tolerance: Annotated[Path | None, typer.Option(help="TOML file: metric = relative tolerance.")] = None,
+    allow_env_change: Annotated[bool, typer.Option(help="Compare packs from different machines.")] = False,
+    as_json: JsonOption = False,
+):
+    """Compare two packs metric by metric; exit 7 on any regression beyond its tolerance."""
+    from blockstore.benchmarks.gate import gate, load_tolerances
+
+    rows = gate(baseline, new, load_tolerances(tolerance), allow_env_change=allow_env_change)
+    failed = [row for row in rows if not row.passed]
+    if as_json:
+        _print_json({"passed": not failed, "rows": [{**asdict(row), "change": row.change} for row in rows]})
+    else:
+        for row in rows:
+            verdict = "ok  " if row.passed else "FAIL"
+            typer.echo(
+                f"{verdict} {row.method:11} {row.metric:24} {row.baseline:10.4g} -> {row.new:10.4g} "
+                f"({row.change:+.1%}, tolerance {row.tolerance:.0%})"
+            )
+    if failed:
+        worst = max(failed, key=lambda row: row.change)
+        raise Regression(len(failed), f"{worst.method} {worst.metric} {worst.change:+.1%}")
 
 
 def main() -> None:

@@ -9,11 +9,11 @@ import torch
 import transformers
 from safetensors.torch import save_file
 
-from blockstore.benchmarks import runtime_load, smollm2
+from blockstore.benchmarks import evidence, runtime_load, smollm2
 from blockstore.benchmarks.models import bundled_minilm
 from blockstore.benchmarks.pack_ratio import run
 
-from .helpers import RawTensor, write_safetensors
+from .helpers import RawTensor, cli, write_safetensors
 
 
 def test_pack_ratio_benchmark_runs_every_tier(tmp_path: Path) -> None:
@@ -30,7 +30,7 @@ def test_pack_ratio_benchmark_runs_every_tier(tmp_path: Path) -> None:
         assert 0 < methods["blockstore int8"]["worst_rel_error"] < 0.01
 
 
-def test_runtime_load_benchmark_runs_every_method(tmp_path: Path) -> None:
+def test_bench_writes_a_complete_evidence_pack_for_every_method(tmp_path: Path) -> None:
     torch.manual_seed(0)
     config = transformers.BertConfig(
         vocab_size=500, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
@@ -38,12 +38,15 @@ def test_runtime_load_benchmark_runs_every_method(tmp_path: Path) -> None:
     config.architectures = ["BertModel"]
     save_file(transformers.BertModel(config).state_dict(), tmp_path / "model.safetensors")
     config.save_pretrained(tmp_path)
-    report = runtime_load.run(tmp_path / "model.safetensors", runs=1)
-    assert set(report["results"]) == {"blockstore", "load_file", "safe_open"}
+    result = cli("bench", tmp_path / "model.safetensors", "--runs", "1", "-o", tmp_path / "pack", "--json")
+    assert result.exit_code == 0, result
+    report = result.json()
+    assert set(report["results"]) == set(runtime_load.METHODS)
     for method, metrics in report["results"].items():
         assert {"forward:first_forward_s", "full:open_s", "full:full_s", "full:peak_rss_mb"} <= set(metrics)
         assert all(row["median"] > 0 for key, row in metrics.items() if key != "full:open_s"), method
     assert report["ratio_to_load_file"]["load_file"]["full:full_s"] == 1.0
+    assert evidence.verify_pack(tmp_path / "pack") == []
 
 
 def test_smollm2_benchmark_runs_on_a_small_decoder(decoder: Path, tmp_path: Path) -> None:

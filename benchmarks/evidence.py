@@ -1,0 +1,161 @@
+"""Evidence packs (DESIGN.md §8): a directory that says what was measured, where, and proves it is intact.
+
+A pack holds `env.json` (the machine and software fingerprint), `results.json` (schema-versioned
+figures, each metric with its unit), `report.md` (each method against `load_file` as a ratio) and
+`manifest.json` (the command line and the blake2b-256 of every other file). Packs are written to a
+temporary directory and renamed into place, so a crash never leaves a half-written pack.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from blockstore.errors import InvalidArgument
+from blockstore.hashing import digest
+
+RESULTS_SCHEMA = 1
+PACK_FILES = ("env.json", "results.json", "report.md")
+PACKAGES = ("blockstore", "torch", "safetensors", "zstandard", "lmdb", "transformers", "numpy", "zipnn")
+UNITS = {"_s": "s", "_mb": "MB", "_mb_s": "MB/s"}
+
+
+def unit_of(metric: str) -> str:
+    """The unit a metric name carries in its suffix (`first_forward_s` → s)."""
+    for suffix, unit in sorted(UNITS.items(), key=lambda item: -len(item[0])):
+        if metric.endswith(suffix):
+            return unit
+    return "1"
+
+
+def _git(*args: str) -> str | None:
+    try:
+        done = subprocess.run(["git", *args], capture_output=True, text=True, check=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip()
+
+
+def _cpu_model() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def environment() -> dict[str, Any]:
+    """The fingerprint `gate` compares: hardware, OS, Python, package versions, git commit."""
+    import psutil
+    import torch
+
+    versions = {}
+    for package in PACKAGES:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return {
+        "cpu_model": _cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "ram_bytes": psutil.virtual_memory().total,
+        "gpus": gpus,
+        "cuda": torch.version.cuda if gpus else None,
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "packages": versions,
+        "git_commit": _git("rev-parse", "HEAD"),
+        "git_dirty": bool(_git("status", "--porcelain")),
+    }
+
+
+def _report(results: dict[str, Any]) -> str:
+    """report.md: one table per mode, every method's median and its ratio to load_file."""
+    lines = [f"# {results['benchmark']} on {Path(results['model']).name}", ""]
+    lines += [f"{results['runs']} runs per figure, {'cold' if results['cold'] else 'warm'} page cache.", ""]
+    lines += [
+        "| method | metric | median | min | max | unit | vs load_file |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for method, metrics in results["results"].items():
+        for key, row in metrics.items():
+            ratio = results["ratio_to_load_file"][method].get(key)
+            shown = "-" if ratio is None else f"{ratio:.2f}"
+            lines.append(
+                f"| {method} | {key} | {row['median']:.4g} | {row['min']:.4g} | {row['max']:.4g} "
+                f"| {unit_of(key)} | {shown} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def write_pack(out: Path, results: dict[str, Any], command: list[str]) -> Path:
+    """Write a complete pack to `out` (which must not exist yet), atomically."""
+    if out.exists():
+        raise InvalidArgument(f"{out}: already exists; an evidence pack is never overwritten")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        units = {key: unit_of(key.split(":")[-1]) for rows in results["results"].values() for key in rows}
+        files = {
+            "env.json": json.dumps(environment(), indent=2, sort_keys=True),
+            "results.json": json.dumps({"schema": RESULTS_SCHEMA, "units": units, **results}, indent=2),
+            "report.md": _report(results),
+        }
+        for name, text in files.items():
+            (staging / name).write_text(text)
+        manifest = {"command": command, "files": {n: digest((staging / n).read_bytes()).hex() for n in files}}
+        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def verify_pack(pack: Path) -> list[str]:
+    """Problems with a pack (missing, extra or altered files); empty when it is intact."""
+    try:
+        manifest = json.loads((pack / "manifest.json").read_text())
+        listed = manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return [f"{pack}: no readable manifest.json ({exc})"]
+    problems = []
+    for name in PACK_FILES:
+        path = pack / name
+        if name not in listed:
+            problems.append(f"{name}: not in the manifest")
+        elif not path.is_file():
+            problems.append(f"{name}: missing")
+        elif digest(path.read_bytes()).hex() != listed[name]:
+            problems.append(f"{name}: altered (blake2b differs from the manifest)")
+    extra = sorted(set(os.listdir(pack)) - {*PACK_FILES, "manifest.json"})
+    problems += [f"{name}: not part of the pack" for name in extra]
+    return problems
+
+
+def load_results(pack: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(env, results) of an intact pack; a damaged one is refused naming what is wrong."""
+    problems = verify_pack(pack)
+    if problems:
+        raise InvalidArgument(f"evidence pack {pack} is damaged: {problems[0]}")
+    results = json.loads((pack / "results.json").read_text())
+    if results.get("schema") != RESULTS_SCHEMA:
+        raise InvalidArgument(
+            f"evidence pack {pack}: results schema {results.get('schema')!r} is not {RESULTS_SCHEMA}"
+        )
+    return json.loads((pack / "env.json").read_text()), results
+
+
+def command_line() -> list[str]:
+    return [Path(sys.argv[0]).name, *sys.argv[1:]]
