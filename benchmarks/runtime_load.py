@@ -1,17 +1,22 @@
-"""Loading a real model lazily from blockstore against safetensors' `load_file` and `safe_open`.
+"""Loading a real model from blockstore against safetensors, torch and ZipNN, with ablations.
 
-For each method, in a fresh subprocess per measurement (so peak RSS is that method's alone):
-- `open_s`: until a handle is usable (blockstore: `runtime.load_model`, which reads only the
-  snapshot; `safe_open`: the handle; `load_file`: the whole load, it has no lazy handle);
-- `first_forward_s`: from the start until the model's first forward returns (model built on the
-  meta device for the eager baselines too, weights assigned, one forward on a short input);
-- `full_s`: every tensor materialized in memory (blockstore: all `materialize()`; `load_file`;
-  `safe_open` + `get_tensor` for each);
-- `peak_rss_mb` and `rss_growth_mb`: the child's peak RSS, and its growth over the RSS just before
-  the timed part (imports excluded); `anon_growth_mb`: the growth of anonymous memory alone at the
-  end (RSS also counts the mmapped pages of the file or store read, which the kernel can drop).
-Medians and min-max of `--runs` runs, and each metric's ratio to `load_file`. `--cold` drops the page
-cache of the model file and the store (posix_fadvise DONTNEED) before every run.
+The same weights are prepared for every method (the safetensors file itself, a `torch.save` file,
+a ZipNN-compressed file, a lossless store and a store with the static side at int8). Each
+measurement runs in a fresh subprocess, so peak RSS is that method's alone:
+- `full:` every tensor in memory: `load_file`, `safe_open` + `get_tensor`, `torch.load(mmap=True)`,
+  ZipNN decompress + `safetensors.torch.load`, blockstore `materialize()` of every tensor (lossless
+  and int8). One byte per page is then read, since mmap-backed loads have read nothing before.
+  `full_s` is the load time, `decode_mb_s` the tensor bytes over it.
+- `forward:` a model ready and its first forward done on a short input (for a decoder this is the
+  time to its first token): the eager methods build the model on `meta` and assign every tensor
+  (`runtime.eager_model`); `blockstore eager` materializes everything first; `blockstore` loads
+  lazily; ablations: with a budget of a quarter of the model, with `prefetch=1`, and static int8.
+- every measurement: `peak_rss_mb` (`ru_maxrss`) and `rss_growth_mb` over the RSS just before the
+  timed part (imports excluded); `anon_growth_mb` (anonymous memory alone: RSS also counts mmapped
+  file pages the kernel can drop); `read_mb` (bytes read from storage, /proc/self/io: near 0 warm);
+  `peak_vram_mb` (`torch.cuda.max_memory_allocated`, only with a GPU).
+Medians and min-max of `--runs` runs, and each metric's ratio to `load_file`. `--cold` drops the
+page cache of every prepared file (posix_fadvise DONTNEED) before every run.
 
     python -m blockstore.benchmarks.runtime_load [MODEL.safetensors] [--runs 5] [--cold] [--json]
 """
@@ -27,15 +32,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .models import bundled_minilm
-
-METHODS = ("blockstore", "load_file", "safe_open")
-MODES = ("forward", "full")
 
 
 def drop_page_cache(paths: list[Path]) -> None:
@@ -68,92 +71,179 @@ def _anonymous_rss() -> int:
     return int(line.split()[1]) * 1024
 
 
-def _child(method: str, mode: str, model: Path, store: Path) -> dict[str, float]:
-    import psutil
-    import transformers
-    from safetensors import safe_open
-    from safetensors.torch import load_file
+def _bytes_read() -> int:
+    """Bytes this process made the kernel read from storage (/proc/self/io), or 0 elsewhere."""
+    io = Path("/proc/self/io")
+    if not io.exists():
+        return 0
+    lines = io.read_text().splitlines()
+    return next(int(line.split()[1]) for line in lines if line.startswith("read_bytes"))
 
+
+def _safe_open_all(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as handle:
+        return {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+
+
+def _zipnn_load(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load
+    from zipnn import ZipNN
+
+    header = json.loads(path.with_suffix(".json").read_text())
+    coder = ZipNN(input_format="byte", bytearray_dtype=header["dtype"])
+    return load(bytes(coder.decompress(path.read_bytes())))
+
+
+def _blockstore_all(store: Path) -> dict[str, torch.Tensor]:
     from blockstore import runtime
 
-    config = json.loads((model.parent / "config.json").read_bytes())
+    with runtime.open(store) as state:
+        return {name: state[name].materialize() for name in state}
+
+
+def _full_loaders(files: dict[str, Path]) -> dict[str, Callable[[], dict[str, torch.Tensor]]]:
+    """How each method gets every tensor into memory."""
+    from safetensors.torch import load_file
+
+    return {
+        "load_file": lambda: load_file(files["model"]),
+        "safe_open": lambda: _safe_open_all(files["model"]),
+        "torch.load mmap": lambda: torch.load(files["pt"], mmap=True, weights_only=True),
+        "zipnn": lambda: _zipnn_load(files["zipnn"]),
+        "blockstore": lambda: _blockstore_all(files["store"]),
+        "blockstore int8": lambda: _blockstore_all(files["store_int8"]),
+    }
+
+
+def _forward_models(
+    files: dict[str, Path], config: dict[str, Any], budget: int
+) -> dict[str, Callable[[], Any]]:
+    """How each method gets a model ready for its first forward (eager ones assign every tensor)."""
+    from blockstore import runtime
+
+    eager = {
+        method: (lambda load=load: runtime.eager_model(load(), config=config))
+        for method, load in _full_loaders(files).items()
+        if method not in ("blockstore", "blockstore int8")
+    }
+    return {
+        **eager,
+        "blockstore eager": lambda: runtime.eager_model(_blockstore_all(files["store"]), config=config),
+        "blockstore": lambda: runtime.load_model(files["store"]),
+        "blockstore budget": lambda: runtime.load_model(files["store"], budget=budget),
+        "blockstore prefetch": lambda: runtime.load_model(files["store"], prefetch=1),
+        "blockstore int8": lambda: runtime.load_model(files["store_int8"]),
+    }
+
+
+def _child(method: str, mode: str, files: dict[str, Path]) -> dict[str, float]:
+    import psutil
+    import transformers
+
+    config = json.loads((files["model"].parent / "config.json").read_bytes())
     getattr(transformers, config["architectures"][0])  # import the model's code before any clock
     # "[CLS] hello world is a test [SEP]" in BERT's vocabulary; folded into smaller vocabularies.
     input_ids = torch.tensor([[101, 7592, 2088, 2003, 1037, 3231, 102]]) % config["vocab_size"]
     baseline = psutil.Process().memory_info().rss
-    anon_baseline = _anonymous_rss()
-    result: dict[str, float] = {}
+    anon_baseline, read_baseline = _anonymous_rss(), _bytes_read()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    result: dict[str, float | None] = {}
     started = time.perf_counter()
     with torch.no_grad():
         if mode == "forward":
-            if method == "blockstore":
-                lazy = runtime.load_model(store)
-            elif method == "load_file":
-                lazy = runtime.eager_model(load_file(model), config=config)
-            else:
-                with safe_open(model, "pt") as handle:
-                    tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
-                lazy = runtime.eager_model(tensors, config=config)
-            lazy(input_ids=input_ids)
+            budget = files["model"].stat().st_size // 4
+            model = _forward_models(files, config, budget)[method]()
+            model(input_ids=input_ids)
             result["first_forward_s"] = time.perf_counter() - started
         else:
-            if method == "blockstore":
-                state = runtime.open(store)
-                result["open_s"] = time.perf_counter() - started
-                tensors = {name: state[name].materialize() for name in state}
-            elif method == "load_file":
-                tensors = load_file(model)
-                result["open_s"] = time.perf_counter() - started
-            else:
-                with safe_open(model, "pt") as handle:
-                    result["open_s"] = time.perf_counter() - started
-                    tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+            tensors = _full_loaders(files)[method]()
             _touch(tensors)
             result["full_s"] = time.perf_counter() - started
+            result["decode_mb_s"] = sum(t.nbytes for t in tensors.values()) / 1e6 / result["full_s"]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     result["peak_rss_mb"] = peak / 1e6
     result["rss_growth_mb"] = (peak - baseline) / 1e6
     result["anon_growth_mb"] = (_anonymous_rss() - anon_baseline) / 1e6
+    result["read_mb"] = (_bytes_read() - read_baseline) / 1e6
+    result["peak_vram_mb"] = torch.cuda.max_memory_allocated() / 1e6 if torch.cuda.is_available() else None
     return result
 
 
 # parent side --------------------------------------------------------------------------------------
 
 
-def _run_child(method: str, mode: str, model: Path, store: Path) -> dict[str, float]:
-    command = [sys.executable, "-m", __spec__.name, "--child", method, mode, str(model)]
-    command += ["--store", str(store)]
+def _run_child(method: str, mode: str, files: dict[str, Path]) -> dict[str, float]:
+    paths = json.dumps({name: str(path) for name, path in files.items()})
+    command = [sys.executable, "-m", __spec__.name, "--child", method, mode, paths]
     done = subprocess.run(command, check=True, capture_output=True, text=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def run(model: Path, runs: int = 5, cold: bool = False) -> dict[str, Any]:
-    """Pack `model` into a temporary store, then measure every method and mode `runs` times."""
+def _prepare(model: Path, work: Path) -> tuple[dict[str, Path], int]:
+    """Every method's copy of the same weights: two stores (lossless, static int8), a torch file
+    and a ZipNN file. Returns the files and the lossless store's size."""
+    from safetensors.torch import load_file
+    from zipnn import ZipNN
+
     from blockstore.pack import pack
+    from blockstore.policy import Policy
     from blockstore.repo import Repository
 
-    samples: dict[str, dict[str, list[float]]] = {method: {} for method in METHODS}
+    files = {"model": model, "store": work / "store", "store_int8": work / "store-int8"}
+    with Repository.init(files["store"]) as repo:
+        stored = pack(repo, [model]).stored_bytes
+    with Repository.init(files["store_int8"]) as repo:
+        pack(repo, [model], policy=Policy(static_tier="int8"))
+    tensors = load_file(model)
+    files["pt"] = work / "model.pt"
+    torch.save(tensors, files["pt"])
+    dtypes = [t.dtype for t in tensors.values() if t.is_floating_point()]
+    dtype = str(max(set(dtypes), key=dtypes.count)).removeprefix("torch.")
+    files["zipnn"] = work / "model.znn"
+    coder = ZipNN(input_format="byte", bytearray_dtype=dtype)
+    # ZipNN rewrites the buffer it is given: hand it a copy.
+    files["zipnn"].write_bytes(bytes(coder.compress(bytearray(model.read_bytes()))))
+    files["zipnn"].with_suffix(".json").write_text(json.dumps({"dtype": dtype}))
+    return files, stored
+
+
+def _cached_files(files: dict[str, Path]) -> list[Path]:
+    paths = [files["model"], files["pt"], files["zipnn"]]
+    return paths + [files[name] / "data.mdb" for name in ("store", "store_int8")]
+
+
+def run(model: Path, runs: int = 5, cold: bool = False) -> dict[str, Any]:
+    """Prepare every method's files, then measure every method and mode `runs` times, each
+    measurement in a fresh process."""
+    samples: dict[str, dict[str, list[float]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        store = Path(tmp) / "store"
-        with Repository.init(store) as repo:
-            packed = pack(repo, [model])
+        files, stored = _prepare(model, Path(tmp))
+        plan = [(method, "full") for method in _full_loaders(files)]
+        plan += [(method, "forward") for method in _forward_models(files, {}, 0)]
         for _ in range(runs):
-            for method in METHODS:
-                for mode in MODES:
-                    if cold:
-                        drop_page_cache([model, store / "data.mdb"])
-                    for metric, value in _run_child(method, mode, model, store).items():
-                        samples[method].setdefault(f"{mode}:{metric}", []).append(value)
+            for method, mode in plan:
+                if cold:
+                    drop_page_cache(_cached_files(files))
+                for metric, value in _run_child(method, mode, files).items():
+                    if value is not None:
+                        samples.setdefault(method, {}).setdefault(f"{mode}:{metric}", []).append(value)
     summary = {method: {key: _summarize(v) for key, v in rows.items()} for method, rows in samples.items()}
     base = summary["load_file"]
     ratios = {
-        method: {key: row["median"] / base[key]["median"] for key, row in rows.items() if base[key]["median"]}
+        method: {
+            key: row["median"] / base[key]["median"]
+            for key, row in rows.items()
+            if base.get(key, {}).get("median")
+        }
         for method, rows in summary.items()
     }
     return {
         "model": str(model),
         "model_bytes": model.stat().st_size,
-        "stored_bytes": packed.stored_bytes,
+        "stored_bytes": stored,
         "runs": runs,
         "cold": cold,
         "results": summary,
@@ -168,12 +258,12 @@ def _summarize(values: list[float]) -> dict[str, float]:
 def _print_table(report: dict[str, Any]) -> None:
     cache = "cold" if report["cold"] else "warm"
     print(f"{report['model']} ({report['model_bytes'] / 1e6:.1f} MB), {report['runs']} runs, {cache} cache")
-    print(f"{'method':11} {'metric':24} {'median':>9} {'min':>9} {'max':>9} {'vs load_file':>12}")
+    print(f"{'method':19} {'metric':24} {'median':>9} {'min':>9} {'max':>9} {'vs load_file':>12}")
     for method, metrics in report["results"].items():
         for key, row in metrics.items():
             ratio = report["ratio_to_load_file"][method].get(key, float("nan"))
             figures = f"{row['median']:9.3f} {row['min']:9.3f} {row['max']:9.3f} {ratio:12.2f}"
-            print(f"{method:11} {key:24} {figures}")
+            print(f"{method:19} {key:24} {figures}")
 
 
 def main() -> None:
@@ -182,14 +272,13 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--cold", action="store_true", help="drop the files' page cache before each run")
     parser.add_argument("--json", action="store_true")
-    parser.add_argument("--child", nargs=2, metavar=("METHOD", "MODE"), help=argparse.SUPPRESS)
-    parser.add_argument("--store", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=3, metavar=("METHOD", "MODE", "FILES"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    model = args.model or bundled_minilm()
     if args.child:
-        print(json.dumps(_child(*args.child, model, args.store)))
+        method, mode, files = args.child
+        print(json.dumps(_child(method, mode, {k: Path(v) for k, v in json.loads(files).items()})))
         return
-    report = run(model, args.runs, args.cold)
+    report = run(args.model or bundled_minilm(), args.runs, args.cold)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
