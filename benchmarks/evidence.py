@@ -1,8 +1,9 @@
 """Evidence packs (DESIGN.md §8): a directory that says what was measured, where, and proves it is intact.
 
 A pack holds `env.json` (the machine and software fingerprint), `results.json` (schema-versioned
-figures, each metric with its unit), `report.md` (each method against `load_file` as a ratio) and
-`manifest.json` (the command line and the blake2b-256 of every other file). Packs are written to a
+figures, each metric with its unit), `report.md` (each method against `load_file` as a ratio, and
+PNG plots of load time and peak RSS per method) and `manifest.json` (the command line and the
+blake2b-256 of every other file). Packs are written to a
 temporary directory and renamed into place, so a crash never leaves a half-written pack.
 """
 
@@ -23,6 +24,11 @@ from blockstore.hashing import digest
 
 RESULTS_SCHEMA = 1
 PACK_FILES = ("env.json", "results.json", "report.md")
+PLOTS = {
+    "full:full_s": "load_time.png",
+    "forward:first_forward_s": "first_forward.png",
+    "full:peak_rss_mb": "peak_rss.png",
+}
 PACKAGES = ("blockstore", "torch", "safetensors", "zstandard", "lmdb", "transformers", "numpy", "zipnn")
 UNITS = {"_s": "s", "_mb": "MB", "_mb_s": "MB/s"}
 
@@ -97,6 +103,32 @@ def _report(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _plot(results: dict[str, Any], metric: str, path: Path) -> bool:
+    """A bar per method (median, min-max whiskers) of one metric; False when no method has it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    rows = {method: rows[metric] for method, rows in results["results"].items() if metric in rows}
+    if not rows:
+        return False
+    medians = [row["median"] for row in rows.values()]
+    whiskers = [
+        [row["median"] - row["min"] for row in rows.values()],
+        [row["max"] - row["median"] for row in rows.values()],
+    ]
+    figure, axes = pyplot.subplots(figsize=(8, 0.45 * len(rows) + 1.2))
+    axes.barh(list(rows), medians, xerr=whiskers, color="#4c72b0")
+    axes.invert_yaxis()
+    axes.set_xlabel(f"{metric} ({unit_of(metric)})")
+    axes.set_title(f"{Path(results['model']).name}, median of {results['runs']} runs")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    pyplot.close(figure)
+    return True
+
+
 def write_pack(out: Path, results: dict[str, Any], command: list[str]) -> Path:
     """Write a complete pack to `out` (which must not exist yet), atomically."""
     if out.exists():
@@ -112,9 +144,15 @@ def write_pack(out: Path, results: dict[str, Any], command: list[str]) -> Path:
             "results.json": json.dumps({"schema": RESULTS_SCHEMA, "units": units, **results}, indent=2),
             "report.md": _report(results),
         }
+        plots = [name for metric, name in PLOTS.items() if _plot(results, metric, staging / name)]
+        files["report.md"] += "".join(f"\n![{name}]({name})\n" for name in plots)
         for name, text in files.items():
             (staging / name).write_text(text)
-        manifest = {"command": command, "files": {n: digest((staging / n).read_bytes()).hex() for n in files}}
+        hashed = [*files, *plots]
+        manifest = {
+            "command": command,
+            "files": {n: digest((staging / n).read_bytes()).hex() for n in hashed},
+        }
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
         staging.rename(out)
     except BaseException:
@@ -130,16 +168,14 @@ def verify_pack(pack: Path) -> list[str]:
         listed = manifest["files"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         return [f"{pack}: no readable manifest.json ({exc})"]
-    problems = []
-    for name in PACK_FILES:
+    problems = [f"{name}: not in the manifest" for name in PACK_FILES if name not in listed]
+    for name, expected in listed.items():
         path = pack / name
-        if name not in listed:
-            problems.append(f"{name}: not in the manifest")
-        elif not path.is_file():
+        if Path(name).name != name or not path.is_file():
             problems.append(f"{name}: missing")
-        elif digest(path.read_bytes()).hex() != listed[name]:
+        elif digest(path.read_bytes()).hex() != expected:
             problems.append(f"{name}: altered (blake2b differs from the manifest)")
-    extra = sorted(set(os.listdir(pack)) - {*PACK_FILES, "manifest.json"})
+    extra = sorted(set(os.listdir(pack)) - {*listed, "manifest.json"})
     problems += [f"{name}: not part of the pack" for name in extra]
     return problems
 

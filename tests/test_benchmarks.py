@@ -13,7 +13,7 @@ from blockstore.benchmarks import evidence, smollm2
 from blockstore.benchmarks.models import bundled_minilm
 from blockstore.benchmarks.pack_ratio import run
 
-from .helpers import RawTensor, cli, write_safetensors
+from .helpers import RawTensor, assert_one_line_error, cli, write_safetensors
 
 
 def test_pack_ratio_benchmark_runs_every_tier(tmp_path: Path) -> None:
@@ -38,7 +38,9 @@ def test_bench_writes_a_complete_evidence_pack_for_every_method(tmp_path: Path) 
     config.architectures = ["BertModel"]
     save_file(transformers.BertModel(config).state_dict(), tmp_path / "model.safetensors")
     config.save_pretrained(tmp_path)
-    result = cli("bench", tmp_path / "model.safetensors", "--runs", "1", "-o", tmp_path / "pack", "--json")
+    result = cli(
+        "bench", "--model", tmp_path / "model.safetensors", "--runs", 1, "-o", tmp_path / "pack", "--json"
+    )
     assert result.exit_code == 0, result
     report = result.json()
     full = {"load_file", "safe_open", "torch.load mmap", "zipnn", "blockstore", "blockstore int8"}
@@ -65,3 +67,10 @@ def test_smollm2_benchmark_runs_on_a_small_decoder(decoder: Path, tmp_path: Path
     assert results["lossless"]["ppl_increase"] == 0.0 and results["lossless"]["top1_agreement"] == 1.0
     assert results["int8"]["ratio"] < results["lossless"]["ratio"]
     assert isinstance(results["int8"]["completion"], str)
+
+
+def test_bench_refuses_a_model_without_config(tmp_path: Path) -> None:
+    model = write_safetensors(tmp_path / "m.safetensors", {"w": RawTensor("F32", (1,), bytes(4))})
+    result = cli("bench", "--model", model, "-o", tmp_path / "pack")
+    assert_one_line_error(result, "config.json", exit_code=2)
+    assert not (tmp_path / "pack").exists()

@@ -44,18 +44,19 @@ def figures(first_forward: float, peak_rss: float, open_s: float = 0.002) -> dic
 
 def test_pack_is_complete_and_verifies(tmp_path: Path) -> None:
     pack = evidence.write_pack(tmp_path / "pack", figures(0.3, 500.0), ["blockstore", "bench"])
-    assert sorted(p.name for p in pack.iterdir()) == [
-        "env.json",
-        "manifest.json",
-        "report.md",
-        "results.json",
-    ]
+    names = ["env.json", "first_forward.png", "manifest.json", "peak_rss.png", "report.md", "results.json"]
+    assert sorted(p.name for p in pack.iterdir()) == names
     results = json.loads((pack / "results.json").read_text())
     assert results["schema"] == evidence.RESULTS_SCHEMA
     assert results["units"]["forward:first_forward_s"] == "s" and results["units"]["full:peak_rss_mb"] == "MB"
     env = json.loads((pack / "env.json").read_text())
     assert {"cpu_model", "cpu_cores", "ram_bytes", "python", "packages", "git_commit"} <= set(env)
-    assert "| blockstore | forward:first_forward_s | 0.3 |" in (pack / "report.md").read_text()
+    report = (pack / "report.md").read_text()
+    assert (
+        "| blockstore | forward:first_forward_s | 0.3 |" in report
+        and "![peak_rss.png](peak_rss.png)" in report
+    )
+    assert (pack / "peak_rss.png").read_bytes().startswith(b"\x89PNG")
     assert evidence.verify_pack(pack) == []
     assert cli("evidence", "verify", pack).exit_code == 0
     with pytest.raises(Exception, match="never overwritten"):
@@ -68,6 +69,7 @@ def test_pack_is_complete_and_verifies(tmp_path: Path) -> None:
         (lambda pack: (pack / "results.json").write_text("{}"), "results.json: altered"),
         (lambda pack: (pack / "report.md").unlink(), "report.md: missing"),
         (lambda pack: (pack / "extra.txt").write_text("x"), "extra.txt: not part of the pack"),
+        (lambda pack: (pack / "peak_rss.png").write_bytes(b"edited"), "peak_rss.png: altered"),
     ],
 )
 def test_tampered_pack_fails_verify(tmp_path: Path, tamper, problem: str) -> None:
