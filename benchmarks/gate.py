@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from blockstore.errors import InvalidArgument
-from blockstore.policy import tomllib
+from blockstore.policy import read_toml
 
 from .evidence import load_results, unit_of
 
@@ -49,12 +49,7 @@ def load_tolerances(path: Path | None) -> dict[str, float]:
     """Defaults, overridden by a TOML file of `metric = relative tolerance` lines."""
     if path is None:
         return dict(DEFAULT_TOLERANCES)
-    try:
-        values = tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise InvalidArgument(f"{path}: {exc.strerror}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidArgument(f"{path}: not valid TOML ({exc})") from None
+    values = read_toml(path)
     for key, value in values.items():
         if key not in DEFAULT_TOLERANCES or not isinstance(value, (int, float)) or isinstance(value, bool):
             raise InvalidArgument(f"{path}: {key!r} is not a metric with a numeric tolerance")

@@ -156,6 +156,16 @@ def _check_keys(table: dict[str, Any], allowed: set[str], where: str) -> None:
         raise InvalidArgument(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(allowed))})")
 
 
+def read_toml(path: Path) -> dict[str, Any]:
+    """A TOML file's tables; an unreadable or invalid file is one error naming it."""
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise InvalidArgument(f"{path}: {exc.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidArgument(f"{path}: not valid TOML ({exc})") from None
+
+
 def load_policy(path: Path) -> Policy:
     """Read a TOML policy file; any mistake is one error naming the file and the key.
 
@@ -172,12 +182,7 @@ def load_policy(path: Path) -> Policy:
     min_cosine = 0.99
     """
     where = str(path)
-    try:
-        document = tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise InvalidArgument(f"{where}: {exc.strerror}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidArgument(f"{where}: not valid TOML ({exc})") from None
+    document = read_toml(path)
     _check_keys(document, {"static", "dynamic", "rule", "drift"}, where)
     static = _table(document, "static", where)
     _check_keys(static, {"tier", "block_size"}, f"{where} [static]")

@@ -115,3 +115,12 @@ def test_gate_refuses_other_environments_and_damaged_packs(
     assert cli("gate", baseline, elsewhere, "--allow-env-change").exit_code == 0
     (elsewhere / "report.md").write_text("edited")
     assert_one_line_error(cli("gate", baseline, elsewhere), "report.md: altered", exit_code=2)
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"), [("bogus = 0.1\n", "'bogus' is not a metric"), ("x = [", "TOML")]
+)
+def test_bad_tolerance_file_is_a_one_line_error(tmp_path: Path, baseline: Path, text: str, fragment: str):
+    tolerances = tmp_path / "tol.toml"
+    tolerances.write_text(text)
+    assert_one_line_error(cli("gate", baseline, baseline, "--tolerance", tolerances), fragment, exit_code=2)
