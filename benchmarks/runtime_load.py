@@ -11,7 +11,8 @@ measurement runs in a fresh subprocess, so peak RSS is that method's alone:
   time to its first token): the eager methods build the model on `meta` and assign every tensor
   (`runtime.eager_model`); `blockstore eager` materializes everything first; `blockstore` loads
   lazily; ablations: with a budget of a quarter of the model, with `prefetch=1`, and static int8.
-- every measurement: `peak_rss_mb` (`ru_maxrss`) and `rss_growth_mb` over the RSS just before the
+- every measurement: `peak_rss_mb` (VmHWM, reset at the start: a child inherits its parent's
+  high-water mark; `ru_maxrss` where /proc is absent) and `rss_growth_mb` over the RSS just before the
   timed part (imports excluded); `anon_growth_mb` (anonymous memory alone: RSS also counts mmapped
   file pages the kernel can drop); `read_mb` (bytes read from storage, /proc/self/io: near 0 warm);
   `peak_vram_mb` (`torch.cuda.max_memory_allocated`, only with a GPU).
@@ -33,6 +34,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -61,14 +63,30 @@ def _touch(tensors: dict[str, torch.Tensor]) -> None:
         tensor.reshape(-1).view(torch.uint8)[::4096].sum()
 
 
+def _status_kib(field: str) -> int | None:
+    status = Path("/proc/self/status")
+    if not status.exists():
+        return None
+    line = next((line for line in status.read_text().splitlines() if line.startswith(f"{field}:")), None)
+    return int(line.split()[1]) * 1024 if line else None
+
+
+def _reset_peak_rss() -> None:
+    """Forget the peak RSS so far: a child inherits its parent's high-water mark across fork/exec,
+    which would hide its own (Linux: writing 5 to /proc/self/clear_refs resets VmHWM)."""
+    with suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def _peak_rss() -> int:
+    """VmHWM since the last reset where Linux has it, else ru_maxrss."""
+    return _status_kib("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def _anonymous_rss() -> int:
     """Resident anonymous memory (decoded tensors, heap) without file-backed pages (mmapped files,
     which the kernel can drop): Linux's RssAnon, or 0 where /proc is not there."""
-    status = Path("/proc/self/status")
-    if not status.exists():
-        return 0
-    line = next(line for line in status.read_text().splitlines() if line.startswith("RssAnon:"))
-    return int(line.split()[1]) * 1024
+    return _status_kib("RssAnon") or 0
 
 
 def _bytes_read() -> int:
@@ -146,6 +164,7 @@ def _child(method: str, mode: str, files: dict[str, Path]) -> dict[str, float]:
     getattr(transformers, config["architectures"][0])  # import the model's code before any clock
     # "[CLS] hello world is a test [SEP]" in BERT's vocabulary; folded into smaller vocabularies.
     input_ids = torch.tensor([[101, 7592, 2088, 2003, 1037, 3231, 102]]) % config["vocab_size"]
+    _reset_peak_rss()
     baseline = psutil.Process().memory_info().rss
     anon_baseline, read_baseline = _anonymous_rss(), _bytes_read()
     if torch.cuda.is_available():
@@ -163,7 +182,7 @@ def _child(method: str, mode: str, files: dict[str, Path]) -> dict[str, float]:
             _touch(tensors)
             result["full_s"] = time.perf_counter() - started
             result["decode_mb_s"] = sum(t.nbytes for t in tensors.values()) / 1e6 / result["full_s"]
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _peak_rss()
     result["peak_rss_mb"] = peak / 1e6
     result["rss_growth_mb"] = (peak - baseline) / 1e6
     result["anon_growth_mb"] = (_anonymous_rss() - anon_baseline) / 1e6

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -74,3 +77,22 @@ def test_bench_refuses_a_model_without_config(tmp_path: Path) -> None:
     result = cli("bench", "--model", model, "-o", tmp_path / "pack")
     assert_one_line_error(result, "config.json", exit_code=2)
     assert not (tmp_path / "pack").exists()
+
+
+PEAK_PROBE = """
+import json
+from blockstore.benchmarks.runtime_load import _peak_rss, _reset_peak_rss
+_reset_peak_rss()
+before = _peak_rss()
+block = bytearray(200_000_000)  # zero-filled: every page touched
+del block
+print(json.dumps(_peak_rss() - before))
+"""
+
+
+def test_peak_rss_of_a_child_is_its_own_and_within_tolerance() -> None:
+    ballast = bytearray(300_000_000)  # the parent's high-water mark must not leak into the child's
+    probe = subprocess.run([sys.executable, "-c", PEAK_PROBE], capture_output=True, check=True)
+    grown = json.loads(probe.stdout)
+    del ballast
+    assert 190e6 <= grown <= 230e6, grown
