@@ -22,7 +22,7 @@ from typing import Any
 
 from .dtypes import INTEGER_DTYPES, nbytes_of
 from .errors import InvalidArgument
-from .quantize import DEFAULT_BLOCK_SIZE, lossy_codec
+from .quantize import DEFAULT_BLOCK_SIZE, LOSSY_SOURCE_DTYPES, lossy_codec
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -35,7 +35,7 @@ SIDES = (STATIC, DYNAMIC)
 LOSSLESS = "lossless"
 LOSSY_TIERS = ("int8", "fp8", "int4")
 TIERS = (LOSSLESS, *LOSSY_TIERS)
-LOSSY_DTYPES = frozenset({"F32", "F16", "BF16"})
+LOSSY_DTYPES = frozenset(LOSSY_SOURCE_DTYPES)
 SMALL_TENSOR_BYTES = 64 << 10
 DRIFT_BOUNDS = ("min_cosine", "min_top1", "max_logit_diff", "max_ppl_increase")
 # Default end-to-end bounds by the loosest tier in a snapshot: mean-pooled cosine similarity of
