@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -156,22 +156,30 @@ def _pack_tensor(
     handle: int,
     source: SafetensorsFile,
     tensor: TensorInfo,
-    codec: Codec,
     chunk_size: int,
-    writer: _ChunkWriter,
+    store_chunk: Callable[[bytes], tuple[ChunkKey, bytes]],
     progress: Progress,
 ) -> tuple[list[tuple[ChunkKey, int]], bytes]:
-    """Read, hash and queue one tensor's chunks; returns its (key, raw length) list and digest."""
+    """Read one tensor chunk by chunk and hand each to `store_chunk`, which queues it and returns
+    its key and the bytes it decodes to (the raw bytes when lossless); those are digested."""
     hasher = new_digest()
     chunks = []
     for start, end in chunk_ranges(tensor.dtype, tensor.shape, tensor.nbytes, chunk_size):
         raw = read_range(handle, source.data_start + tensor.begin + start, end - start, source.path)
-        hasher.update(raw)
-        key = chunk_key(raw)
+        key, decoded = store_chunk(raw)
+        hasher.update(decoded)
         chunks.append((key, len(raw)))
-        writer.add(key, codec, raw)
         progress.advance(len(raw))
     return chunks, hasher.digest()
+
+
+def _lossless_store(codec: Codec, writer: _ChunkWriter) -> Callable[[bytes], tuple[ChunkKey, bytes]]:
+    def store(raw: bytes) -> tuple[ChunkKey, bytes]:
+        key = chunk_key(raw)
+        writer.add(key, codec, raw)
+        return key, raw
+
+    return store
 
 
 class _ErrorMeter:
@@ -194,35 +202,24 @@ class _ErrorMeter:
         return TensorError(self.max_abs, math.sqrt(self.error_sq / self.original_sq))
 
 
-def _pack_lossy_tensor(
-    handle: int,
-    source: SafetensorsFile,
-    tensor: TensorInfo,
-    codec: Any,
-    chunk_size: int,
-    writer: _ChunkWriter,
-    progress: Progress,
-) -> tuple[list[tuple[ChunkKey, int]], bytes, TensorError]:
-    """Quantize one tensor chunk by chunk; chunks are keyed and digested by their decoded bytes."""
+def _lossy_store(
+    codec: Any, writer: _ChunkWriter, meter: _ErrorMeter, where: str
+) -> Callable[[bytes], tuple[ChunkKey, bytes]]:
+    """Quantize a chunk; it is keyed by its decoded bytes, and its error goes to `meter`."""
     import torch
 
-    hasher = new_digest()
-    meter = _ErrorMeter()
-    chunks = []
-    for start, end in chunk_ranges(tensor.dtype, tensor.shape, tensor.nbytes, chunk_size):
-        raw = read_range(handle, source.data_start + tensor.begin + start, end - start, source.path)
+    def store(raw: bytes) -> tuple[ChunkKey, bytes]:
         try:
             payload, decoded = codec.quantize(memoryview(raw))
         except InvalidArgument as exc:
-            raise InvalidArgument(f"{source.path}: tensor {tensor.name!r}: {exc}") from None
+            raise InvalidArgument(f"{where}: {exc}") from None
         decoded_bytes = decoded.view(torch.uint8).numpy().tobytes()
         meter.add(torch.frombuffer(bytearray(raw), dtype=decoded.dtype).float(), decoded.float())
-        hasher.update(decoded_bytes)
         key = chunk_key(decoded_bytes)
-        chunks.append((key, len(raw)))
         writer.add_value(key, chunk_value(codec, payload), len(raw))
-        progress.advance(len(raw))
-    return chunks, hasher.digest(), meter.result()
+        return key, decoded_bytes
+
+    return store
 
 
 def plan(model: ModelSource, policy: Policy) -> dict[str, Decision]:
@@ -306,19 +303,18 @@ def _pack_model(
             handle = os.open(source.path, os.O_RDONLY)
             try:
                 for tensor in source.tensors:
-                    args = (handle, source, tensor)
                     lossy = lossy_codecs.get(tensor.name)
+                    meter = _ErrorMeter()
                     if lossy is not None:
-                        chunks, tensor_digest, error = _pack_lossy_tensor(
-                            *args, lossy, options.chunk_size, writer, progress
-                        )
-                        codec_id = lossy.id
+                        where = f"{source.path}: tensor {tensor.name!r}"
+                        codec_id, store = lossy.id, _lossy_store(lossy, writer, meter, where)
                     else:
                         lossless = codec_for(options.codec, tensor.dtype, options.level)
-                        chunks, tensor_digest = _pack_tensor(
-                            *args, lossless, options.chunk_size, writer, progress
-                        )
-                        codec_id, error = lossless.id, None
+                        codec_id, store = lossless.id, _lossless_store(lossless, writer)
+                    chunks, tensor_digest = _pack_tensor(
+                        handle, source, tensor, options.chunk_size, store, progress
+                    )
+                    error = meter.result() if lossy is not None else None
                     packed[tensor.name] = (tensor, codec_id, chunks, tensor_digest, error)
             finally:
                 os.close(handle)
