@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
+
+import torch
 
 
 def bundled_minilm() -> Path:
@@ -23,3 +27,16 @@ def resolve_model(name: str | None) -> Path:
 
         return prepare() / "model.safetensors"
     return Path(name)
+
+
+def dominant_float_dtype(tensors: Mapping[str, torch.Tensor]) -> str:
+    """The most common floating dtype's name ("float32"): ZipNN groups a whole file's bytes by one."""
+    dtypes = [t.dtype for t in tensors.values() if t.is_floating_point()]
+    return str(max(set(dtypes), key=dtypes.count)).removeprefix("torch.")
+
+
+def zipnn_coder(dtype: str) -> Any:
+    """ZipNN over raw bytes of `dtype` (it rewrites the buffer it compresses: pass a copy)."""
+    from zipnn import ZipNN
+
+    return ZipNN(input_format="byte", bytearray_dtype=dtype)

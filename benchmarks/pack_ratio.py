@@ -33,9 +33,7 @@ from blockstore.policy import TIERS, Policy
 from blockstore.repo import Repository
 from blockstore.runtime.drift import check_drift
 
-from .models import bundled_minilm
-
-ZIPNN_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+from .models import bundled_minilm, dominant_float_dtype, zipnn_coder
 
 
 def bf16_cast(source: Path, out_dir: Path) -> Path:
@@ -79,11 +77,10 @@ def measure_blockstore(
     return row
 
 
-def _tensor_bytes(model: Path) -> tuple[bytes, torch.dtype]:
+def _tensor_bytes(model: Path) -> tuple[bytes, str]:
     tensors = load_file(str(model))
-    dtypes = [t.dtype for t in tensors.values() if t.is_floating_point()]
     data = b"".join(t.contiguous().view(torch.uint8).numpy().tobytes() for t in tensors.values())
-    return data, max(set(dtypes), key=dtypes.count)
+    return data, dominant_float_dtype(tensors)
 
 
 def measure_plain_zstd(data: bytes) -> dict[str, float]:
@@ -99,12 +96,11 @@ def measure_plain_zstd(data: bytes) -> dict[str, float]:
     }
 
 
-def measure_zipnn(data: bytes, dtype: torch.dtype) -> dict[str, float] | None:
+def measure_zipnn(data: bytes, dtype: str) -> dict[str, float] | None:
     try:
-        from zipnn import ZipNN
+        coder = zipnn_coder(dtype)
     except ImportError:
         return None
-    coder = ZipNN(input_format="byte", bytearray_dtype=ZIPNN_DTYPES[dtype])
     started = time.perf_counter()
     packed = coder.compress(bytearray(data))
     compress_seconds = time.perf_counter() - started

@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-from .models import bundled_minilm
+from .models import bundled_minilm, dominant_float_dtype, zipnn_coder
 
 
 def drop_page_cache(paths: list[Path]) -> None:
@@ -107,11 +107,9 @@ def _safe_open_all(path: Path) -> dict[str, torch.Tensor]:
 
 def _zipnn_load(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load
-    from zipnn import ZipNN
 
     header = json.loads(path.with_suffix(".json").read_text())
-    coder = ZipNN(input_format="byte", bytearray_dtype=header["dtype"])
-    return load(bytes(coder.decompress(path.read_bytes())))
+    return load(bytes(zipnn_coder(header["dtype"]).decompress(path.read_bytes())))
 
 
 def _blockstore_all(store: Path) -> dict[str, torch.Tensor]:
@@ -205,7 +203,6 @@ def _prepare(model: Path, work: Path) -> tuple[dict[str, Path], int]:
     """Every method's copy of the same weights: two stores (lossless, static int8), a torch file
     and a ZipNN file. Returns the files and the lossless store's size."""
     from safetensors.torch import load_file
-    from zipnn import ZipNN
 
     from blockstore.pack import pack
     from blockstore.policy import Policy
@@ -219,12 +216,10 @@ def _prepare(model: Path, work: Path) -> tuple[dict[str, Path], int]:
     tensors = load_file(model)
     files["pt"] = work / "model.pt"
     torch.save(tensors, files["pt"])
-    dtypes = [t.dtype for t in tensors.values() if t.is_floating_point()]
-    dtype = str(max(set(dtypes), key=dtypes.count)).removeprefix("torch.")
+    dtype = dominant_float_dtype(tensors)
     files["zipnn"] = work / "model.znn"
-    coder = ZipNN(input_format="byte", bytearray_dtype=dtype)
     # ZipNN rewrites the buffer it is given: hand it a copy.
-    files["zipnn"].write_bytes(bytes(coder.compress(bytearray(model.read_bytes()))))
+    files["zipnn"].write_bytes(bytes(zipnn_coder(dtype).compress(bytearray(model.read_bytes()))))
     files["zipnn"].with_suffix(".json").write_text(json.dumps({"dtype": dtype}))
     return files, stored
 
