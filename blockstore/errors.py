@@ -93,7 +93,7 @@ class RefConflict(BlockstoreError):
 
 class WriterActive(BlockstoreError):
     exit_code = 5
-    template = "store {} is being written ({}); gc deleted nothing, run it again later"
+    template = "store {} is in use ({}); gc deleted nothing, run it again later"
 
 
 class BundleRejected(BlockstoreError):

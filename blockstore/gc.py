@@ -1,4 +1,4 @@
-"""`gc`: delete snapshots and chunks that no ref or kept reflog entry reaches.
+"""`gc`: delete snapshots and chunks that no ref, kept reflog entry or live reader reaches.
 
 Nothing is deleted by apply or rollback; space comes back only here. The plan (what is unreachable)
 is made from a read view; the deletion is one write transaction that first re-checks that no
@@ -26,9 +26,10 @@ class GcReport:
 
 
 def reachable_snapshots(repo: Repository, keep: int | None) -> set[SnapshotId]:
-    """Every ref's target, plus the targets of its last `keep` reflog entries (all when None)."""
+    """Every ref's target, the targets of its last `keep` reflog entries (all when None), and the
+    snapshots live readers have pinned (a lazy model reading an old version keeps it)."""
     refs = repo.store.refs()
-    roots = set(refs.values())
+    roots = set(refs.values()) | repo.store.pinned_snapshots()
     for ref in refs:
         entries = repo.store.reflog(ref)
         kept = entries if keep is None else entries[-keep:] if keep > 0 else []

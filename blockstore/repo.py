@@ -8,6 +8,7 @@ compare-and-set).
 
 from __future__ import annotations
 
+import os
 import re
 import string
 from collections import deque
@@ -63,6 +64,13 @@ class Repository:
     def open(cls, path: Path, *, readonly: bool = False) -> Repository:
         return cls(LmdbStore(path, readonly=readonly))
 
+    @classmethod
+    def open_for_reading(cls, path: Path) -> Repository:
+        """Open a store to read it over a long time (lazy runtime, export): writable when the files
+        are, so the reader can pin its snapshot against gc; read-only (and unpinned) otherwise."""
+        writable = os.access(path / "data.mdb", os.W_OK) and os.access(path, os.W_OK)
+        return cls.open(path, readonly=not writable)
+
     @property
     def path(self) -> Path:
         return self.store.path
@@ -98,6 +106,32 @@ class Repository:
             if len(matches) > 1:
                 raise AmbiguousSnapshotId(spec, len(matches), self.path)
         raise RefNotFound(spec, self.path)
+
+    def pin(self, spec: str | None) -> tuple[SnapshotId, bytes | None]:
+        """Resolve `spec` and pin that snapshot so gc keeps it while it is read: (id, lease id to
+        `unpin`). A read-only store cannot record a pin (lease None): gc cannot see such a reader."""
+        while True:
+            snapshot_id = self.resolve(spec)
+            if self.store.readonly:
+                return snapshot_id, None
+            try:
+                return snapshot_id, self.store.acquire_lease(pin=snapshot_id)
+            except SnapshotNotFound:
+                if self.resolve(spec) == snapshot_id:  # really gone, not a ref moved on by a race
+                    raise
+
+    def unpin(self, lease_id: bytes | None) -> None:
+        if lease_id is not None:
+            self.store.release_lease(lease_id)
+
+    @contextmanager
+    def reading(self, spec: str | None) -> Iterator[SnapshotId]:
+        """The snapshot `spec` names, pinned against gc for the span of the block."""
+        snapshot_id, lease_id = self.pin(spec)
+        try:
+            yield snapshot_id
+        finally:
+            self.unpin(lease_id)
 
     def snapshot(self, snapshot_id: SnapshotId) -> Snapshot:
         """Load a snapshot and check that its bytes still hash to its id."""

@@ -7,6 +7,11 @@ with compare-and-set (the ref and its reflog entry in one transaction), so a cra
 unreferenced chunks, never a ref that points at something missing.
 
 `map_size` is set explicitly and doubled between transactions when a write fills it.
+
+Leases (in `meta`) tell `gc` who is using the store: a writer's lease (pack, apply) stops gc
+altogether, since its chunks are not referenced yet; a reader's lease *pins* the one snapshot it
+reads (the lazy runtime), so gc keeps it and its chunks. A lease of a dead process on this host is
+stale: ignored, reported by `doctor`, and removed by the next gc.
 """
 
 from __future__ import annotations
@@ -28,12 +33,14 @@ from .errors import (
     ChunkMissing,
     InvalidArgument,
     RefConflict,
+    SnapshotNotFound,
     StoreCorrupt,
     StoreExists,
     StoreFormatMismatch,
     StoreNotFound,
     WriterActive,
 )
+from .faults import crash_point
 from .hashing import ChunkKey
 
 STORE_FORMAT = "blockstore-lmdb/1"
@@ -79,6 +86,29 @@ class ReflogEntry:
         return cls(int(time_ns), old, bytes(new), str(op), str(message))
 
 
+@dataclass(frozen=True)
+class Lease:
+    """Someone using the store: a writer (no `pin`) or a reader of snapshot `pin`."""
+
+    lease_id: bytes
+    pid: int
+    host: str
+    time_ns: int
+    pin: bytes | None
+
+    @property
+    def stale(self) -> bool:
+        """The process is gone (only decidable for processes on this host)."""
+        return self.host == socket.gethostname() and not _process_alive(self.pid)
+
+    @property
+    def role(self) -> str:
+        return f"reader of {self.pin.hex()[:12]}" if self.pin else "writer"
+
+    def describe(self) -> str:
+        return f"{self.role}, pid {self.pid} on {self.host}"
+
+
 @dataclass
 class _SharedEnv:
     """One process's handle on one store's environment, shared by every LmdbStore on that path."""
@@ -86,11 +116,23 @@ class _SharedEnv:
     env: lmdb.Environment
     dbs: dict[str, object]
     readonly: bool
+    stale_readers_cleared: int
     users: int = 0
 
 
 _SHARED: dict[tuple[int, str], _SharedEnv] = {}
 _SHARED_LOCK = threading.Lock()
+
+
+def _forget_parent_environments() -> None:
+    """In a forked child, drop (never close, never use) the parent's environments: LMDB handles
+    must not cross fork(); each LmdbStore reopens on its next use (see `LmdbStore.env`)."""
+    global _SHARED_LOCK
+    _SHARED.clear()
+    _SHARED_LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_parent_environments)
 
 
 class LmdbStore:
@@ -121,6 +163,16 @@ class LmdbStore:
         env.close()
         return cls(path)
 
+    @property
+    def stale_readers_cleared(self) -> int:
+        """LMDB reader slots of dead processes that opening this environment cleared."""
+        return self._shared().stale_readers_cleared
+
+    def _shared(self) -> _SharedEnv:
+        self.env  # noqa: B018 - reopens after a fork
+        assert self._key is not None, "store is closed"
+        return _SHARED[self._key]
+
     def _open_env(self) -> None:
         """Join this process's environment for the path, opening it first if needed: LMDB forbids
         opening one environment twice in a process, and a program may hold a writer and a lazy
@@ -129,14 +181,14 @@ class LmdbStore:
         with _SHARED_LOCK:
             shared = _SHARED.get(key)
             if shared is None:
-                shared = _SHARED[key] = _SharedEnv(*self._open_lmdb(), readonly=self.readonly)
+                shared = _SHARED[key] = _SharedEnv(*self._open_lmdb())
             elif shared.readonly and not self.readonly:
                 raise InvalidArgument(f"store {self.path} is already open read-only in this process")
             shared.users += 1
         self._env, self._dbs, self._key = shared.env, shared.dbs, key
         self._pid = os.getpid()
 
-    def _open_lmdb(self) -> tuple[lmdb.Environment, dict[str, object]]:
+    def _open_lmdb(self) -> tuple[lmdb.Environment, dict[str, object], bool, int]:
         if not (self.path / "data.mdb").is_file():
             raise StoreNotFound(self.path, self.path)
         size = (self.path / "data.mdb").stat().st_size
@@ -155,7 +207,8 @@ class LmdbStore:
         except lmdb.Error as exc:
             raise StoreCorrupt(self.path, f"LMDB cannot open it ({exc})") from None
         try:
-            env.reader_check()
+            # Reader slots of killed processes pin old pages forever (the file only grows); clear them.
+            stale = env.reader_check()
             dbs = {name.decode(): env.open_db(name, create=False) for name in _DB_NAMES}
             with env.begin(db=dbs["meta"]) as txn:
                 found = txn.get(b"format")
@@ -168,7 +221,7 @@ class LmdbStore:
         except BaseException:
             env.close()
             raise
-        return env, dbs
+        return env, dbs, self.readonly, stale
 
     def meta_int(self, name: str) -> int | None:
         """A creation parameter recorded at `create`, or None for stores made without it."""
@@ -215,14 +268,19 @@ class LmdbStore:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _write(self, body: Callable[[lmdb.Transaction], _T]) -> _T:
-        """Run `body` in one write transaction, doubling map_size and retrying when it fills."""
+    def _write(self, step: str, body: Callable[[lmdb.Transaction], _T]) -> _T:
+        """Run `body` in one write transaction, doubling map_size and retrying when it fills.
+        `step` names the transaction's crash points (see `blockstore.faults`)."""
         while True:
             try:
                 with self._begin(write=True) as txn:
-                    return body(txn)
+                    result = body(txn)
+                    crash_point(f"{step}.before-commit")
             except lmdb.MapFullError:
                 self.env.set_mapsize(self.env.info()["map_size"] * 2)
+                continue
+            crash_point(f"{step}.committed")
+            return result
 
     # chunks ---------------------------------------------------------------------------------------
 
@@ -256,11 +314,11 @@ class LmdbStore:
                     written += len(value)
             return written
 
-        return self._write(body)
+        return self._write("chunks", body)
 
     def delete_batch(self, keys: Iterable[ChunkKey]) -> int:
         doomed = list(keys)
-        return self._write(lambda txn: sum(txn.delete(key, db=self._dbs["chunks"]) for key in doomed))
+        return self._write("gc", lambda txn: sum(txn.delete(key, db=self._dbs["chunks"]) for key in doomed))
 
     def iter_keys(self) -> Iterator[ChunkKey]:
         with self._begin("chunks") as txn:
@@ -274,7 +332,9 @@ class LmdbStore:
             return txn.get(snapshot_id)
 
     def put_snapshot(self, snapshot_id: bytes, data: bytes) -> None:
-        self._write(lambda txn: txn.put(snapshot_id, data, db=self._dbs["snapshots"], overwrite=False))
+        self._write(
+            "snapshot", lambda txn: txn.put(snapshot_id, data, db=self._dbs["snapshots"], overwrite=False)
+        )
 
     def snapshot_ids(self) -> list[bytes]:
         with self._begin("snapshots") as txn:
@@ -313,7 +373,7 @@ class LmdbStore:
             entry = ReflogEntry(time.time_ns(), expected, new, op, message)
             txn.put(prefix + struct.pack(">Q", seq), entry.to_bytes(), db=self._dbs["reflog"])
 
-        self._write(body)
+        self._write("ref", body)
 
     def reflog(self, name: str) -> list[ReflogEntry]:
         prefix = name.encode() + b"\0"
@@ -327,30 +387,45 @@ class LmdbStore:
                     entries.append(ReflogEntry.from_bytes(value))
         return entries
 
-    # writer leases and garbage collection ---------------------------------------------------------
+    # leases and garbage collection ----------------------------------------------------------------
 
-    def acquire_lease(self) -> bytes:
-        """Announce an in-flight writer (pack, apply) so `gc` leaves its not-yet-referenced data alone."""
+    def acquire_lease(self, pin: bytes | None = None) -> bytes:
+        """Announce a writer (pack, apply: gc must leave its not-yet-referenced data alone) or, with
+        `pin`, a reader of that snapshot (gc must keep it). A pin is taken only on a snapshot that
+        is still there, checked in the same transaction; raises SnapshotNotFound otherwise."""
         lease_id = os.urandom(8)
-        record = msgpack.packb([os.getpid(), socket.gethostname(), time.time_ns()])
-        self._write(lambda txn: txn.put(_LEASE_PREFIX + lease_id, record, db=self._dbs["meta"]))
+        record = msgpack.packb([os.getpid(), socket.gethostname(), time.time_ns(), pin])
+
+        def body(txn: lmdb.Transaction) -> None:
+            if pin is not None and txn.get(pin, db=self._dbs["snapshots"]) is None:
+                raise SnapshotNotFound(pin.hex(), self.path)
+            txn.put(_LEASE_PREFIX + lease_id, record, db=self._dbs["meta"])
+
+        self._write("lease", body)
         return lease_id
 
     def release_lease(self, lease_id: bytes) -> None:
-        self._write(lambda txn: txn.delete(_LEASE_PREFIX + lease_id, db=self._dbs["meta"]))
+        self._write("unlease", lambda txn: txn.delete(_LEASE_PREFIX + lease_id, db=self._dbs["meta"]))
 
-    def _live_leases(self, txn: lmdb.Transaction) -> list[str]:
-        """Leases of writers still running; a lease of a dead process on this host is stale."""
-        live = []
+    def _leases_in(self, txn: lmdb.Transaction) -> list[Lease]:
+        leases = []
         cursor = txn.cursor(db=self._dbs["meta"])
         if cursor.set_range(_LEASE_PREFIX):
             for key, value in cursor:
                 if not key.startswith(_LEASE_PREFIX):
                     break
-                pid, host, _ = msgpack.unpackb(value, raw=False)
-                if host != socket.gethostname() or _process_alive(pid):
-                    live.append(f"pid {pid} on {host}")
-        return live
+                pid, host, time_ns, *pin = msgpack.unpackb(value, raw=False)
+                leases.append(Lease(key[len(_LEASE_PREFIX) :], pid, host, time_ns, pin[0] if pin else None))
+        return leases
+
+    def leases(self) -> list[Lease]:
+        """Every lease recorded, live or stale."""
+        with self._begin() as txn:
+            return self._leases_in(txn)
+
+    def pinned_snapshots(self) -> set[bytes]:
+        """Snapshots that live readers have pinned: roots for gc, like refs."""
+        return {lease.pin for lease in self.leases() if lease.pin and not lease.stale}
 
     def _fingerprint_in(self, txn: lmdb.Transaction) -> tuple[dict[str, bytes], int]:
         return self._refs_in(txn), txn.stat(self._dbs["reflog"])["entries"]
@@ -363,21 +438,42 @@ class LmdbStore:
     def collect(
         self, snapshot_ids: list[bytes], chunk_keys: list[ChunkKey], fingerprint: tuple[dict[str, bytes], int]
     ) -> None:
-        """Delete unreachable snapshots and chunks in one transaction, unless a writer is active or
-        the refs moved since the plan was made (both raise WriterActive and delete nothing)."""
+        """Delete unreachable snapshots and chunks in one transaction, unless a writer is active,
+        the refs moved since the plan was made, or a reader pinned a doomed snapshot meanwhile (all
+        raise WriterActive and delete nothing). Stale leases are removed in the same transaction."""
+        doomed = set(snapshot_ids)
 
         def body(txn: lmdb.Transaction) -> None:
-            live = self._live_leases(txn)
-            if live:
-                raise WriterActive(self.path, ", ".join(live))
+            leases = self._leases_in(txn)
+            live = [lease for lease in leases if not lease.stale]
+            blocking = [lease for lease in live if lease.pin is None or lease.pin in doomed]
+            if blocking:
+                raise WriterActive(self.path, "; ".join(lease.describe() for lease in blocking))
             if self._fingerprint_in(txn) != fingerprint:
                 raise WriterActive(self.path, "refs moved while gc was planning")
+            for lease in leases:
+                if lease.stale:
+                    txn.delete(_LEASE_PREFIX + lease.lease_id, db=self._dbs["meta"])
             for snapshot_id in snapshot_ids:
                 txn.delete(snapshot_id, db=self._dbs["snapshots"])
             for key in chunk_keys:
                 txn.delete(key, db=self._dbs["chunks"])
 
-        self._write(body)
+        self._write("gc", body)
+
+    def usage(self) -> dict[str, int]:
+        """How full the map is and how many LMDB reader slots are taken (for `doctor`)."""
+        env = self.env
+        info, page_size = env.info(), env.stat()["psize"]
+        # One line per reader slot held by a live process, after a header line (or a "no" line).
+        slots = [line for line in env.readers().splitlines()[1:] if line.strip()]
+        return {
+            "map_size": info["map_size"],
+            "map_used": (info["last_pgno"] + 1) * page_size,
+            "file_bytes": (self.path / "data.mdb").stat().st_size,
+            "reader_slots": len(slots),
+            "max_readers": info["max_readers"],
+        }
 
     def stat(self) -> dict[str, int]:
         """Entry counts per sub-database and the size of the data file."""

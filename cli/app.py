@@ -22,6 +22,7 @@ from rich.table import Table
 
 from blockstore import patches
 from blockstore.chunks import DEFAULT_CHUNK_SIZE
+from blockstore.doctor import doctor as diagnose
 from blockstore.errors import (
     BlockstoreError,
     DriftExceeded,
@@ -205,8 +206,12 @@ def export(
 ):
     """Rebuild the packed safetensors file(s), byte for byte."""
     path, ref = split_spec(spec)
-    with Repository.open(path, readonly=True) as repo, progress_bar(not as_json) as bar:
-        result = export_snapshot(repo, repo.resolve(ref), out, progress=bar)
+    with (
+        Repository.open_for_reading(path) as repo,
+        repo.reading(ref) as snapshot_id,  # pinned: a concurrent gc cannot pull chunks from under it
+        progress_bar(not as_json) as bar,
+    ):
+        result = export_snapshot(repo, snapshot_id, out, progress=bar)
     if as_json:
         _print_json(
             {
@@ -337,16 +342,21 @@ def stats(store: Annotated[Path, typer.Argument()], as_json: JsonOption = False)
 @_user_errors
 def verify(
     spec: Annotated[str, typer.Argument(metavar="STORE[@REF|@ID]", help="A whole store, or one snapshot.")],
+    deep: Annotated[
+        bool, typer.Option("--deep", help="Also decode every chunk and re-hash every tensor.")
+    ] = False,
     as_json: JsonOption = False,
 ):
-    """Re-hash every chunk and tensor; exit 0 when clean, 4 with one line per damaged tensor."""
+    """Check refs, snapshots and chunk presence (--deep: re-decode and re-hash everything);
+    exit 0 when clean, 4 with one line per damaged tensor."""
     path, ref = split_spec(spec)
-    with Repository.open(path, readonly=True) as repo, progress_bar(not as_json) as bar:
-        report = verify_store(repo, ref, progress=bar)
+    with Repository.open(path, readonly=True) as repo, progress_bar(not as_json and deep) as bar:
+        report = verify_store(repo, ref, deep=deep, progress=bar)
     if as_json:
         _print_json(
             {
                 "clean": report.clean,
+                "deep": report.deep,
                 "snapshots": report.snapshots,
                 "tensors": report.tensors,
                 "chunks": report.chunks,
@@ -361,9 +371,10 @@ def verify(
         for key in report.orphans:
             typer.echo(f"orphan: chunk {key} is referenced by no snapshot (harmless; gc removes it)")
         verdict = "clean" if report.clean else f"{len(report.damages)} damaged"
+        checked = f"{_mib(report.bytes_checked)} decoded and hashed" if deep else "present (not decoded)"
         typer.echo(
-            f"{verdict}: {report.snapshots} snapshots, {report.tensors} tensors, {report.chunks} chunks, "
-            f"{_mib(report.bytes_checked)} checked, {len(report.orphans)} orphan chunks"
+            f"{verdict}: {report.snapshots} snapshots, {report.tensors} tensors, {report.chunks} chunks "
+            f"{checked}, {len(report.orphans)} orphan chunks"
         )
     if not report.clean:
         raise typer.Exit(4)
@@ -443,6 +454,9 @@ def apply_bundle(
                 "bytes_added": result.bytes_added,
             }
         )
+        return
+    if result.old == result.new:
+        typer.echo(f"{result.ref}: already at {result.new.hex()[:12]}; nothing to do")
         return
     typer.echo(
         f"{result.ref}: {(_id(result.old) or '(nothing)')[:12]} -> {result.new.hex()[:12]} "
@@ -526,7 +540,7 @@ def collect_garbage(
     dry_run: Annotated[bool, typer.Option(help="Report what would be deleted; delete nothing.")] = False,
     as_json: JsonOption = False,
 ):
-    """Delete snapshots and chunks no ref (or kept reflog entry) reaches."""
+    """Delete snapshots and chunks no ref, kept reflog entry or live reader reaches."""
     with Repository.open(store) as repo:
         report = gc(repo, keep=keep, dry_run=dry_run)
     if as_json:
@@ -544,6 +558,36 @@ def collect_garbage(
     typer.echo(
         f"{verb} {len(report.deleted_snapshots)} snapshots and {report.deleted_chunks} chunks "
         f"({_mib(report.freed_bytes)}); {report.kept_snapshots} snapshots kept"
+    )
+
+
+@app.command()
+@_user_errors
+def doctor(store: Annotated[Path, typer.Argument()], as_json: JsonOption = False):
+    """Stale LMDB readers (cleared), leases, what gc would free, and map usage."""
+    with Repository.open(store) as repo:
+        report = diagnose(repo)
+    if as_json:
+        _print_json(asdict(report))
+        return
+    used = report.map_used / report.map_size if report.map_size else 0.0
+    typer.echo(
+        f"map: {_mib(report.map_used)} used of {_mib(report.map_size)} mapped ({used:.0%}); "
+        f"data file {_mib(report.file_bytes)}"
+    )
+    typer.echo(
+        f"readers: {report.reader_slots} of {report.max_readers} slots in use; "
+        f"{report.stale_readers_cleared} stale slots of dead processes cleared"
+    )
+    for lease in report.leases:
+        state = "stale: process gone, the next gc removes it" if lease.stale else "live"
+        typer.echo(f"lease: {lease.role}, pid {lease.pid} on {lease.host}, {lease.age_s:.0f} s old ({state})")
+    if not report.leases:
+        typer.echo("leases: none")
+    free = report.reclaimable
+    typer.echo(
+        f"gc would free {len(free.deleted_snapshots)} snapshots and {free.deleted_chunks} chunks "
+        f"({_mib(free.freed_bytes)})"
     )
 
 

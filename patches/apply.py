@@ -100,6 +100,8 @@ def apply(
     check_ref_name(ref)
     bundle = read_bundle(bundle_path, key)
     current = repo.store.get_ref(ref)
+    if current == bundle.target:  # applied already (e.g. re-run after a crash): nothing to do
+        return ApplyResult(ref, current, bundle.target, 0, 0)
     _check_base(repo, bundle, ref, current, force_base)
     try:
         target = Snapshot.from_bytes(bundle.snapshot)

@@ -38,6 +38,8 @@ def rollback(
             )
         target = stack[-1 - steps]
     snapshot = repo.snapshot(target)  # refuse a target gc already collected
+    if target == current:  # there already (e.g. `--to X` re-run after a crash): no reflog entry
+        return RollbackResult(ref, current, target)
     repo.store.move_ref(
         ref, target, current, ROLLBACK, f"rollback to {target.hex()[:12]} {snapshot.message}".strip()
     )

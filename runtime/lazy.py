@@ -17,7 +17,6 @@ import math
 import os
 import time
 from collections.abc import Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from itertools import accumulate
 from pathlib import Path
@@ -34,6 +33,7 @@ from blockstore.repo import DEFAULT_REF, Repository
 
 from .cache import RuntimeStats, TensorCache, parse_size
 from .prefetch import LayerPrefetcher
+from .threads import ProcessLocalPool
 
 _OPTIONAL_DTYPES = {
     "F8_E4M3": "float8_e4m3fn",
@@ -158,7 +158,8 @@ class LazyStateDict(Mapping[str, LazyTensor]):
     """A read-only Mapping name → LazyTensor over one snapshot of a store.
 
     The snapshot is fixed at open time: a writer that packs or applies a new version meanwhile does
-    not change what this object reads (chunks stay until `gc`, which only removes unreferenced ones).
+    not change what this object reads, and the snapshot is pinned (`lease`) so `gc` keeps its chunks
+    until `close()`. After a fork the child gets its own store handle and decode threads.
     """
 
     def __init__(
@@ -171,6 +172,7 @@ class LazyStateDict(Mapping[str, LazyTensor]):
         budget: int | str | None = None,
         prefetch: int = 0,
         workers: int | None = None,
+        lease: bytes | None = None,
     ) -> None:
         if prefetch < 0:
             raise InvalidArgument(f"prefetch {prefetch} is negative")
@@ -180,7 +182,9 @@ class LazyStateDict(Mapping[str, LazyTensor]):
         self.device = resolve_device(device)
         self._stats = RuntimeStats()
         self._cache = TensorCache(parse_size(budget), self._stats)
-        self._pool = ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1), "blockstore-decode")
+        self._pool = ProcessLocalPool(workers or min(8, os.cpu_count() or 1), "blockstore-decode")
+        self._owner_pid = os.getpid()
+        self._lease = lease
         self._tensors = {name: LazyTensor(self, entry) for name, entry in snapshot.tensors.items()}
         self._prefetcher = LayerPrefetcher(self, prefetch) if prefetch else None
 
@@ -216,10 +220,14 @@ class LazyStateDict(Mapping[str, LazyTensor]):
             self._prefetcher.wait()
 
     def close(self) -> None:
-        """Stop the worker threads and close the store; tensors already returned stay valid."""
+        """Stop the worker threads, unpin the snapshot and close the store; tensors already
+        returned stay valid. In a forked child the pin stays: it is the parent's."""
         if self._prefetcher:
             self._prefetcher.close()
-        self._pool.shutdown(wait=True)
+        self._pool.shutdown()
+        if os.getpid() == self._owner_pid:
+            self.repo.unpin(self._lease)
+        self._lease = None
         self.repo.close()
 
     def __enter__(self) -> LazyStateDict:
@@ -299,7 +307,7 @@ class LazyStateDict(Mapping[str, LazyTensor]):
 
         try:
             if len(indices) > 1:
-                stored = sum(self._pool.map(decode_one, range(len(indices))))
+                stored = sum(self._pool.executor.map(decode_one, range(len(indices))))
             else:
                 stored = sum(decode_one(position) for position in range(len(indices)))
         except BlockstoreError as exc:
@@ -327,13 +335,22 @@ def open(
     kept materialized; `prefetch=N` decodes the next N layers' static tensors in the background when
     a layer is touched; `device` places materialized tensors (cpu or cuda).
     """
-    repo = Repository.open(Path(store), readonly=True)
+    repo = Repository.open_for_reading(Path(store))
+    lease = None
     try:
-        snapshot_id = repo.resolve(ref)
+        snapshot_id, lease = repo.pin(ref)
         snapshot = repo.snapshot(snapshot_id)
         return LazyStateDict(
-            repo, snapshot_id, snapshot, device=device, budget=budget, prefetch=prefetch, workers=workers
+            repo,
+            snapshot_id,
+            snapshot,
+            device=device,
+            budget=budget,
+            prefetch=prefetch,
+            workers=workers,
+            lease=lease,
         )
     except BaseException:
+        repo.unpin(lease)
         repo.close()
         raise

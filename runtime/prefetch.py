@@ -11,11 +11,13 @@ from __future__ import annotations
 import re
 import threading
 from collections import defaultdict
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, wait
 from contextlib import suppress
 from typing import TYPE_CHECKING
 
 from blockstore.policy import STATIC
+
+from .threads import ProcessLocalPool
 
 if TYPE_CHECKING:
     from .lazy import LazyStateDict
@@ -43,7 +45,7 @@ class LayerPrefetcher:
                 self._layers[layer].append(name)
         self._queued: set[Layer] = set()
         self._lock = threading.Lock()
-        self._worker = ThreadPoolExecutor(1, "blockstore-prefetch")
+        self._worker = ProcessLocalPool(1, "blockstore-prefetch")
         self._pending: list[Future[None]] = []
 
     def touched(self, name: str) -> None:
@@ -62,7 +64,7 @@ class LayerPrefetcher:
                 if target in self._queued:
                     continue
                 self._queued.add(target)
-            self._pending.append(self._worker.submit(self._load, target))
+            self._pending.append(self._worker.executor.submit(self._load, target))
 
     def _load(self, layer: Layer) -> None:
         try:
@@ -81,4 +83,4 @@ class LayerPrefetcher:
         wait(pending)
 
     def close(self) -> None:
-        self._worker.shutdown(wait=True, cancel_futures=True)
+        self._worker.shutdown(cancel_futures=True)

@@ -26,7 +26,7 @@ if [ "$original" != "$exported" ]; then
 fi
 echo "byte-identical: sha256 $original"
 echo "== verify"
-blockstore verify "$store"
+blockstore verify --deep "$store"
 echo "== store"
 blockstore stats "$store"
 echo "== load lazily and run"

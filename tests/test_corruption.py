@@ -56,7 +56,7 @@ def test_flipped_byte_is_named_by_verify(damaged, tmp_path: Path) -> None:
         txn.put(key, bytes(value), db=db)
 
     edit_chunks(store, flip)
-    result = cli("verify", store)
+    result = cli("verify", "--deep", store)
     assert result.exit_code == 4
     damage_lines = [line for line in result.stdout.splitlines() if line.startswith("corrupt:")]
     assert len(damage_lines) == 1

@@ -29,7 +29,7 @@ def test_real_model_round_trip_and_dedup(tmp_path: Path, store_path: Path, minil
     out = tmp_path / "exported.safetensors"
     assert cli("export", f"{store_path}@main", out).exit_code == 0
     assert sha256(out) == sha256(minilm_path)
-    assert cli("verify", store_path).exit_code == 0
+    assert cli("verify", "--deep", store_path).exit_code == 0
 
 
 def test_fine_tune_stores_only_changed_chunks(tmp_path: Path, repo: Repository, minilm_path: Path) -> None:
@@ -54,4 +54,4 @@ def test_fine_tune_stores_only_changed_chunks(tmp_path: Path, repo: Repository, 
     export(repo, base.snapshot_id, tmp_path / "base.out")
     assert sha256(tmp_path / "base.out") == sha256(minilm_path)
     assert np.array_equal(load_file(str(tmp_path / "tuned.out"))[name], weights[name])
-    assert verify(repo).clean
+    assert verify(repo, deep=True).clean

@@ -75,7 +75,7 @@ def test_real_model_update_scenario(tmp_path: Path, minilm_path: Path) -> None:
     assert cli("rollback", consumer, "--to", applied.json()["new"]).exit_code == 0
     collected = cli("gc", consumer, "--keep", "0", "--json").json()
     assert len(collected["deleted_snapshots"]) == 1 and collected["deleted_chunks"] > 0
-    assert cli("verify", consumer).exit_code == 0
+    assert cli("verify", "--deep", consumer).exit_code == 0
     cli("export", consumer, tmp_path / "v2.again")
     assert sha256(tmp_path / "v2.again") == sha256(v2_path)
 
@@ -121,7 +121,7 @@ def update(tmp_path: Path):
 
 def state(store: Path) -> tuple:
     with Repository.open(store, readonly=True) as repo:
-        return repo.store.refs(), sorted(repo.store.snapshot_ids()), verify(repo).clean
+        return repo.store.refs(), sorted(repo.store.snapshot_ids()), verify(repo, deep=True).clean
 
 
 def refused(store: Path, bundle: Path, *fragments: str, extra: tuple = ()) -> None:
@@ -208,7 +208,9 @@ def test_colliding_chunk_with_other_bytes_is_refused(
     # xxh3 collisions cannot be found on demand: make every chunk hash to the held key instead.
     before = state(store)
     monkeypatch.setattr(chunks_module, "chunk_key", lambda raw: held.key)
-    assert_one_line_error(cli("apply", store, forged), "collides with a stored chunk of other bytes")
+    # (to another ref: applying a bundle whose target a ref already holds does nothing at all)
+    result = cli("apply", store, forged, "--ref", "other", "--force-base")
+    assert_one_line_error(result, "collides with a stored chunk of other bytes")
     monkeypatch.undo()
     assert state(store) == before and before[2]
 
@@ -225,9 +227,11 @@ def test_target_chunk_neither_shipped_nor_present(update, tmp_path: Path) -> Non
 def test_python_api_errors(update) -> None:
     store, bundle, _ = update
     with Repository.open(store) as repo:
-        patches.apply(repo, bundle)
+        first = patches.apply(repo, bundle)
+        again = patches.apply(repo, bundle)  # a re-run (say, after a crash) finds it done
+        assert again.old == again.new == first.new and again.chunks_added == 0
         with pytest.raises(WrongBase):
-            patches.apply(repo, bundle)
+            patches.apply(repo, bundle, ref="other")
         with pytest.raises(BundleRejected):
             patches.apply(repo, bundle, key=b"k" * 32)
 
@@ -285,7 +289,7 @@ def test_gc_deletes_nothing_while_a_writer_holds_a_lease(update) -> None:
         assert gc(repo, keep=0, dry_run=True).deleted_chunks == 4
         repo.store.release_lease(lease)
         assert gc(repo, keep=0).deleted_chunks == 4
-        assert verify(repo).clean
+        assert verify(repo, deep=True).clean
 
 
 def test_gc_ignores_a_stale_lease_of_a_dead_process(update) -> None:

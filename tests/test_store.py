@@ -64,7 +64,7 @@ def test_interrupted_pack_leaves_last_good_version(tmp_path: Path, monkeypatch: 
                 with pytest.raises(OSError, match="simulated crash"):
                     pack(repo, [v2])
             assert repo.resolve("main") == good.snapshot_id
-            report = verify(repo)
+            report = verify(repo, deep=True)
             assert report.clean
             if step == "put_snapshot":  # v2's chunks were written; no snapshot points at them
                 assert report.orphans
