@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,8 @@ WRITER_NAMES = {
     "F4": "float4_e2m1fn_x2",
 }
 ALL_DTYPES = sorted(DTYPE_BITS)
+FUZZ_EXAMPLES = int(os.environ.get("BLOCKSTORE_FUZZ_EXAMPLES", "100"))
+"""Hypothesis examples per fuzz target: CI-sized by default; the campaign sets thousands."""
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,58 @@
+"""A ChunkStore wrapper that damages what chosen chunks read back as (borg's and zarr's habit of
+testing the layers above storage with a store that lies)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from blockstore.errors import ChunkMissing
+from blockstore.hashing import ChunkKey
+from blockstore.store import LmdbStore
+
+FLIP = "flip"
+MISSING = "missing"
+SHORT = "short"
+FAULT_KINDS = (FLIP, MISSING, SHORT)
+
+
+@dataclass(frozen=True)
+class Fault:
+    """`flip`: bit `at` (mod the value's bits) inverted; `missing`: the key is gone;
+    `short`: only the first `at` (mod the length) bytes come back."""
+
+    kind: str
+    at: int = 0
+
+    def apply(self, key: ChunkKey, value: bytes) -> bytes:
+        if self.kind == MISSING:
+            raise ChunkMissing(key.hex())
+        if self.kind == SHORT:
+            return value[: self.at % max(1, len(value))]
+        damaged = bytearray(value)
+        bit = self.at % (8 * len(damaged))
+        damaged[bit // 8] ^= 1 << (bit % 8)
+        return bytes(damaged)
+
+
+@dataclass
+class FaultyStore:
+    """Every read of a key in `faults` comes back damaged; everything else is the real store's."""
+
+    inner: LmdbStore
+    faults: dict[ChunkKey, Fault] = field(default_factory=dict)
+
+    def get(self, key: ChunkKey) -> bytes:
+        value = self.inner.get(key)
+        fault = self.faults.get(key)
+        return fault.apply(key, value) if fault else value
+
+    def stored_sizes(self, keys: Iterable[ChunkKey]) -> dict[ChunkKey, int]:
+        sizes = self.inner.stored_sizes(keys)
+        return {key: size for key, size in sizes.items() if self.faults.get(key, Fault("")).kind != MISSING}
+
+    def contains(self, keys: Iterable[ChunkKey]) -> set[ChunkKey]:
+        return set(self.stored_sizes(keys))
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
