@@ -14,6 +14,7 @@ import xxhash
 
 ChunkKey = bytes
 """16 bytes: xxh3-128 of a chunk's raw (decoded) bytes."""
+KEY_SIZE = 16
 
 DIGEST_SIZE = 32
 

@@ -8,6 +8,8 @@ so equal content gives an equal id and a stored snapshot can be checked against 
 
 from __future__ import annotations
 
+import math
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +17,9 @@ from typing import Any
 
 import msgpack
 
-from .hashing import DIGEST_SIZE, ChunkKey, digest
+from .chunks import MAX_CHUNK_SIZE
+from .dtypes import DTYPE_BITS, nbytes_of
+from .hashing import DIGEST_SIZE, KEY_SIZE, ChunkKey, digest
 
 MANIFEST_VERSION = 2
 """2 added each tensor's measured error (lossy tiers); version 1 snapshots still read, error None."""
@@ -27,6 +31,15 @@ SnapshotId = bytes
 
 class ManifestError(ValueError):
     """Snapshot bytes that do not describe a well-formed snapshot (the caller names the store)."""
+
+
+def control_character(name: str) -> str | None:
+    """The first control character in a tensor name, as U+XXXX, or None. Names are printed by
+    `show`, `verify` and errors; a name carrying terminal escapes could rewrite what users see."""
+    for char in name:
+        if unicodedata.category(char) == "Cc":
+            return f"U+{ord(char):04X}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -181,11 +194,23 @@ def _entry_from_fields(fields: list[Any]) -> TensorEntry:
     error = TensorError(float(rest[0][0]), float(rest[0][1])) if rest and rest[0] is not None else None
     if not isinstance(tensor_digest, bytes) or len(tensor_digest) != DIGEST_SIZE:
         raise ManifestError(f"tensor {name!r} has a malformed digest")
+    if not isinstance(name, str) or control_character(name):
+        raise ManifestError(f"tensor name {name!r} is not a string without control characters")
+    if dtype not in DTYPE_BITS:
+        raise ManifestError(f"tensor {name!r} has unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(is_count(d) for d in shape):
+        raise ManifestError(f"tensor {name!r} has an invalid shape")
     refs = tuple(ChunkRef(bytes(key), int(raw_len), int(stored_len)) for key, raw_len, stored_len in chunks)
+    # Bounds before anything allocates by these numbers: a reader sizes its buffers from them.
+    for ref in refs:
+        if len(ref.key) != KEY_SIZE or not 0 < ref.raw_len <= MAX_CHUNK_SIZE or ref.stored_len < 0:
+            raise ManifestError(f"tensor {name!r} has a malformed chunk reference")
+    if sum(ref.raw_len for ref in refs) != nbytes_of(dtype, math.prod(shape)):
+        raise ManifestError(f"tensor {name!r}: its chunks do not add up to {dtype}{shape}")
     return TensorEntry(
-        str(name),
-        str(dtype),
-        tuple(int(d) for d in shape),
+        name,
+        dtype,
+        tuple(shape),
         str(side),
         str(tier),
         str(codec),
@@ -198,6 +223,11 @@ def _entry_from_fields(fields: list[Any]) -> TensorEntry:
 def _is_plain_file_name(name: str) -> bool:
     """Names a snapshot may write on export: no directories, no hidden or special names."""
     return bool(name) and Path(name).name == name and not name.startswith(".") and "\\" not in name
+
+
+def is_count(value: object) -> bool:
+    """A non-negative int that is not a bool (JSON and msgpack both decode true as a number's kin)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _optional_id(value: object) -> SnapshotId | None:

@@ -21,6 +21,7 @@ from typing import Any
 
 from .dtypes import DTYPE_BITS, nbytes_of
 from .errors import InvalidArgument, InvalidSafetensors, UnsupportedInput
+from .manifests import control_character, is_count
 
 MAX_HEADER_BYTES = 100_000_000
 INDEX_NAME = "model.safetensors.index.json"
@@ -81,22 +82,20 @@ def _refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return result
 
 
-def _is_count(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
 def _parse_tensor(path: Path, name: str, info: object) -> TensorInfo:
     def bad(reason: str) -> InvalidSafetensors:
         return InvalidSafetensors(path, f"tensor {name!r} {reason}")
 
+    if control_character(name):
+        raise bad(f"has a control character ({control_character(name)}) in its name")
     if not isinstance(info, dict) or set(info) != _TENSOR_KEYS:
         raise bad("must have exactly the keys dtype, shape, data_offsets")
     dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
     if dtype not in DTYPE_BITS:
         raise bad(f"has unknown dtype {dtype!r}")
-    if not isinstance(shape, list) or not all(map(_is_count, shape)):
+    if not isinstance(shape, list) or not all(map(is_count, shape)):
         raise bad(f"has an invalid shape {shape!r}")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_count, offsets))):
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(is_count, offsets))):
         raise bad(f"has invalid data_offsets {offsets!r}")
     begin, end = offsets
     if begin > end:

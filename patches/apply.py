@@ -1,25 +1,28 @@
-"""`apply`: check a bundle completely, add its chunks, and only then move the ref.
+"""`apply`: check a bundle completely, and only then add its chunks and move the ref.
 
 Order: footer and MAC → format → base matches the ref → target snapshot parses and hashes to its
-id → every shipped chunk decodes to its key, and one whose key the store already has must carry
-the same bytes (xxh3 is not collision resistant) → every chunk the target needs is shipped or
-present → chunks inserted → every target tensor re-read and checked against its digest → snapshot
-written → ref moved with compare-and-set. A failure at any step leaves the ref, and so everything
-readable, exactly as it was; at worst unreferenced chunks remain for `gc`.
+id → every chunk the target needs is shipped or present → every target tensor is decoded (shipped
+chunks from the bundle, the rest from the store), each chunk checked against its key and each
+tensor against its digest; a shipped chunk whose key the store already has must carry the same bytes
+(xxh3 is not collision resistant) → only now: chunks inserted → snapshot written → ref moved with
+compare-and-set. A refused bundle writes nothing at all; a crash during the writes leaves the ref,
+and so everything readable, as it was, with at worst unreferenced chunks for `gc`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from blockstore.chunks import decode_chunk
 from blockstore.errors import BlockstoreError, BundleRejected, WrongBase
-from blockstore.hashing import digest
-from blockstore.manifests import ManifestError, Snapshot, SnapshotId
+from blockstore.hashing import ChunkKey, digest, new_digest
+from blockstore.manifests import ChunkRef, ManifestError, Snapshot, SnapshotId
 from blockstore.repo import DEFAULT_REF, Repository, check_ref_name
 
-from .bundle import Bundle, read_bundle
+from .bundle import Bundle, BundleChunk, read_bundle
 
 _BATCH_BYTES = 64 << 20
 
@@ -52,40 +55,71 @@ def _check_base(
     )
 
 
-def _checked_chunks(repo: Repository, bundle: Bundle) -> list[tuple[bytes, bytes]]:
-    """(key, stored value) of every shipped chunk the store lacks, each proven to decode to its key."""
-    new = []
-    existing = repo.store.contains(chunk.key for chunk in bundle.chunks)
-    for chunk, value in bundle.chunk_values():
-        try:
-            raw = decode_chunk(chunk.key, value, chunk.raw_len)
-            if chunk.key in existing:
-                held = decode_chunk(chunk.key, repo.store.get(chunk.key), chunk.raw_len)
-                if digest(held) != digest(raw):
-                    raise BundleRejected(
-                        bundle.path, f"chunk {chunk.key.hex()} collides with a stored chunk of other bytes"
-                    )
-            else:
-                new.append((chunk.key, value))
-        except BundleRejected:
-            raise
-        except BlockstoreError as exc:
-            raise BundleRejected(bundle.path, exc) from None
-    return new
+def _verified_shipment(repo: Repository, bundle: Bundle, target: Snapshot) -> list[BundleChunk]:
+    """Decode and check every tensor of the target before anything is written; returns the shipped
+    chunks the store lacks. Raises BundleRejected naming the first problem."""
+    shipped = {chunk.key: chunk for chunk in bundle.chunks}
+    needed = target.chunk_keys()
+    present = repo.store.contains(needed | shipped.keys())
+    absent = needed - shipped.keys() - present
+    if absent:
+        raise BundleRejected(
+            bundle.path, f"target needs chunk {min(absent).hex()} which neither the bundle nor the store has"
+        )
+    unused = shipped.keys() - needed
+    if unused:
+        raise BundleRejected(bundle.path, f"ships chunk {min(unused).hex()} which the target does not use")
+    with open(bundle.path, "rb") as handle:
+        for entry in target.tensors.values():
+            hasher = new_digest()
+            for chunk in entry.chunks:
+                try:
+                    hasher.update(_decoded(repo, bundle, handle, shipped, present, chunk))
+                except BundleRejected:
+                    raise
+                except BlockstoreError as exc:
+                    raise BundleRejected(bundle.path, f"tensor {entry.name!r}: {exc}") from None
+            if hasher.digest() != entry.digest:
+                raise BundleRejected(bundle.path, f"tensor {entry.name!r} does not match its digest")
+    return [chunk for key, chunk in shipped.items() if key not in present]
 
 
-def _insert(repo: Repository, chunks: list[tuple[bytes, bytes]]) -> int:
-    """Insert chunks in transactions of bounded size; returns bytes written."""
-    added = 0
-    batch: list[tuple[bytes, bytes]] = []
+def _decoded(
+    repo: Repository,
+    bundle: Bundle,
+    handle: BinaryIO,
+    shipped: dict[ChunkKey, BundleChunk],
+    present: set[ChunkKey],
+    chunk: ChunkRef,
+) -> bytearray:
+    """A target chunk's raw bytes, from the bundle if shipped, else from the store."""
+    if chunk.key not in shipped:
+        return decode_chunk(chunk.key, repo.store.get(chunk.key), chunk.raw_len)
+    handle.seek(shipped[chunk.key].offset)
+    raw = decode_chunk(chunk.key, handle.read(shipped[chunk.key].stored_len), chunk.raw_len)
+    if chunk.key in present:
+        held = decode_chunk(chunk.key, repo.store.get(chunk.key), chunk.raw_len)
+        if digest(held) != digest(raw):
+            raise BundleRejected(
+                bundle.path, f"chunk {chunk.key.hex()} collides with a stored chunk of other bytes"
+            )
+    return raw
+
+
+def _batches(bundle: Bundle, chunks: list[BundleChunk]) -> Iterator[list[tuple[ChunkKey, bytes]]]:
+    """(key, stored value) of `chunks` read from the bundle, in batches of bounded size."""
+    batch: list[tuple[ChunkKey, bytes]] = []
     batch_bytes = 0
-    for key, value in chunks:
-        batch.append((key, value))
+    wanted = {chunk.key for chunk in chunks}
+    for chunk, value in bundle.chunk_values():
+        if chunk.key not in wanted:
+            continue
+        batch.append((chunk.key, value))
         batch_bytes += len(value)
         if batch_bytes >= _BATCH_BYTES:
-            added += repo.store.put_batch(batch)
+            yield batch
             batch, batch_bytes = [], 0
-    return added + repo.store.put_batch(batch)
+    yield batch
 
 
 def apply(
@@ -108,18 +142,8 @@ def apply(
     except ManifestError as exc:
         raise BundleRejected(bundle_path, f"target snapshot: {exc}") from None
     with repo.writer_lease():
-        new_chunks = _checked_chunks(repo, bundle)
-        shipped = {key for key, _ in new_chunks}
-        needed = target.chunk_keys()
-        absent = needed - shipped - repo.store.contains(needed - shipped)
-        if absent:
-            raise BundleRejected(
-                bundle_path,
-                f"target needs chunk {min(absent).hex()} which neither the bundle nor the store has",
-            )
-        added = _insert(repo, new_chunks)
-        for entry in target.tensors.values():
-            repo.check_tensor(bundle.target, entry)
+        new_chunks = _verified_shipment(repo, bundle, target)
+        added = sum(repo.store.put_batch(batch) for batch in _batches(bundle, new_chunks))
         repo.store.put_snapshot(bundle.target, bundle.snapshot)
         repo.store.move_ref(ref, bundle.target, current, "apply", target.message)
     return ApplyResult(ref, current, bundle.target, len(new_chunks), added)

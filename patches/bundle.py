@@ -24,10 +24,11 @@ from pathlib import Path
 
 import msgpack
 
+from blockstore.chunks import MAX_CHUNK_SIZE
 from blockstore.errors import BundleRejected, InvalidArgument
 from blockstore.export import write_atomically
-from blockstore.hashing import DIGEST_SIZE, ChunkKey, digest
-from blockstore.manifests import SnapshotId
+from blockstore.hashing import DIGEST_SIZE, KEY_SIZE, ChunkKey, digest
+from blockstore.manifests import SnapshotId, is_count
 
 MAGIC = b"\x89BSP\r\n\x1a\n"
 FORMAT_VERSION = 1
@@ -175,9 +176,23 @@ def read_bundle(path: Path, key: bytes | None = None) -> Bundle:
             header = msgpack.unpackb(header_bytes, raw=False)
             base, base_content = header["base"], header["base_content"]
             target, snapshot_len = header["target"], header["snapshot_len"]
-            listed = [(bytes(k), int(r), int(s)) for k, r, s in header["chunks"]]
+            listed = [(k, r, s) for k, r, s in header["chunks"]]
         except (ValueError, KeyError, TypeError, msgpack.UnpackException) as exc:
             raise BundleRejected(path, f"malformed header ({exc})") from None
+        # The footer only proves the file is whole, not that its writer was honest: bound every
+        # number before it sizes a read or a buffer.
+        if not is_count(snapshot_len) or snapshot_len > size:
+            raise BundleRejected(path, f"snapshot length {snapshot_len!r} is impossible")
+        for chunk_key, raw_len, stored_len in listed:
+            if not (
+                isinstance(chunk_key, bytes)
+                and len(chunk_key) == KEY_SIZE
+                and is_count(raw_len)
+                and 0 < raw_len <= MAX_CHUNK_SIZE
+                and is_count(stored_len)
+                and stored_len <= size
+            ):
+                raise BundleRejected(path, f"malformed chunk entry {[chunk_key, raw_len, stored_len]!r:.120}")
         snapshot = handle.read(snapshot_len)
     if not (
         _is_id(target) and (base is None or _is_id(base)) and (base_content is None or _is_id(base_content))
