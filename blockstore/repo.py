@@ -19,7 +19,8 @@ from pathlib import Path
 from .chunks import DEFAULT_CHUNK_SIZE, check_chunk_size, decode_chunk
 from .errors import (
     AmbiguousSnapshotId,
-    BlockstoreError,
+    ChunkCorrupt,
+    ChunkMissing,
     InvalidArgument,
     RefNotFound,
     SnapshotNotFound,
@@ -165,7 +166,7 @@ class Repository:
         for chunk in entry.chunks:
             try:
                 raw = decode_chunk(chunk.key, self.store.get(chunk.key), chunk.raw_len)
-            except BlockstoreError as exc:
+            except (ChunkCorrupt, ChunkMissing) as exc:
                 raise TensorCorrupt(entry.name, snapshot_id.hex()[:12], exc) from None
             hasher.update(raw)
             yield raw

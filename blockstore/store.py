@@ -124,10 +124,17 @@ _SHARED: dict[tuple[int, str], _SharedEnv] = {}
 _SHARED_LOCK = threading.Lock()
 
 
+_INHERITED: set[str] = set()
+"""Stores a parent process had open when this process was forked from it."""
+
+
 def _forget_parent_environments() -> None:
-    """In a forked child, drop (never close, never use) the parent's environments: LMDB handles
-    must not cross fork(); each LmdbStore reopens on its next use (see `LmdbStore.env`)."""
+    """In a forked child, drop the parent's environments without using or closing them: an LMDB
+    handle must not cross fork(), and closing the child's copy would free the parent's reader
+    slots under it. py-lmdb refuses to open those files again in this process while the copy
+    exists, so a store the parent had open cannot be used here (see `_open_lmdb`)."""
     global _SHARED_LOCK
+    _INHERITED.update(path for _, path in _SHARED)
     _SHARED.clear()
     _SHARED_LOCK = threading.Lock()
 
@@ -205,6 +212,12 @@ class LmdbStore:
                 readahead=True,
             )
         except lmdb.Error as exc:
+            if os.path.realpath(self.path) in _INHERITED:
+                raise InvalidArgument(
+                    f"store {self.path} was open in the parent when this process was forked, and LMDB "
+                    "handles cannot cross fork(): open it only in processes started after that "
+                    "(or with the 'spawn' start method)"
+                ) from None
             raise StoreCorrupt(self.path, f"LMDB cannot open it ({exc})") from None
         try:
             # Reader slots of killed processes pin old pages forever (the file only grows); clear them.
@@ -231,7 +244,7 @@ class LmdbStore:
 
     @property
     def env(self) -> lmdb.Environment:
-        """The environment, reopened after a fork: an LMDB handle must not cross fork()."""
+        """The environment; in a forked child, this process's own (see `_forget_parent_environments`)."""
         if self._pid != os.getpid():
             self._open_env()
         return self._env

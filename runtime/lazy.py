@@ -26,7 +26,7 @@ import torch
 
 from blockstore.chunks import decode_chunk_into
 from blockstore.dtypes import nbytes_of
-from blockstore.errors import BlockstoreError, InvalidArgument, TensorCorrupt, UnsupportedInput
+from blockstore.errors import ChunkCorrupt, ChunkMissing, InvalidArgument, TensorCorrupt, UnsupportedInput
 from blockstore.manifests import Snapshot, SnapshotId, TensorEntry
 from blockstore.policy import STATIC
 from blockstore.repo import DEFAULT_REF, Repository
@@ -310,7 +310,7 @@ class LazyStateDict(Mapping[str, LazyTensor]):
                 stored = sum(self._pool.executor.map(decode_one, range(len(indices))))
             else:
                 stored = sum(decode_one(position) for position in range(len(indices)))
-        except BlockstoreError as exc:
+        except (ChunkCorrupt, ChunkMissing) as exc:
             raise TensorCorrupt(entry.name, self.snapshot_id.hex()[:12], exc) from None
         with self._cache.lock:
             self._stats.chunks_read += len(indices)

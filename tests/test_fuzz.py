@@ -8,6 +8,7 @@ never a write to the store. BLOCKSTORE_FUZZ_EXAMPLES sets the examples per targe
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import struct
@@ -24,8 +25,8 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from blockstore.chunks import MAX_CHUNK_SIZE, decode_chunk
-from blockstore.codecs import CODECS
+from blockstore.chunks import MAX_CHUNK_SIZE, chunk_value, decode_chunk
+from blockstore.codecs import CODECS, ByteGroupZstd, Raw, Zstd
 from blockstore.dtypes import DTYPE_BITS
 from blockstore.errors import BlockstoreError, ChunkCorrupt
 from blockstore.export import export
@@ -33,7 +34,7 @@ from blockstore.hashing import DIGEST_SIZE, digest
 from blockstore.pack import pack
 from blockstore.patches import apply
 from blockstore.patches.bundle import _PREAMBLE, MAGIC, read_bundle
-from blockstore.quantize import LOSSY_CODECS
+from blockstore.quantize import LOSSY_CODECS, lossy_codec
 from blockstore.repo import Repository
 from blockstore.verify import verify
 
@@ -358,8 +359,20 @@ stored_values: st.SearchStrategy[bytes] = st.one_of(
 sizes: st.SearchStrategy[int] = st.one_of(st.integers(1, 64 << 10), st.just(MAX_CHUNK_SIZE))
 
 
+@pytest.fixture(scope="module")
+def warm_decoders() -> None:
+    """Decode one valid chunk per codec first: first-use imports (torch, in the lossy decoders)
+    and per-thread contexts allocate memory the bound must not charge to the input."""
+    raw = memoryview(np.linspace(-1, 1, 256, dtype=np.float32).tobytes())
+    lossy = [lossy_codec(tier, "F32", 64) for tier in LOSSY_CODECS]
+    for codec in (Raw(), Zstd(), ByteGroupZstd(itemsize=4), *lossy):
+        with contextlib.suppress(ChunkCorrupt):  # right bytes, wrong key: decoded all the same
+            decode_chunk(b"\x00" * 16, chunk_value(codec, codec.encode(raw)), len(raw))
+
+
 @FUZZ
 @given(value=stored_values, raw_len=sizes)
+@pytest.mark.usefixtures("warm_decoders")
 def test_hostile_chunk_values_are_corrupt_within_bounds(value: bytes, raw_len: int) -> None:
     # A valid lossy chunk needs its output, its decompressed frames and a float copy: about 3x.
     with allocation_bound(3 * raw_len + 4 * len(value) + SLACK), pytest.raises(ChunkCorrupt) as caught:
