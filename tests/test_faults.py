@@ -92,6 +92,8 @@ def test_death_at_a_crash_point(
     assert died.returncode == CRASH_EXIT_CODE, f"{op} never passed {point}: {died.stderr.decode()}"
     tally = Tally()
     check_survivor(store, operation, tally)
+    if (op, point) in (("pack", "chunks.committed"), ("apply", "chunks.committed")):
+        assert tally.orphan_chunks_seen > 0, "died after its chunks were written, yet none are left"
     committed_the_ref = point.startswith(("ref.committed", "unlease"))
     expected = operation.after if committed_the_ref else operation.before
     assert content_at(store) == expected, "a ref moved before its commit, or not after it"

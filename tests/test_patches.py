@@ -260,10 +260,37 @@ def test_gc_ignores_a_stale_lease_of_a_dead_process(update) -> None:
         "LmdbStore(pathlib.Path(sys.argv[1])).acquire_lease()"
     )
     subprocess.run([sys.executable, "-c", crashed_writer, str(store)], check=True)
+    [lease] = cli("doctor", store, "--json").json()["leases"]
+    assert lease["role"] == "writer" and lease["stale"]
+    assert "stale: process gone" in cli("doctor", store).stdout
     with Repository.open(store) as repo:
         patches.apply(repo, bundle)
         patches.rollback(repo)
         assert gc(repo, keep=0).deleted_chunks == 4
+    assert cli("doctor", store, "--json").json()["leases"] == []  # gc removed the stale lease
+
+
+def test_gc_deletes_nothing_if_a_reader_pins_a_doomed_snapshot_meanwhile(
+    update, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, bundle, _ = update
+    with Repository.open(store) as repo:
+        applied = patches.apply(repo, bundle).new
+        patches.rollback(repo)  # the applied version is now reachable only from the reflog
+        plain_collect = type(repo.store).collect
+
+        def reader_pins_first(store_self, snapshot_ids, chunk_keys, fingerprint) -> None:
+            assert applied in snapshot_ids
+            store_self.acquire_lease(pin=applied)  # a reader opened it between plan and delete
+            plain_collect(store_self, snapshot_ids, chunk_keys, fingerprint)
+
+        monkeypatch.setattr(type(repo.store), "collect", reader_pins_first)
+        with pytest.raises(WriterActive, match=f"reader of {applied.hex()[:12]}"):
+            gc(repo, keep=0)
+        assert repo.store.get_snapshot_bytes(applied) is not None
+        monkeypatch.undo()
+        assert applied in repo.store.pinned_snapshots()
+        assert gc(repo, keep=0).deleted_snapshots == ()  # pinned: a root, like a ref
 
 
 def test_rollback_refusals(update) -> None:

@@ -16,9 +16,26 @@ from blockstore.pack import pack
 from blockstore.repo import Repository
 from blockstore.runtime.lazy import TORCH_DTYPES
 
-from .helpers import ALL_DTYPES, RawTensor, random_tensor, write_safetensors
+from .helpers import ALL_DTYPES, RawTensor, cli, random_tensor, write_safetensors
 from .test_corruption import edit_chunks
 from .test_roundtrip import shape_for
+
+
+def test_gc_keeps_a_pinned_snapshot_until_its_reader_closes(table, tmp_path: Path) -> None:
+    store, raw = table
+    newer = write_safetensors(
+        tmp_path / "newer.safetensors", {"embed_tokens.weight": random_tensor("F32", (1000, 64), seed=99)}
+    )
+    with runtime.open(store) as state:
+        pinned = state.snapshot_id.hex()
+        assert cli("pack", newer, "--store", store).exit_code == 0
+        collected = cli("gc", store, "--keep", "0", "--json").json()
+        assert collected["deleted_snapshots"] == [] and collected["kept_snapshots"] == 2
+        assert same(state["embed_tokens.weight"].materialize(), reference_rows(raw))
+        leases = cli("doctor", store, "--json").json()["leases"]
+        assert [(lease["role"], lease["stale"]) for lease in leases] == [(f"reader of {pinned[:12]}", False)]
+    assert cli("gc", store, "--keep", "0", "--json").json()["deleted_snapshots"] == [pinned]
+    assert cli("doctor", store, "--json").json()["leases"] == []
 
 
 def packed(store: Path, tmp_path: Path, tensors: dict[str, RawTensor], chunk_size: int = 4096) -> Path:
@@ -235,7 +252,7 @@ def test_reader_keeps_its_snapshot_while_a_writer_packs_a_new_version(table, tmp
         {"embed_tokens.weight": random_tensor("F32", (1000, 64), seed=99)},
     )
     with runtime.open(store) as state:
-        # A separate process writes (LMDB allows one environment per path per process).
+        # A separate process writes, as a publisher would.
         subprocess.run(
             [Path(sys.executable).with_name("blockstore"), "pack", "-s", store, newer],
             check=True,
