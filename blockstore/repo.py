@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import re
 import string
-from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -172,7 +171,3 @@ class Repository:
             yield raw
         if hasher.digest() != entry.digest:
             raise TensorCorrupt(entry.name, snapshot_id.hex()[:12], "bytes do not match the tensor digest")
-
-    def check_tensor(self, snapshot_id: SnapshotId, entry: TensorEntry) -> None:
-        """Read a tensor back through every check `tensor_chunks` makes, keeping nothing."""
-        deque(self.tensor_chunks(snapshot_id, entry), maxlen=0)

@@ -176,7 +176,7 @@ class LmdbStore:
         return self._shared().stale_readers_cleared
 
     def _shared(self) -> _SharedEnv:
-        self.env  # noqa: B018 - reopens after a fork
+        self.env  # noqa: B018 - in a forked child, joins (or refuses) this process's own environment
         assert self._key is not None, "store is closed"
         return _SHARED[self._key]
 

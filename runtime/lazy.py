@@ -159,7 +159,9 @@ class LazyStateDict(Mapping[str, LazyTensor]):
 
     The snapshot is fixed at open time: a writer that packs or applies a new version meanwhile does
     not change what this object reads, and the snapshot is pinned (`lease`) so `gc` keeps its chunks
-    until `close()`. After a fork the child gets its own store handle and decode threads.
+    until `close()`. In a forked child, tensors already materialized stay usable and anything that
+    needs the store raises a clear error (LMDB handles cannot cross fork(); decode threads are
+    restarted so that error surfaces instead of a hang).
     """
 
     def __init__(
