@@ -96,6 +96,22 @@ class WriterActive(BlockstoreError):
     template = "store {} is in use ({}); gc deleted nothing, run it again later"
 
 
+class ObjectStoreFailed(BlockstoreError):
+    """A request to an object store failed (network, credentials, server error)."""
+
+    template = "object store {}: {} {} failed: {}"
+
+
+class ConditionalWritesIgnored(BlockstoreError):
+    """An object store that accepted a create-only put over an existing object, or a put with a
+    stale If-Match: compare-and-set on refs cannot work there."""
+
+    template = (
+        "object store {} ignores conditional writes (If-None-Match / If-Match), so refs cannot be "
+        "moved safely there; use a server that honours them (S3, MinIO, SeaweedFS, moto)"
+    )
+
+
 class BundleRejected(BlockstoreError):
     exit_code = 4
     template = "{}: bundle rejected: {}"

@@ -28,6 +28,9 @@ from .errors import (
 )
 from .hashing import digest, new_digest
 from .manifests import ManifestError, Snapshot, SnapshotId, TensorEntry
+from .objectstore import ObjectStore, is_url
+from .readcache import CACHE_ENV, CACHE_SIZE_ENV, DEFAULT_CACHE_BYTES, ReadThroughCache
+from .sizes import parse_size
 from .store import LmdbStore
 
 DEFAULT_REF = "main"
@@ -42,18 +45,39 @@ def check_ref_name(name: str) -> str:
     return name
 
 
+Location = str | Path
+"""Where a store lives: an LMDB directory, or an object store URL `s3://bucket/prefix`."""
+Store = LmdbStore | ObjectStore | ReadThroughCache
+
+
+def open_store(location: Location, *, readonly: bool = False, cache: Path | None = None) -> Store:
+    """The store at `location`. An object store gets a local read-through cache when `cache` (or
+    the BLOCKSTORE_CACHE environment variable) names a directory."""
+    if not is_url(location):
+        return LmdbStore(Path(location), readonly=readonly)
+    remote = ObjectStore(str(location), readonly=readonly)
+    cache = cache or (Path(os.environ[CACHE_ENV]) if os.environ.get(CACHE_ENV) else None)
+    if cache is None:
+        return remote
+    budget = parse_size(os.environ.get(CACHE_SIZE_ENV), CACHE_SIZE_ENV) or DEFAULT_CACHE_BYTES
+    return ReadThroughCache(remote, cache, budget)
+
+
 class Repository:
     """A blockstore opened for reading or writing."""
 
-    def __init__(self, store: LmdbStore) -> None:
+    def __init__(self, store: Store) -> None:
         self.store = store
 
     @classmethod
-    def init(cls, path: Path, *, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Repository:
+    def init(cls, location: Location, *, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Repository:
         """Create a store; its chunk size is kept so every later pack cuts tensors the same way
         (chunks cut differently never dedup)."""
         check_chunk_size(chunk_size)
-        return cls(LmdbStore.create(path, {"chunk_size": chunk_size}))
+        params = {"chunk_size": chunk_size}
+        if is_url(location):
+            return cls(ObjectStore.create(str(location), params))
+        return cls(LmdbStore.create(Path(location), params))
 
     @property
     def chunk_size(self) -> int:
@@ -61,18 +85,21 @@ class Repository:
         return self.store.meta_int("chunk_size") or DEFAULT_CHUNK_SIZE
 
     @classmethod
-    def open(cls, path: Path, *, readonly: bool = False) -> Repository:
-        return cls(LmdbStore(path, readonly=readonly))
+    def open(cls, location: Location, *, readonly: bool = False, cache: Path | None = None) -> Repository:
+        return cls(open_store(location, readonly=readonly, cache=cache))
 
     @classmethod
-    def open_for_reading(cls, path: Path) -> Repository:
-        """Open a store to read it over a long time (lazy runtime, export): writable when the files
-        are, so the reader can pin its snapshot against gc; read-only (and unpinned) otherwise."""
+    def open_for_reading(cls, location: Location, *, cache: Path | None = None) -> Repository:
+        """Open a store to read it over a long time (lazy runtime, export): writable when it can
+        be, so the reader can pin its snapshot against gc; read-only (and unpinned) otherwise."""
+        if is_url(location):
+            return cls.open(location, cache=cache)
+        path = Path(location)
         writable = os.access(path / "data.mdb", os.W_OK) and os.access(path, os.W_OK)
         return cls.open(path, readonly=not writable)
 
     @property
-    def path(self) -> Path:
+    def path(self) -> Location:
         return self.store.path
 
     def close(self) -> None:

@@ -99,7 +99,7 @@ class Lease:
     @property
     def stale(self) -> bool:
         """The process is gone (only decidable for processes on this host)."""
-        return self.host == socket.gethostname() and not _process_alive(self.pid)
+        return self.host == socket.gethostname() and not process_alive(self.pid)
 
     @property
     def role(self) -> str:
@@ -372,7 +372,7 @@ class LmdbStore:
         def body(txn: lmdb.Transaction) -> None:
             current = txn.get(name.encode(), db=self._dbs["refs"])
             if current != expected:
-                raise RefConflict(name, _short(expected), _short(current))
+                raise RefConflict(name, short_id(expected), short_id(current))
             if txn.get(new, db=self._dbs["snapshots"]) is None:
                 raise StoreCorrupt(
                     self.path, f"refusing to point ref {name!r} at absent snapshot {new.hex()}"
@@ -496,7 +496,7 @@ class LmdbStore:
         return counts
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -517,5 +517,5 @@ def _last_with_prefix(txn: lmdb.Transaction, db: object, prefix: bytes) -> bytes
     return key if key.startswith(prefix) else None
 
 
-def _short(snapshot_id: bytes | None) -> str:
+def short_id(snapshot_id: bytes | None) -> str:
     return snapshot_id.hex()[:12] if snapshot_id else "(nothing)"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import asdict
@@ -29,6 +30,7 @@ from blockstore.errors import (
     EvidenceDamaged,
     InvalidArgument,
     Regression,
+    StoreNotFound,
     TensorNotFound,
 )
 from blockstore.export import export as export_snapshot
@@ -37,7 +39,9 @@ from blockstore.pack import CODEC_CHOICES, DEFAULT_CODEC
 from blockstore.pack import pack as pack_model
 from blockstore.patches.bundle import read_key
 from blockstore.policy import TIERS, Policy, load_policy
+from blockstore.readcache import CACHE_ENV
 from blockstore.repo import Repository, check_ref_name
+from blockstore.transfer import transfer
 from blockstore.verify import verify as verify_store
 
 from .progress import progress_bar
@@ -52,6 +56,28 @@ app = typer.Typer(
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text.")]
+StoreArgument = Annotated[
+    str, typer.Argument(metavar="STORE", help="A store directory, or an object store s3://BUCKET/PREFIX.")
+]
+
+
+@app.callback()
+def _options(
+    endpoint_url: Annotated[
+        str | None,
+        typer.Option("--endpoint-url", help="S3 endpoint for s3:// stores (default: AWS_ENDPOINT_URL)."),
+    ] = None,
+    cache: Annotated[
+        Path | None,
+        typer.Option(help="Local read-through cache directory for s3:// stores (or BLOCKSTORE_CACHE)."),
+    ] = None,
+) -> None:
+    """Options for every command; they travel as the environment variables they stand for, so the
+    runtime and subcommands see the same settings whichever way they were given."""
+    if endpoint_url:
+        os.environ["AWS_ENDPOINT_URL"] = endpoint_url
+    if cache:
+        os.environ[CACHE_ENV] = str(cache)
 
 
 def _user_errors(command: _F) -> _F:
@@ -74,14 +100,14 @@ def _user_errors(command: _F) -> _F:
     return run  # type: ignore[return-value]
 
 
-def split_spec(spec: str) -> tuple[Path, str | None]:
-    """`STORE@REF` → (store path, ref or id); a bare path selects the default ref."""
+def split_spec(spec: str) -> tuple[str, str | None]:
+    """`STORE@REF` → (store location, ref or id); a bare location selects the default ref."""
     if "@" in spec and not Path(spec).exists():
         path, _, ref = spec.rpartition("@")
         if not path or not ref:
             raise InvalidArgument(f"{spec!r}: expected STORE or STORE@REF")
-        return Path(path), ref
-    return Path(spec), None
+        return path, ref
+    return spec, None
 
 
 def _print_json(payload: dict[str, Any]) -> None:
@@ -95,7 +121,7 @@ def _mib(nbytes: int) -> str:
 @app.command()
 @_user_errors
 def init(
-    store: Annotated[Path, typer.Argument(help="Directory to create the store in.")],
+    store: Annotated[str, typer.Argument(help="Directory (or s3://BUCKET/PREFIX) to create the store in.")],
     chunk_size: Annotated[int, typer.Option(help="Chunk size in bytes for every pack.")] = DEFAULT_CHUNK_SIZE,
     as_json: JsonOption = False,
 ):
@@ -111,7 +137,9 @@ def init(
 @_user_errors
 def pack(
     inputs: Annotated[list[Path], typer.Argument(help="safetensors file(s), shards, or a model directory.")],
-    store: Annotated[Path, typer.Option("--store", "-s", help="The store to pack into.")],
+    store: Annotated[
+        str, typer.Option("--store", "-s", help="The store (directory or s3:// URL) to pack into.")
+    ],
     ref: Annotated[str, typer.Option(help="Ref to point at the new snapshot.")] = "main",
     message: Annotated[str, typer.Option("--message", "-m", help="Recorded with the snapshot.")] = "",
     codec: Annotated[str, typer.Option(help=f"One of: {', '.join(CODEC_CHOICES)}.")] = DEFAULT_CODEC,
@@ -230,7 +258,7 @@ def export(
 
 @app.command(name="ls")
 @_user_errors
-def list_store(store: Annotated[Path, typer.Argument()], as_json: JsonOption = False):
+def list_store(store: StoreArgument, as_json: JsonOption = False):
     """List refs and snapshots."""
     with Repository.open(store, readonly=True) as repo:
         refs = {name: target.hex() for name, target in repo.store.refs().items()}
@@ -322,7 +350,7 @@ def show(
 
 @app.command()
 @_user_errors
-def stats(store: Annotated[Path, typer.Argument()], as_json: JsonOption = False):
+def stats(store: StoreArgument, as_json: JsonOption = False):
     """Store-wide counts and sizes."""
     with Repository.open(store, readonly=True) as repo:
         counts = repo.store.stat()
@@ -391,7 +419,7 @@ def _id(snapshot_id: bytes | None) -> str | None:
 @app.command()
 @_user_errors
 def diff(
-    store: Annotated[Path, typer.Argument()],
+    store: StoreArgument,
     old: Annotated[str, typer.Argument(help="Base: a ref, a snapshot id (prefix) or a safetensors file.")],
     new: Annotated[str, typer.Argument(help="Target: a ref, a snapshot id (prefix) or a safetensors file.")],
     out: Annotated[Path, typer.Option("--output", "-o", help="Bundle file to write (.bsp).")],
@@ -430,7 +458,7 @@ def diff(
 @app.command(name="apply")
 @_user_errors
 def apply_bundle(
-    store: Annotated[Path, typer.Argument()],
+    store: StoreArgument,
     bundle: Annotated[Path, typer.Argument(help="The .bsp bundle.")],
     ref: RefOption = "main",
     key: KeyOption = None,
@@ -467,7 +495,7 @@ def apply_bundle(
 @app.command(name="rollback")
 @_user_errors
 def rollback_ref(
-    store: Annotated[Path, typer.Argument()],
+    store: StoreArgument,
     ref: RefOption = "main",
     to: Annotated[str | None, typer.Option("--to", help="A ref or snapshot id to move to.")] = None,
     steps: Annotated[int, typer.Option(help="Versions to step back along the ref's history.")] = 1,
@@ -484,7 +512,7 @@ def rollback_ref(
 
 @app.command(name="log")
 @_user_errors
-def show_log(store: Annotated[Path, typer.Argument()], ref: RefOption = "main", as_json: JsonOption = False):
+def show_log(store: StoreArgument, ref: RefOption = "main", as_json: JsonOption = False):
     """The ref's history: time, old -> new, operation, message, tensors changed."""
     with Repository.open(store, readonly=True) as repo:
         entries = patches.log(repo, ref)
@@ -513,7 +541,7 @@ def show_log(store: Annotated[Path, typer.Argument()], ref: RefOption = "main", 
 @app.command()
 @_user_errors
 def tag(
-    store: Annotated[Path, typer.Argument()],
+    store: StoreArgument,
     name: Annotated[str, typer.Argument(help="The new ref's name.")],
     target: Annotated[str, typer.Argument(help="A ref or snapshot id (prefix).")] = "main",
     as_json: JsonOption = False,
@@ -533,7 +561,7 @@ def tag(
 @app.command(name="gc")
 @_user_errors
 def collect_garbage(
-    store: Annotated[Path, typer.Argument()],
+    store: StoreArgument,
     keep: Annotated[
         int | None, typer.Option(help="Reflog positions per ref to keep restorable (default all).")
     ] = None,
@@ -563,7 +591,7 @@ def collect_garbage(
 
 @app.command()
 @_user_errors
-def doctor(store: Annotated[Path, typer.Argument()], as_json: JsonOption = False):
+def doctor(store: StoreArgument, as_json: JsonOption = False):
     """Stale LMDB readers (cleared), leases, what gc would free, and map usage."""
     with Repository.open(store) as repo:
         report = diagnose(repo)
@@ -589,6 +617,61 @@ def doctor(store: Annotated[Path, typer.Argument()], as_json: JsonOption = False
         f"gc would free {len(free.deleted_snapshots)} snapshots and {free.deleted_chunks} chunks "
         f"({_mib(free.freed_bytes)})"
     )
+
+
+def _copy(source: str, destination: str, ref: str, as_json: bool) -> None:
+    """push and pull: one copy in either direction; a destination that is not a store yet becomes
+    one with the source's chunk size (so later packs there dedup against what was copied)."""
+    with Repository.open_for_reading(source) as src:
+        try:
+            dst = Repository.open(destination)
+        except StoreNotFound:
+            dst = Repository.init(destination, chunk_size=src.chunk_size)
+        with dst:
+            result = transfer(src, dst, ref)
+    if as_json:
+        _print_json(
+            {
+                "ref": result.ref,
+                "snapshot": result.snapshot.hex(),
+                "chunks_sent": result.chunks_sent,
+                "bytes_sent": result.bytes_sent,
+                "chunks_present": result.chunks_present,
+            }
+        )
+        return
+    typer.echo(
+        f"{result.ref} -> {result.snapshot.hex()[:12]}: sent {result.chunks_sent} chunks "
+        f"({_mib(result.bytes_sent)}); {result.chunks_present} were there already"
+    )
+
+
+@app.command()
+@_user_errors
+def push(
+    local: StoreArgument,
+    remote: Annotated[
+        str, typer.Argument(metavar="REMOTE", help="The store to copy to (s3://... or a directory).")
+    ],
+    ref: RefOption = "main",
+    as_json: JsonOption = False,
+):
+    """Copy REF's snapshot to another store, sending only the chunks it lacks; then move REF there."""
+    _copy(local, remote, ref, as_json)
+
+
+@app.command()
+@_user_errors
+def pull(
+    remote: Annotated[
+        str, typer.Argument(metavar="REMOTE", help="The store to copy from (s3://... or a directory).")
+    ],
+    local: StoreArgument,
+    ref: RefOption = "main",
+    as_json: JsonOption = False,
+):
+    """Copy REF's snapshot from another store, fetching only the chunks this one lacks."""
+    _copy(remote, local, ref, as_json)
 
 
 @app.command(name="check-drift")

@@ -4,7 +4,9 @@
 working torch/transformers module whose weights are decoded when its forward first touches them.
 """
 
-from .cache import RuntimeStats, parse_size
+from blockstore.sizes import parse_size
+
+from .cache import RuntimeStats
 from .lazy import LazyStateDict, LazyTensor, open
 from .modules import LazyWeight, eager_model, load_model
 

@@ -30,8 +30,9 @@ from blockstore.errors import ChunkCorrupt, ChunkMissing, InvalidArgument, Tenso
 from blockstore.manifests import Snapshot, SnapshotId, TensorEntry
 from blockstore.policy import STATIC
 from blockstore.repo import DEFAULT_REF, Repository
+from blockstore.sizes import parse_size
 
-from .cache import RuntimeStats, TensorCache, parse_size
+from .cache import RuntimeStats, TensorCache
 from .prefetch import LayerPrefetcher
 from .threads import ProcessLocalPool
 
@@ -330,14 +331,16 @@ def open(
     budget: int | str | None = None,
     prefetch: int = 0,
     workers: int | None = None,
+    cache: Path | None = None,
 ) -> LazyStateDict:
     """Open `ref` (a ref name or snapshot id prefix) of the store at `store` for lazy reading.
 
     Only the snapshot is read here. `budget` ('2GB', '512MiB' or bytes) bounds the static tensors
     kept materialized; `prefetch=N` decodes the next N layers' static tensors in the background when
-    a layer is touched; `device` places materialized tensors (cpu or cuda).
+    a layer is touched; `device` places materialized tensors (cpu or cuda). `store` may be an
+    object store URL (`s3://bucket/prefix`); `cache` then names a local read-through cache directory.
     """
-    repo = Repository.open_for_reading(Path(store))
+    repo = Repository.open_for_reading(store, cache=cache)
     lease = None
     try:
         snapshot_id, lease = repo.pin(ref)

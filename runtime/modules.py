@@ -287,15 +287,16 @@ def load_model(
     budget: int | str | None = None,
     prefetch: int = 0,
     workers: int | None = None,
+    cache: Path | None = None,
 ) -> nn.Module:
     """A working model whose weights are read from `store@ref` when first used.
 
     `model`: None (a transformers model from the snapshot's config.json or `config`), a transformers
     config, a transformers model class, or any class/factory building an `nn.Module` (called with
     `config` when given). The returned module is in eval mode; `model.blockstore` is its
-    `LazyStateDict` (for `stats()` and `close()`).
+    `LazyStateDict` (for `stats()` and `close()`). `store` and `cache` are as for `open`.
     """
-    state = open(store, ref, device=device, budget=budget, prefetch=prefetch, workers=workers)
+    state = open(store, ref, device=device, budget=budget, prefetch=prefetch, workers=workers, cache=cache)
     try:
         module = _skeleton(model, config, state)
         _tie(module)

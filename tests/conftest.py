@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import pytest
 from blockstore.repo import Repository
 
 from .helpers import write_llama
+from .s3servers import CREDENTIALS, create_bucket, moto_server, seaweedfs_server
 
 # Tests never reach a model hub: every model comes from a PyPI package or is built from a config.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -52,3 +54,37 @@ def decoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
         num_attention_heads=4,
         tie_word_embeddings=False,
     )
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint() -> Iterator[str]:
+    with moto_server() as endpoint:
+        yield endpoint
+
+
+@pytest.fixture(scope="session")
+def seaweedfs_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with seaweedfs_server(tmp_path_factory.mktemp("seaweedfs")) as endpoint:
+        yield endpoint
+
+
+def s3_environment(monkeypatch: pytest.MonkeyPatch, endpoint: str) -> None:
+    """Point this test (and the processes it starts) at a local server, with test credentials."""
+    for name, value in CREDENTIALS.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+
+
+@pytest.fixture(params=["moto", "seaweedfs"])
+def s3_url(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """An empty prefix in a new bucket on each server in turn (no store created there yet)."""
+    endpoint = request.getfixturevalue(f"{request.param}_endpoint")
+    s3_environment(monkeypatch, endpoint)
+    return f"s3://{create_bucket(endpoint)}/models"
+
+
+@pytest.fixture
+def moto_url(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Like `s3_url`, on moto only (the fast server) for the heavier end-to-end tests."""
+    s3_environment(monkeypatch, moto_endpoint)
+    return f"s3://{create_bucket(moto_endpoint)}/models"

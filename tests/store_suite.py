@@ -1,13 +1,14 @@
 """One test suite every ChunkStore backend must pass (zarr's StoreTests, restic's backend tests).
 
-Subclass `ChunkStoreSuite` in a backend's test module and provide a `store` fixture.
+Subclass `ChunkStoreSuite` and `CatalogSuite` in a backend's test module and provide a `store`
+fixture (an empty store). LMDB runs them in test_store.py, object stores in test_objectstore.py.
 """
 
 from __future__ import annotations
 
 import pytest
 
-from blockstore.errors import ChunkMissing
+from blockstore.errors import ChunkMissing, RefConflict, SnapshotNotFound, StoreCorrupt
 from blockstore.hashing import chunk_key
 
 
@@ -56,3 +57,48 @@ class ChunkStoreSuite:
         key = chunk_key(b"")
         store.put_batch([(key, b"")])
         assert store.get(key) == b""
+
+
+class CatalogSuite:
+    """Snapshots, refs, reflog and leases: what every backend's catalog must do the same way."""
+
+    def test_snapshots_are_create_only(self, store) -> None:
+        store.put_snapshot(b"\1" * 32, b"first")
+        store.put_snapshot(b"\1" * 32, b"second")
+        assert store.get_snapshot_bytes(b"\1" * 32) == b"first"
+        assert store.get_snapshot_bytes(b"\2" * 32) is None
+        assert store.snapshot_ids() == [b"\1" * 32]
+
+    def test_ref_compare_and_set_and_reflog(self, store) -> None:
+        one, two = b"\1" * 32, b"\2" * 32
+        store.put_snapshot(one, b"one")
+        store.put_snapshot(two, b"two")
+        store.move_ref("main", one, None, "pack", "first")
+        with pytest.raises(RefConflict):
+            store.move_ref("main", two, None, "pack", "stale")
+        with pytest.raises(StoreCorrupt, match="absent snapshot"):
+            store.move_ref("main", b"\3" * 32, one, "pack", "nothing there")
+        store.move_ref("main", two, one, "apply", "second")
+        store.move_ref("main", one, two, "rollback", "back")  # A -> B -> A
+        store.move_ref("release/v1", two, None, "tag", "tag")
+        assert store.refs() == {"main": one, "release/v1": two}
+        assert store.get_ref("main") == one and store.get_ref("nope") is None
+        log = [(e.old, e.new, e.op, e.message) for e in store.reflog("main")]
+        assert log == [
+            (None, one, "pack", "first"),
+            (one, two, "apply", "second"),
+            (two, one, "rollback", "back"),
+        ]
+        assert [e.new for e in store.reflog("release/v1")] == [two] and store.reflog("release") == []
+
+    def test_writer_leases_and_reader_pins(self, store) -> None:
+        store.put_snapshot(b"\1" * 32, b"one")
+        writer = store.acquire_lease()
+        reader = store.acquire_lease(pin=b"\1" * 32)
+        with pytest.raises(SnapshotNotFound):
+            store.acquire_lease(pin=b"\2" * 32)
+        assert {lease.pin for lease in store.leases()} == {None, b"\1" * 32}
+        assert store.pinned_snapshots() == {b"\1" * 32}
+        store.release_lease(writer)
+        store.release_lease(reader)
+        assert store.leases() == [] and store.pinned_snapshots() == set()

@@ -15,10 +15,10 @@ from blockstore.store import LmdbStore
 from blockstore.verify import verify
 
 from .helpers import random_tensor, sha256, write_safetensors
-from .store_suite import ChunkStoreSuite
+from .store_suite import CatalogSuite, ChunkStoreSuite
 
 
-class TestLmdbChunkStore(ChunkStoreSuite):
+class TestLmdbStore(ChunkStoreSuite, CatalogSuite):
     @pytest.fixture
     def store(self, tmp_path: Path):
         with LmdbStore.create(tmp_path / "store") as opened:

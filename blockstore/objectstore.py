@@ -1,0 +1,419 @@
+"""The store on an S3-compatible object store: many hosts, one store (DESIGN.md §12, FORMAT.md §5).
+
+Layout under `s3://bucket/prefix/`: create-only `meta/<name>`, `chunks/<key hex>` and
+`snapshots/<id hex>` (a create that finds the object there just means "already there"); one mutable
+`refs/<name>` per ref, body msgpack `[generation, reflog entry]`, replaced only with If-Match on its
+ETag (compare-and-set; the generation makes equal bodies impossible, so an A→B→A change cannot fool
+the ETag); append-only, create-only `reflog/<name>/<generation>`; `leases/<id>` like LMDB's leases;
+`locks/gc` while a gc deletes. Writes go chunks → snapshot → ref, as on LMDB.
+
+Object stores have no multi-object transactions, so two LMDB guarantees are rebuilt from ordering:
+- a ref move writes the ref (CAS) and then its reflog entry; the ref body carries the entry, so a
+  crash between the two is healed by the next move (and `reflog` shows the entry meanwhile);
+- gc takes `locks/gc` (create-only), refuses while a live writer holds a lease (writers that start
+  later see the lock and back off), deletes snapshots, re-reads the leases and deletes chunks only
+  if no reader pinned a deleted snapshot meanwhile (a reader pins, *then* checks the snapshot).
+
+On open the store is probed: a second create-only put and a stale If-Match put must both fail. Some
+S3 proxies silently ignore those headers; on such a server ref moves are refused with a clear error.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+from urllib.parse import urlparse
+
+import msgpack
+import obstore
+from obstore.exceptions import AlreadyExistsError, BaseError, NotFoundError, PreconditionError
+
+from .errors import (
+    ChunkMissing,
+    ConditionalWritesIgnored,
+    InvalidArgument,
+    ObjectStoreFailed,
+    RefConflict,
+    SnapshotNotFound,
+    StoreCorrupt,
+    StoreExists,
+    StoreFormatMismatch,
+    StoreNotFound,
+    WriterActive,
+)
+from .faults import crash_point
+from .hashing import ChunkKey
+from .store import Lease, ReflogEntry, process_alive, short_id
+
+OBJECT_FORMAT = "blockstore-s3/1"
+DEFAULT_CONCURRENCY = 8
+_GENERATION_DIGITS = 20
+_CONFLICT_RETRIES = 5
+_NOT_FOUND = (NotFoundError, FileNotFoundError)  # obstore raises the builtin for a missing object
+_T = TypeVar("_T")
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+
+
+def is_url(location: object) -> bool:
+    """Whether a store location names an object store rather than an LMDB directory."""
+    return isinstance(location, str) and location.startswith("s3://")
+
+
+def _s3_client(url: str, endpoint_url: str | None) -> obstore.store.S3Store:
+    parsed = urlparse(url)
+    if not parsed.netloc:
+        raise InvalidArgument(f"{url}: an object store URL is s3://BUCKET[/PREFIX]")
+    endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    options: dict[str, Any] = {}
+    if endpoint:
+        options["endpoint"] = endpoint
+        if endpoint.startswith("http://"):
+            options["client_options"] = {"allow_http": True}
+    # Credentials and region come from the usual AWS environment variables (obstore reads them).
+    return obstore.store.S3Store(parsed.netloc, prefix=parsed.path.strip("/") or None, **options)
+
+
+class ObjectStore:
+    """A blockstore on an S3-compatible bucket/prefix; the same interface as `LmdbStore`."""
+
+    stale_readers_cleared = 0
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        readonly: bool = False,
+        endpoint_url: str | None = None,
+        concurrency: int = DEFAULT_CONCURRENCY,
+        client: Any = None,
+    ) -> None:
+        self.path = url
+        self.readonly = readonly
+        self.client = client if client is not None else _s3_client(url, endpoint_url)
+        self.requests: dict[str, int] = {"GET": 0, "PUT": 0, "HEAD": 0, "DELETE": 0, "LIST": 0}
+        self._pool = ThreadPoolExecutor(concurrency, "blockstore-s3")
+        found = self._get_or_none("meta/format")
+        if found is None:
+            raise StoreNotFound(url, url)
+        if bytes(found).decode(errors="replace") != OBJECT_FORMAT:
+            raise StoreFormatMismatch(url, bytes(found).decode(errors="replace"), OBJECT_FORMAT)
+        self.conditional_writes = self._probe() if not readonly else True
+
+    @classmethod
+    def create(
+        cls,
+        url: str,
+        params: dict[str, int] | None = None,
+        *,
+        endpoint_url: str | None = None,
+        client: Any = None,
+    ) -> ObjectStore:
+        """Create an empty store at `url` with creation `params`; refuses a prefix that has one."""
+        client = client if client is not None else _s3_client(url, endpoint_url)
+        for name, value in {**(params or {}), "created_ns": time.time_ns()}.items():
+            obstore.put(client, f"meta/{name}", str(value).encode())
+        try:  # last: a store exists once its format marker does
+            obstore.put(client, "meta/format", OBJECT_FORMAT.encode(), mode="create")
+        except AlreadyExistsError:
+            raise StoreExists(url) from None
+        return cls(url, endpoint_url=endpoint_url, client=client)
+
+    # object primitives (counted, so tests and benchmarks can see what went over the wire) ---------
+
+    def _call(self, verb: str, function: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+        """One request, counted; failures other than the ones callers handle become one line."""
+        self.requests[verb] += 1
+        try:
+            return function(self.client, *args, **kwargs)
+        except (*_NOT_FOUND, AlreadyExistsError, PreconditionError):
+            raise
+        except BaseError as exc:
+            raise ObjectStoreFailed(self.path, verb, args[0] if args else "", _first_line(exc)) from None
+
+    def _get_or_none(self, key: str) -> bytes | None:
+        found = self._get_with_etag(key)
+        return found[0] if found else None
+
+    def _get_with_etag(self, key: str) -> tuple[bytes, str] | None:
+        try:
+            result = self._call("GET", obstore.get, key)
+            return bytes(result.bytes()), result.meta["e_tag"]
+        except _NOT_FOUND:
+            return None
+
+    def _put(self, key: str, data: bytes, *, mode: Any) -> str | None:
+        return self._call("PUT", obstore.put, key, data, mode=mode)["e_tag"]
+
+    def _create(self, key: str, data: bytes) -> bool:
+        """Create-only put; False when the object was already there (same key: same content)."""
+        try:
+            self._put(key, data, mode="create")
+        except AlreadyExistsError:
+            return False
+        return True
+
+    def _size(self, key: str) -> int | None:
+        try:
+            return int(self._call("HEAD", obstore.head, key)["size"])
+        except _NOT_FOUND:
+            return None
+
+    def _delete(self, key: str) -> None:
+        self._call("DELETE", obstore.delete, key)
+
+    def _list(self, prefix: str) -> list[tuple[str, int]]:
+        """(key relative to the store, size) of every object under `prefix`."""
+        pages = self._call("LIST", lambda client: list(obstore.list(client, prefix=prefix)))
+        return [(meta["path"], int(meta["size"])) for page in pages for meta in page]
+
+    def _parallel(self, function: Callable[[Any], _T], items: Iterable[Any]) -> list[_T]:
+        return list(self._pool.map(function, items))
+
+    def _probe(self) -> bool:
+        """True when the server honours create-only puts and If-Match (see the module docstring)."""
+        key = f"probe/{uuid.uuid4().hex}"
+        first = self._put(key, b"first", mode="create")
+        try:
+            try:
+                self._put(key, b"second", mode="create")
+                return False
+            except AlreadyExistsError:
+                pass
+            self._put(key, b"third", mode="overwrite")
+            try:
+                self._put(key, b"fourth", mode={"e_tag": first})
+                return False
+            except PreconditionError:
+                return True
+        finally:
+            self._delete(key)
+
+    def _require_conditional_writes(self) -> None:
+        if not self.conditional_writes:
+            raise ConditionalWritesIgnored(self.path)
+
+    def meta_int(self, name: str) -> int | None:
+        value = self._get_or_none(f"meta/{name}")
+        return int(value) if value is not None else None
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+    def __enter__(self) -> ObjectStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # chunks ------------------------------------------------------------------------------------------
+
+    def get(self, key: ChunkKey) -> bytes:
+        value = self._get_or_none(f"chunks/{key.hex()}")
+        if value is None:
+            raise ChunkMissing(key.hex())
+        return value
+
+    def stored_sizes(self, keys: Iterable[ChunkKey]) -> dict[ChunkKey, int]:
+        keys = list(dict.fromkeys(keys))
+        sizes = self._parallel(lambda key: self._size(f"chunks/{key.hex()}"), keys)
+        return {key: size for key, size in zip(keys, sizes, strict=True) if size is not None}
+
+    def contains(self, keys: Iterable[ChunkKey]) -> set[ChunkKey]:
+        return set(self.stored_sizes(keys))
+
+    def put_batch(self, items: Iterable[tuple[ChunkKey, bytes]]) -> int:
+        """Create chunks that are not there yet, in parallel; returns bytes newly written."""
+        crash_point("chunks.before-commit")
+        written = self._parallel(
+            lambda item: len(item[1]) if self._create(f"chunks/{item[0].hex()}", item[1]) else 0, list(items)
+        )
+        crash_point("chunks.committed")
+        return sum(written)
+
+    def delete_batch(self, keys: Iterable[ChunkKey]) -> int:
+        present = self.contains(keys)
+        self._parallel(lambda key: self._delete(f"chunks/{key.hex()}"), present)
+        return len(present)
+
+    def iter_keys(self) -> Iterator[ChunkKey]:
+        return iter([bytes.fromhex(path.rsplit("/", 1)[1]) for path, _ in self._list("chunks/")])
+
+    # snapshots ---------------------------------------------------------------------------------------
+
+    def get_snapshot_bytes(self, snapshot_id: bytes) -> bytes | None:
+        return self._get_or_none(f"snapshots/{snapshot_id.hex()}")
+
+    def put_snapshot(self, snapshot_id: bytes, data: bytes) -> None:
+        crash_point("snapshot.before-commit")
+        self._create(f"snapshots/{snapshot_id.hex()}", data)
+        crash_point("snapshot.committed")
+
+    def snapshot_ids(self) -> list[bytes]:
+        return sorted(bytes.fromhex(path.rsplit("/", 1)[1]) for path, _ in self._list("snapshots/"))
+
+    # refs and reflog ---------------------------------------------------------------------------------
+
+    def _read_ref(self, name: str) -> tuple[int, ReflogEntry, str] | None:
+        """(generation, the entry of its last move, ETag) of a ref, or None if it does not exist."""
+        found = self._get_with_etag(f"refs/{name}")
+        if found is None:
+            return None
+        try:
+            generation, entry = msgpack.unpackb(found[0], raw=False)
+            return int(generation), ReflogEntry.from_bytes(entry), found[1]
+        except (ValueError, TypeError, msgpack.UnpackException) as exc:
+            raise StoreCorrupt(self.path, f"ref {name!r} is malformed ({exc})") from None
+
+    def refs(self) -> dict[str, bytes]:
+        names = [path[len("refs/") :] for path, _ in self._list("refs/")]
+        reads = self._parallel(self._read_ref, names)
+        return {name: read[1].new for name, read in zip(names, reads, strict=True) if read is not None}
+
+    def get_ref(self, name: str) -> bytes | None:
+        read = self._read_ref(name)
+        return read[1].new if read else None
+
+    def _reflog_key(self, name: str, generation: int) -> str:
+        return f"reflog/{name}/{generation:0{_GENERATION_DIGITS}d}"
+
+    def move_ref(self, name: str, new: bytes, expected: bytes | None, op: str, message: str) -> None:
+        """Point `name` at `new` if it still points at `expected` (If-Match on the ref's ETag), then
+        log the move; a 409 ConditionalRequestConflict is retried, a lost race is RefConflict."""
+        self._require_conditional_writes()
+        if self.get_snapshot_bytes(new) is None:
+            raise StoreCorrupt(self.path, f"refusing to point ref {name!r} at absent snapshot {new.hex()}")
+        for _ in range(_CONFLICT_RETRIES):
+            current = self._read_ref(name)
+            found = current[1].new if current else None
+            if found != expected:
+                raise RefConflict(name, short_id(expected), short_id(found))
+            generation = current[0] + 1 if current else 1
+            if current:  # heal a crash between a previous move and its reflog entry
+                self._create(self._reflog_key(name, current[0]), current[1].to_bytes())
+            entry = ReflogEntry(time.time_ns(), expected, new, op, message)
+            body = msgpack.packb([generation, entry.to_bytes()], use_bin_type=True)
+            crash_point("ref.before-commit")
+            try:
+                self._put(f"refs/{name}", body, mode={"e_tag": current[2]} if current else "create")
+            except (AlreadyExistsError, PreconditionError):
+                raise RefConflict(name, short_id(expected), short_id(self.get_ref(name))) from None
+            except ObjectStoreFailed as exc:
+                if "409" in str(exc) or "ConditionalRequestConflict" in str(exc):
+                    continue  # S3 asks to retry a conditional write that raced another
+                raise
+            crash_point("ref.committed")
+            self._create(self._reflog_key(name, generation), entry.to_bytes())
+            return
+        raise RefConflict(name, short_id(expected), "(still contended after retries)")
+
+    def reflog(self, name: str) -> list[ReflogEntry]:
+        prefix = f"reflog/{name}/"
+        paths = sorted(path for path, _ in self._list(prefix) if "/" not in path[len(prefix) :])
+        entries = [ReflogEntry.from_bytes(data) for data in self._parallel(self._get_or_none, paths) if data]
+        current = self._read_ref(name)
+        if current and self._reflog_key(name, current[0]) not in paths:
+            entries.append(current[1])  # the last move's entry, not yet logged (a crash in between)
+        return entries
+
+    # leases and garbage collection -------------------------------------------------------------------
+
+    def acquire_lease(self, pin: bytes | None = None) -> bytes:
+        """A writer lease (backs off while a gc holds its lock) or a reader's pin on `pin`, which
+        is checked to still exist *after* the lease is visible (gc re-reads leases before deleting
+        chunks, so a pin that sees its snapshot keeps its chunks)."""
+        lease_id = os.urandom(8)
+        key = f"leases/{lease_id.hex()}"
+        crash_point("lease.before-commit")
+        self._put(key, msgpack.packb([os.getpid(), socket.gethostname(), time.time_ns(), pin]), mode="create")
+        crash_point("lease.committed")
+        if pin is not None and self.get_snapshot_bytes(pin) is None:
+            self._delete(key)
+            raise SnapshotNotFound(pin.hex(), self.path)
+        if pin is None and self._live_gc_lock():
+            self._delete(key)
+            raise WriterActive(self.path, "a gc is deleting; run the write again when it is done")
+        return lease_id
+
+    def release_lease(self, lease_id: bytes) -> None:
+        crash_point("unlease.before-commit")
+        self._delete(f"leases/{lease_id.hex()}")
+        crash_point("unlease.committed")
+
+    def leases(self) -> list[Lease]:
+        paths = [path for path, _ in self._list("leases/")]
+        records = self._parallel(self._get_or_none, paths)
+        leases = []
+        for path, record in zip(paths, records, strict=True):
+            if record is not None:
+                pid, host, time_ns, pin = msgpack.unpackb(record, raw=False)
+                leases.append(Lease(bytes.fromhex(path.rsplit("/", 1)[1]), pid, host, time_ns, pin))
+        return leases
+
+    def pinned_snapshots(self) -> set[bytes]:
+        return {lease.pin for lease in self.leases() if lease.pin and not lease.stale}
+
+    def roots_fingerprint(self) -> tuple[dict[str, bytes], int]:
+        refs = self.refs()
+        return refs, sum(len(self.reflog(name)) for name in refs)
+
+    def _live_gc_lock(self) -> bool:
+        record = self._get_or_none("locks/gc")
+        if record is None:
+            return False
+        pid, host, _ = msgpack.unpackb(record, raw=False)
+        return host != socket.gethostname() or process_alive(pid)
+
+    def collect(
+        self, snapshot_ids: list[bytes], chunk_keys: list[ChunkKey], fingerprint: tuple[dict[str, bytes], int]
+    ) -> None:
+        """Delete unreachable snapshots, then chunks, under `locks/gc` (see the module docstring)."""
+        self._require_conditional_writes()
+        lock = msgpack.packb([os.getpid(), socket.gethostname(), time.time_ns()])
+        if not self._create("locks/gc", lock):
+            if self._live_gc_lock():
+                raise WriterActive(self.path, "another gc is running")
+            self._delete("locks/gc")  # left by a gc that died on this host
+            if not self._create("locks/gc", lock):
+                raise WriterActive(self.path, "another gc is running")
+        try:
+            doomed = set(snapshot_ids)
+            self._check_no_user(doomed)
+            if self.roots_fingerprint() != fingerprint:
+                raise WriterActive(self.path, "refs moved while gc was planning")
+            for lease in self.leases():
+                if lease.stale:
+                    self._delete(f"leases/{lease.lease_id.hex()}")
+            crash_point("gc.before-commit")
+            self._parallel(lambda snapshot_id: self._delete(f"snapshots/{snapshot_id.hex()}"), snapshot_ids)
+            self._check_no_user(doomed)  # a reader that pinned meanwhile keeps the chunks it needs
+            self._parallel(lambda key: self._delete(f"chunks/{key.hex()}"), chunk_keys)
+            crash_point("gc.committed")
+        finally:
+            self._delete("locks/gc")
+
+    def _check_no_user(self, doomed: set[bytes]) -> None:
+        blocking = [
+            lease for lease in self.leases() if not lease.stale and (lease.pin is None or lease.pin in doomed)
+        ]
+        if blocking:
+            raise WriterActive(self.path, "; ".join(lease.describe() for lease in blocking))
+
+    def usage(self) -> dict[str, int]:
+        """Bytes stored (no map or reader slots on an object store)."""
+        stored = sum(size for _, size in self._list(""))
+        return {"map_size": 0, "map_used": stored, "file_bytes": stored, "reader_slots": 0, "max_readers": 0}
+
+    def stat(self) -> dict[str, int]:
+        counts = {
+            name: sum(1 for _ in self._list(f"{name}/")) for name in ("chunks", "snapshots", "refs", "reflog")
+        }
+        counts["file_bytes"] = self.usage()["file_bytes"]
+        return counts
