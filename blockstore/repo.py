@@ -50,7 +50,7 @@ Location = str | Path
 Store = LmdbStore | ObjectStore | ReadThroughCache
 
 
-def open_store(location: Location, *, readonly: bool = False, cache: Path | None = None) -> Store:
+def open_store(location: Location, *, readonly: bool = False, cache: Location | None = None) -> Store:
     """The store at `location`. An object store gets a local read-through cache when `cache` (or
     the BLOCKSTORE_CACHE environment variable) names a directory."""
     if not is_url(location):
@@ -60,7 +60,7 @@ def open_store(location: Location, *, readonly: bool = False, cache: Path | None
     if cache is None:
         return remote
     budget = parse_size(os.environ.get(CACHE_SIZE_ENV), CACHE_SIZE_ENV) or DEFAULT_CACHE_BYTES
-    return ReadThroughCache(remote, cache, budget)
+    return ReadThroughCache(remote, Path(cache), budget)
 
 
 class Repository:
@@ -85,11 +85,11 @@ class Repository:
         return self.store.meta_int("chunk_size") or DEFAULT_CHUNK_SIZE
 
     @classmethod
-    def open(cls, location: Location, *, readonly: bool = False, cache: Path | None = None) -> Repository:
+    def open(cls, location: Location, *, readonly: bool = False, cache: Location | None = None) -> Repository:
         return cls(open_store(location, readonly=readonly, cache=cache))
 
     @classmethod
-    def open_for_reading(cls, location: Location, *, cache: Path | None = None) -> Repository:
+    def open_for_reading(cls, location: Location, *, cache: Location | None = None) -> Repository:
         """Open a store to read it over a long time (lazy runtime, export): writable when it can
         be, so the reader can pin its snapshot against gc; read-only (and unpinned) otherwise."""
         if is_url(location):

@@ -4,10 +4,26 @@ and the lazy runtime and CLI unchanged on an s3:// store."""
 
 from __future__ import annotations
 
+import itertools
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
 import pytest
+from safetensors.numpy import load_file, save_file
 
+from blockstore import repo as repo_module
+from blockstore.errors import ConditionalWritesIgnored, RefConflict
+from blockstore.faults import CRASH_ENV, CRASH_EXIT_CODE
 from blockstore.objectstore import ObjectStore
+from blockstore.pack import pack
+from blockstore.repo import Repository
 
+from .faults import RUN_CLI
+from .helpers import assert_one_line_error, cli, sha256
 from .store_suite import CatalogSuite, ChunkStoreSuite
 
 
@@ -16,3 +32,176 @@ class TestObjectStore(ChunkStoreSuite, CatalogSuite):
     def store(self, s3_url: str):
         with ObjectStore.create(s3_url) as opened:
             yield opened
+
+
+def test_the_cli_works_unchanged_on_an_s3_store(moto_url: str, minilm_path: Path, tmp_path: Path) -> None:
+    """init, pack, re-pack (dedup), export byte-identical, verify --deep, diff/apply/rollback, gc,
+    doctor and push/pull, on an s3:// store exactly as on a directory."""
+    assert cli("init", moto_url).exit_code == 0
+    packed = cli("pack", minilm_path, "--store", moto_url, "--json").json()
+    assert packed["new_chunks"] > 0
+    again = cli("pack", minilm_path, "--store", moto_url, "--json").json()
+    assert again["unchanged"] and again["new_bytes"] == 0
+    out = tmp_path / "out.safetensors"
+    assert cli("export", f"{moto_url}@main", out).exit_code == 0
+    assert sha256(out) == sha256(minilm_path)
+    assert cli("verify", "--deep", moto_url).exit_code == 0
+    assert "main" in cli("ls", moto_url).stdout
+
+    tuned = tmp_path / "tuned.safetensors"
+    weights = load_file(str(minilm_path))
+    weights["embeddings.word_embeddings.weight"][:100] += 1
+    save_file(weights, str(tuned))
+    bundle = tmp_path / "update.bsp"
+    assert cli("diff", moto_url, "main", tuned, "-o", bundle).exit_code == 0
+    assert cli("apply", moto_url, bundle).exit_code == 0
+    assert cli("rollback", moto_url).exit_code == 0
+    collected = cli("gc", moto_url, "--keep", "0", "--json").json()
+    assert len(collected["deleted_snapshots"]) == 1 and collected["deleted_chunks"] > 0
+    assert cli("verify", "--deep", moto_url).exit_code == 0
+    assert cli("doctor", moto_url, "--json").json()["leases"] == []
+
+    local = tmp_path / "local"
+    pulled = cli("pull", moto_url, local, "--json").json()
+    assert pulled["chunks_sent"] > 0 and pulled["chunks_present"] == 0
+    assert cli("pull", moto_url, local, "--json").json()["chunks_sent"] == 0  # only what is missing
+    assert cli("export", f"{local}@main", out).exit_code == 0 and sha256(out) == sha256(minilm_path)
+    pushed = cli("push", local, f"{moto_url}-copy", "--json").json()
+    assert pushed["chunks_sent"] == pulled["chunks_sent"]
+
+
+LOAD_AND_RUN = """
+import json, sys, torch
+from blockstore import runtime
+from blockstore.repo import Repository
+from transformers import AutoModel
+model = runtime.load_model(sys.argv[1], cache=sys.argv[2])
+ids = torch.tensor([[101, 7592, 2088, 102]])
+with torch.no_grad():
+    output = model(input_ids=ids).last_hidden_state
+store = model.blockstore.repo.store
+print(json.dumps({"output": output.flatten().tolist(), "chunk_gets": store.misses, "cache_hits": store.hits,
+                  "requests": store.remote.requests}))
+"""
+
+
+def test_lazy_load_on_another_host_is_bit_identical_and_cached(
+    moto_url: str, minilm_path: Path, tmp_path: Path
+) -> None:
+    """A second process (another "host", its own cache directory) loads the model lazily from s3://;
+    outputs equal an eager load bit for bit; a second load is served from its cache."""
+    assert cli("init", moto_url).exit_code == 0
+    assert cli("pack", minilm_path, "--store", moto_url).exit_code == 0
+    script = tmp_path / "host.py"
+    script.write_text(LOAD_AND_RUN)
+    cache = tmp_path / "host-cache"
+
+    def load() -> dict:
+        done = subprocess.run(
+            [sys.executable, str(script), moto_url, str(cache)], capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    first, second = load(), load()
+    eager = eager_output(minilm_path)
+    assert first["output"] == eager and second["output"] == eager
+    assert first["chunk_gets"] > 0 and first["cache_hits"] == 0
+    assert second["chunk_gets"] == 0 and second["cache_hits"] == first["chunk_gets"]
+
+
+def eager_output(model_dir_file: Path) -> list[float]:
+    import torch
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(model_dir_file.parent).eval()
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([[101, 7592, 2088, 102]])).last_hidden_state.flatten().tolist()
+
+
+def race_once(stores: list[ObjectStore], round_number: int, current: bytes | None) -> list[str]:
+    """Every publisher writes its own snapshot, waits for the others, then tries to move main."""
+    barrier = threading.Barrier(len(stores))
+    outcomes = [""] * len(stores)
+
+    def publish(index: int) -> None:
+        mine = bytes([round_number + 1, index + 1]) * 16
+        stores[index].put_snapshot(mine, b"snapshot")
+        barrier.wait()
+        try:
+            stores[index].move_ref("main", mine, current, "pack", f"{round_number}/{index}")
+            outcomes[index] = "won"
+        except RefConflict:
+            outcomes[index] = "conflict"
+
+    threads = [threading.Thread(target=publish, args=(index,)) for index in range(len(stores))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return outcomes
+
+
+def test_racing_publishers_exactly_one_wins_per_round(s3_url: str) -> None:
+    """8 publishers (each its own client) race to move one ref from the same old value, 4 rounds:
+    exactly one wins each round, the others get RefConflict, and the reflog is one unbroken chain."""
+    publishers, rounds = 8, 4
+    with ObjectStore.create(s3_url) as setup:
+        base = b"\0" * 32
+        setup.put_snapshot(base, b"base")
+        setup.move_ref("main", base, None, "pack", "base")
+    stores = [ObjectStore(s3_url) for _ in range(publishers)]
+    winners = []
+    try:
+        for round_number in range(rounds):
+            outcomes = race_once(stores, round_number, stores[0].get_ref("main"))
+            assert sorted(outcomes) == ["conflict"] * (publishers - 1) + ["won"], outcomes
+            winners.append(stores[0].get_ref("main"))
+        log = stores[0].reflog("main")
+        assert [entry.new for entry in log] == [base, *winners]
+        assert all(later.old == earlier.new for earlier, later in itertools.pairwise(log))
+    finally:
+        for store in stores:
+            store.close()
+
+
+class IgnoresConditions(ObjectStore):
+    """A server (or proxy) that drops If-None-Match and If-Match: every put overwrites."""
+
+    def _put(self, key: str, data: bytes, *, mode: object) -> str | None:
+        return super()._put(key, data, mode="overwrite")
+
+
+def test_a_server_that_ignores_conditional_writes_gets_no_ref_moves(
+    moto_url: str, minilm_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    Repository.init(moto_url).close()
+    monkeypatch.setattr(repo_module, "ObjectStore", IgnoresConditions)
+    with Repository.open(moto_url) as repo:
+        assert not repo.store.conditional_writes
+        with pytest.raises(ConditionalWritesIgnored, match="ignores conditional writes"):
+            pack(repo, [minilm_path])
+        assert repo.store.refs() == {}
+    result = cli("pack", minilm_path, "--store", moto_url)
+    assert_one_line_error(result, "ignores conditional writes")
+
+
+def test_a_pack_killed_mid_way_leaves_the_store_consistent(moto_url: str, minilm_path: Path) -> None:
+    """Killed after its chunks are written: refs untouched, verify clean (orphans reported), gc
+    removes the orphans, and the pack then runs to completion."""
+    assert cli("init", moto_url).exit_code == 0
+    killed = subprocess.run(
+        [sys.executable, "-c", RUN_CLI, "pack", str(minilm_path), "--store", moto_url],
+        env={**os.environ, CRASH_ENV: "chunks.committed"},
+        capture_output=True,
+    )
+    assert killed.returncode == CRASH_EXIT_CODE, killed.stderr.decode()[-2000:]
+    report = cli("verify", "--deep", moto_url, "--json").json()
+    assert report["clean"] and report["orphans"] and report["snapshots"] == 0
+    assert cli("doctor", moto_url, "--json").json()["leases"][0]["stale"]  # the dead writer's lease
+    collected = cli("gc", moto_url, "--json").json()
+    assert collected["deleted_chunks"] == len(report["orphans"])
+    assert cli("verify", moto_url, "--json").json()["orphans"] == []
+    assert cli("doctor", moto_url, "--json").json()["leases"] == []
+    assert cli("pack", minilm_path, "--store", moto_url).exit_code == 0
+    assert cli("verify", "--deep", moto_url).exit_code == 0
