@@ -598,11 +598,13 @@ def doctor(store: StoreArgument, as_json: JsonOption = False):
     if as_json:
         _print_json(asdict(report))
         return
-    used = report.map_used / report.map_size if report.map_size else 0.0
-    typer.echo(
-        f"map: {_mib(report.map_used)} used of {_mib(report.map_size)} mapped ({used:.0%}); "
-        f"data file {_mib(report.file_bytes)}"
-    )
+    if report.map_size:
+        typer.echo(
+            f"map: {_mib(report.map_used)} used of {_mib(report.map_size)} mapped "
+            f"({report.map_used / report.map_size:.0%}); data file {_mib(report.file_bytes)}"
+        )
+    else:  # an object store: no map, no reader slots
+        typer.echo(f"objects: {_mib(report.file_bytes)} stored")
     typer.echo(
         f"readers: {report.reader_slots} of {report.max_readers} slots in use; "
         f"{report.stale_readers_cleared} stale slots of dead processes cleared"
