@@ -52,6 +52,7 @@ from .store import Lease, ReflogEntry, process_alive, short_id
 
 OBJECT_FORMAT = "blockstore-s3/1"
 DEFAULT_CONCURRENCY = 8
+CONCURRENCY_ENV = "BLOCKSTORE_S3_CONCURRENCY"
 _GENERATION_DIGITS = 20
 _CONFLICT_RETRIES = 5
 _NOT_FOUND = (NotFoundError, FileNotFoundError)  # obstore raises the builtin for a missing object

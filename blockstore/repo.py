@@ -28,7 +28,7 @@ from .errors import (
 )
 from .hashing import digest, new_digest
 from .manifests import ManifestError, Snapshot, SnapshotId, TensorEntry
-from .objectstore import ObjectStore, is_url
+from .objectstore import CONCURRENCY_ENV, DEFAULT_CONCURRENCY, ObjectStore, is_url
 from .readcache import CACHE_ENV, CACHE_SIZE_ENV, DEFAULT_CACHE_BYTES, ReadThroughCache
 from .sizes import parse_size
 from .store import LmdbStore
@@ -52,10 +52,12 @@ Store = LmdbStore | ObjectStore | ReadThroughCache
 
 def open_store(location: Location, *, readonly: bool = False, cache: Location | None = None) -> Store:
     """The store at `location`. An object store gets a local read-through cache when `cache` (or
-    the BLOCKSTORE_CACHE environment variable) names a directory."""
+    the BLOCKSTORE_CACHE environment variable) names a directory; BLOCKSTORE_S3_CONCURRENCY sets how
+    many requests it keeps in flight for batch operations (the runtime's decode threads add theirs)."""
     if not is_url(location):
         return LmdbStore(Path(location), readonly=readonly)
-    remote = ObjectStore(str(location), readonly=readonly)
+    concurrency = int(os.environ.get(CONCURRENCY_ENV) or DEFAULT_CONCURRENCY)
+    remote = ObjectStore(str(location), readonly=readonly, concurrency=concurrency)
     cache = cache or (Path(os.environ[CACHE_ENV]) if os.environ.get(CACHE_ENV) else None)
     if cache is None:
         return remote

@@ -18,8 +18,10 @@ from safetensors.numpy import load_file, save_file
 from blockstore import repo as repo_module
 from blockstore.errors import ConditionalWritesIgnored, RefConflict
 from blockstore.faults import CRASH_ENV, CRASH_EXIT_CODE
+from blockstore.hashing import chunk_key
 from blockstore.objectstore import ObjectStore
 from blockstore.pack import pack
+from blockstore.readcache import ReadThroughCache
 from blockstore.repo import Repository
 
 from .faults import RUN_CLI
@@ -205,3 +207,21 @@ def test_a_pack_killed_mid_way_leaves_the_store_consistent(moto_url: str, minilm
     assert cli("doctor", moto_url, "--json").json()["leases"] == []
     assert cli("pack", minilm_path, "--store", moto_url).exit_code == 0
     assert cli("verify", "--deep", moto_url).exit_code == 0
+
+
+def test_the_read_through_cache_stays_under_its_budget(moto_url: str, tmp_path: Path) -> None:
+    values = [os.urandom(10_000) for _ in range(40)]
+    items = [(chunk_key(value), value) for value in values]
+    with ObjectStore.create(moto_url) as remote:
+        remote.put_batch(items)
+    cache = ReadThroughCache(ObjectStore(moto_url), tmp_path / "cache", budget=100_000)
+    try:
+        for key, value in items:
+            assert cache.get(key) == value
+        assert cache.misses == 40 and cache.hits == 0
+        held = cache.local.stored_sizes(cache.local.iter_keys())
+        assert 0 < sum(held.values()) <= 100_000 and len(held) < 40
+        kept = next(iter(held))
+        assert cache.get(kept) == dict(items)[kept] and cache.hits == 1
+    finally:
+        cache.close()
