@@ -119,12 +119,19 @@ class ObjectStore:
     ) -> ObjectStore:
         """Create an empty store at `url` with creation `params`; refuses a prefix that has one."""
         client = client if client is not None else _s3_client(url, endpoint_url)
-        for name, value in {**(params or {}), "created_ns": time.time_ns()}.items():
-            obstore.put(client, f"meta/{name}", str(value).encode())
-        try:  # last: a store exists once its format marker does
-            obstore.put(client, "meta/format", OBJECT_FORMAT.encode(), mode="create")
+        try:
+            try:  # refuse before writing anything: an existing store's parameters must not change
+                obstore.head(client, "meta/format")
+                raise StoreExists(url)
+            except _NOT_FOUND:
+                pass
+            for name, value in {**(params or {}), "created_ns": time.time_ns()}.items():
+                obstore.put(client, f"meta/{name}", str(value).encode())
+            obstore.put(client, "meta/format", OBJECT_FORMAT.encode(), mode="create")  # last: it exists now
         except AlreadyExistsError:
             raise StoreExists(url) from None
+        except BaseError as exc:
+            raise ObjectStoreFailed(url, "PUT", "meta/", _first_line(exc)) from None
         return cls(url, endpoint_url=endpoint_url, client=client)
 
     # object primitives (counted, so tests and benchmarks can see what went over the wire) ---------
@@ -166,6 +173,9 @@ class ObjectStore:
             return int(self._call("HEAD", obstore.head, key)["size"])
         except _NOT_FOUND:
             return None
+
+    def _exists(self, key: str) -> bool:
+        return self._size(key) is not None
 
     def _delete(self, key: str) -> None:
         self._call("DELETE", obstore.delete, key)
@@ -289,7 +299,7 @@ class ObjectStore:
         """Point `name` at `new` if it still points at `expected` (If-Match on the ref's ETag), then
         log the move; a 409 ConditionalRequestConflict is retried, a lost race is RefConflict."""
         self._require_conditional_writes()
-        if self.get_snapshot_bytes(new) is None:
+        if not self._exists(f"snapshots/{new.hex()}"):
             raise StoreCorrupt(self.path, f"refusing to point ref {name!r} at absent snapshot {new.hex()}")
         for _ in range(_CONFLICT_RETRIES):
             current = self._read_ref(name)
@@ -335,7 +345,7 @@ class ObjectStore:
         crash_point("lease.before-commit")
         self._put(key, msgpack.packb([os.getpid(), socket.gethostname(), time.time_ns(), pin]), mode="create")
         crash_point("lease.committed")
-        if pin is not None and self.get_snapshot_bytes(pin) is None:
+        if pin is not None and not self._exists(f"snapshots/{pin.hex()}"):
             self._delete(key)
             raise SnapshotNotFound(pin.hex(), self.path)
         if pin is None and self._live_gc_lock():

@@ -225,3 +225,11 @@ def test_the_read_through_cache_stays_under_its_budget(moto_url: str, tmp_path: 
         assert cache.get(kept) == dict(items)[kept] and cache.hits == 1
     finally:
         cache.close()
+
+
+def test_user_errors_on_s3_are_one_line(moto_url: str) -> None:
+    assert cli("init", moto_url).exit_code == 0
+    assert_one_line_error(cli("init", moto_url), "already exists")
+    assert_one_line_error(cli("ls", f"{moto_url}-nothing-here"), "no blockstore at", exit_code=3)
+    assert_one_line_error(cli("ls", "s3://no-such-bucket-here/x"), "s3://no-such-bucket-here/x")
+    assert_one_line_error(cli("show", f"{moto_url}@nope"), "does not exist", exit_code=3)
