@@ -7,9 +7,12 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import random
 import subprocess
 import sys
 import threading
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -24,7 +27,17 @@ from blockstore.pack import pack
 from blockstore.readcache import ReadThroughCache
 from blockstore.repo import Repository
 
-from .faults import RUN_CLI
+from .faults import (
+    RUN_CLI,
+    Operation,
+    Tally,
+    check_survivor,
+    content_at,
+    kill_at,
+    rerun_succeeds,
+    timed_run,
+    write_version,
+)
 from .helpers import assert_one_line_error, cli, sha256
 from .store_suite import CatalogSuite, ChunkStoreSuite
 
@@ -233,3 +246,45 @@ def test_user_errors_on_s3_are_one_line(moto_url: str) -> None:
     assert_one_line_error(cli("ls", f"{moto_url}-nothing-here"), "no blockstore at", exit_code=3)
     assert_one_line_error(cli("ls", "s3://no-such-bucket-here/x"), "s3://no-such-bucket-here/x")
     assert_one_line_error(cli("show", f"{moto_url}@nope"), "does not exist", exit_code=3)
+
+
+@dataclass
+class PackToS3(Operation):
+    """Pack v2 into a fresh s3:// prefix that holds v1 (a new prefix per run: no copy of a template)."""
+
+    endpoint: str = ""
+    v1: Path = Path()
+
+    def fresh_store(self, directory: Path) -> str:  # type: ignore[override]
+        url = f"s3://{self.template}/run-{uuid.uuid4().hex[:12]}"
+        Repository.init(url, chunk_size=65536).close()  # ~150 chunks a version: a few hundred requests
+        with Repository.open(url) as repo:
+            pack(repo, [self.v1])
+        return url
+
+
+@pytest.mark.parametrize("kills", [3, pytest.param(25, marks=pytest.mark.faults)])
+def test_random_sigkills_of_a_pack_to_s3(moto_url: str, tmp_path: Path, kills: int) -> None:
+    """The fault campaign of test_faults.py against an object store: SIGKILL at random moments."""
+    v1 = write_version(tmp_path / "v1.safetensors", changed_seed=1)
+    v2 = write_version(tmp_path / "v2.safetensors", changed_seed=2)
+    bucket = moto_url.removeprefix("s3://").split("/")[0]
+    probe = PackToS3("pack", Path(bucket), ["pack", str(v2), "--store", "STORE"], b"", b"", v1=v1)
+    first = probe.fresh_store(tmp_path)
+    probe.before = content_at(first)
+    duration = timed_run(probe, first)
+    probe.after = content_at(first)
+    startup = timed_run(probe, first, ["--help"])
+    rng = random.Random(kills)
+    tally = Tally()
+    for _ in range(kills):
+        url = probe.fresh_store(tmp_path)
+        if kill_at(probe, url, rng.uniform(0.9 * startup, 1.05 * duration)):
+            tally.kills += 1
+        check_survivor(url, probe, tally)
+        rerun_succeeds(url, probe)
+        assert cli("gc", url).exit_code == 0
+        assert cli("verify", url, "--json").json()["orphans"] == []
+    print(
+        f"\ns3 pack: {tally.kills} kills survived; main as before {tally.left_before}, after {tally.left_after}"
+    )
