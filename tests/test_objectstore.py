@@ -286,5 +286,6 @@ def test_random_sigkills_of_a_pack_to_s3(moto_url: str, tmp_path: Path, kills: i
         assert cli("gc", url).exit_code == 0
         assert cli("verify", url, "--json").json()["orphans"] == []
     print(
-        f"\ns3 pack: {tally.kills} kills survived; main as before {tally.left_before}, after {tally.left_after}"
+        f"\ns3 pack: {tally.kills} kills survived; "
+        f"main as before {tally.left_before}, after {tally.left_after}"
     )
