@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -100,6 +101,7 @@ class ObjectStore:
         self.readonly = readonly
         self.client = client if client is not None else _s3_client(url, endpoint_url)
         self.requests: dict[str, int] = {"GET": 0, "PUT": 0, "HEAD": 0, "DELETE": 0, "LIST": 0}
+        self._count_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(concurrency, "blockstore-s3")
         found = self._get_or_none("meta/format")
         if found is None:
@@ -138,7 +140,8 @@ class ObjectStore:
 
     def _call(self, verb: str, function: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
         """One request, counted; failures other than the ones callers handle become one line."""
-        self.requests[verb] += 1
+        with self._count_lock:
+            self.requests[verb] += 1
         try:
             return function(self.client, *args, **kwargs)
         except (*_NOT_FOUND, AlreadyExistsError, PreconditionError):
