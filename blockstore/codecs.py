@@ -123,7 +123,9 @@ class Zstd:
 _PLANE_RAW = 0
 _PLANE_ZSTD = 1
 _PLANE_HUFFMAN = 2
-_NOISE = 0.97  # a plane zstd shrinks by less than 3% is stored raw without trying Huffman
+"""Raw deflate, Huffman only: what earlier packs chose for exponent planes. Still decoded; no longer
+written, since zstd's optimal parser matches its size and decodes about 5x faster."""
+_NOISE = 0.97  # a plane the fast zstd shrinks by less than 3% is stored raw, no optimal parse
 
 
 def _plane_compressor(level: int) -> zstandard.ZstdCompressor:
@@ -138,11 +140,24 @@ def _plane_compressor(level: int) -> zstandard.ZstdCompressor:
     return cache[level]
 
 
-def _huffman(plane: memoryview) -> bytes:
-    """Entropy coding alone (raw deflate, Huffman only, a fresh table every block): the exponent
-    plane is close to order-0 noise, where this beats zstd's matches (MiniLM bf16: 0.664 vs 0.683)."""
-    packer = zlib.compressobj(1, zlib.DEFLATED, -15, 9, zlib.Z_HUFFMAN_ONLY)
-    return packer.compress(plane) + packer.flush()
+def _entropy_compressor() -> zstandard.ZstdCompressor:
+    """zstd with its optimal parser (btopt) and a cheap search: on an exponent plane it picks
+    literals almost everywhere, so the frame is Huffman-coded literals (zstd's huff0, 4 streams),
+    which decode about 5x faster than deflate's Huffman at the same size (MiniLM bf16 exponent
+    plane: 0.3365 vs 0.3371, 1.43 vs 0.25 GB/s decode; encode 27 MB/s: packs pay, loads gain)."""
+    if not hasattr(_local, "entropy_compressor"):
+        params = zstandard.ZstdCompressionParameters(
+            window_log=17,
+            min_match=7,
+            strategy=zstandard.STRATEGY_BTOPT,
+            search_log=1,
+            hash_log=8,
+            chain_log=8,
+            target_length=16,
+            write_content_size=True,
+        )
+        _local.entropy_compressor = zstandard.ZstdCompressor(compression_params=params)
+    return _local.entropy_compressor
 
 
 def _unhuffman(payload: bytes, expected_len: int) -> bytes:
@@ -170,7 +185,8 @@ def _join_sign(top: np.ndarray, below: np.ndarray) -> tuple[np.ndarray, np.ndarr
 
 @dataclass(frozen=True)
 class ByteGroupZstd:
-    """Split each element's bytes into planes, then store each plane raw, as zstd or Huffman-coded,
+    """Split each element's bytes into planes, then store each plane raw or as zstd (a fast
+    level, or the optimal parser that reduces an exponent plane to Huffman-coded literals),
     whichever is smallest.
 
     Floating-point weights put their exponent in one byte of each element (after `split_sign` moves
@@ -202,8 +218,8 @@ class ByteGroupZstd:
             plane = byte_plane.data
             candidates = [(_PLANE_RAW, bytes(plane))]
             packed = _plane_compressor(self.level).compress(plane)
-            if len(packed) < _NOISE * len(plane):  # a mantissa plane: neither coder will pay
-                candidates += [(_PLANE_ZSTD, packed), (_PLANE_HUFFMAN, _huffman(plane))]
+            if len(packed) < _NOISE * len(plane):  # else a mantissa plane: no coder will pay
+                candidates += [(_PLANE_ZSTD, packed), (_PLANE_ZSTD, _entropy_compressor().compress(plane))]
             planes.append(min(candidates, key=lambda candidate: len(candidate[1])))
         return msgpack.packb(planes, use_bin_type=True)
 

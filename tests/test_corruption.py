@@ -175,12 +175,28 @@ def test_hostile_huffman_planes_are_corrupt(payload: bytes, fragment: str) -> No
         decode_chunk(b"\0" * 16, _envelope("bytegroup+zstd", {"itemsize": 2, "level": 3}, planes), 16)
 
 
-def test_skewed_exponent_plane_is_huffman_coded_and_the_sign_split_round_trips() -> None:
+def test_exponent_plane_is_entropy_coded_and_the_sign_split_round_trips() -> None:
     values = np.random.default_rng(0).normal(0, 0.02, 1 << 16).astype(np.float32)
     values[::7] *= -1
     raw = values.tobytes()
     codec = ByteGroupZstd(itemsize=4, split_sign=True)
     stored = encode_chunk(codec, memoryview(raw))
-    modes = [mode for mode, _ in msgpack.unpackb(msgpack.unpackb(stored)[2])]
-    assert 2 in modes and 0 in modes  # the exponent plane is Huffman-coded, mantissa planes raw
+    planes = msgpack.unpackb(msgpack.unpackb(stored)[2])
+    assert [mode for mode, _ in planes][:2] == [0, 0]  # the low mantissa bytes: raw
+    exponent = planes[3][1]
+    assert planes[3][0] == 1 and len(exponent) < 0.4 * len(raw) // 4  # zstd, Huffman-coded literals
+    assert len(exponent) <= len(
+        _huffman_plane(np.ascontiguousarray(np.frombuffer(raw, np.uint8)[3::4]).tobytes())
+    )
+    assert decode_chunk(chunk_key(raw), stored, len(raw)) == raw
+
+
+def test_huffman_planes_of_earlier_packs_still_decode() -> None:
+    raw = np.random.default_rng(1).normal(0, 0.02, 4096).astype(np.float32).tobytes()
+    grid = np.frombuffer(raw, np.uint8).reshape(-1, 4)
+    planes = [[0, grid[:, 0].tobytes()], [0, grid[:, 1].tobytes()], [0, grid[:, 2].tobytes()]]
+    planes.append([2, _huffman_plane(grid[:, 3].tobytes())])
+    stored = _envelope(
+        "bytegroup+zstd", {"itemsize": 4, "level": 3}, msgpack.packb(planes, use_bin_type=True)
+    )
     assert decode_chunk(chunk_key(raw), stored, len(raw)) == raw
