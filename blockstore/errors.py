@@ -102,6 +102,10 @@ class ObjectStoreFailed(BlockstoreError):
     template = "object store {}: {} {} failed: {}"
 
 
+class ObjectStoreDenied(ObjectStoreFailed):
+    """The credentials may not do this (read-only credentials opening a store to write, say)."""
+
+
 class ConditionalWritesIgnored(BlockstoreError):
     """An object store that accepted a create-only put over an existing object, or a put with a
     stale If-Match: compare-and-set on refs cannot work there."""

@@ -32,12 +32,20 @@ from urllib.parse import urlparse
 
 import msgpack
 import obstore
-from obstore.exceptions import AlreadyExistsError, BaseError, NotFoundError, PreconditionError
+from obstore.exceptions import (
+    AlreadyExistsError,
+    BaseError,
+    NotFoundError,
+    PermissionDeniedError,
+    PreconditionError,
+    UnauthenticatedError,
+)
 
 from .errors import (
     ChunkMissing,
     ConditionalWritesIgnored,
     InvalidArgument,
+    ObjectStoreDenied,
     ObjectStoreFailed,
     RefConflict,
     SnapshotNotFound,
@@ -108,7 +116,12 @@ class ObjectStore:
             raise StoreNotFound(url, url)
         if bytes(found).decode(errors="replace") != OBJECT_FORMAT:
             raise StoreFormatMismatch(url, bytes(found).decode(errors="replace"), OBJECT_FORMAT)
-        self.conditional_writes = self._probe() if not readonly else True
+        self.conditional_writes = True
+        if not readonly:
+            try:
+                self.conditional_writes = self._probe()
+            except ObjectStoreDenied:  # read-only credentials (typical for inference hosts): read,
+                self.readonly = True  # unpinned; writes would be refused by the server anyway
 
     @classmethod
     def create(
@@ -146,6 +159,8 @@ class ObjectStore:
             return function(self.client, *args, **kwargs)
         except (*_NOT_FOUND, AlreadyExistsError, PreconditionError):
             raise
+        except (PermissionDeniedError, UnauthenticatedError) as exc:
+            raise ObjectStoreDenied(self.path, verb, args[0] if args else "", _first_line(exc)) from None
         except BaseError as exc:
             raise ObjectStoreFailed(self.path, verb, args[0] if args else "", _first_line(exc)) from None
 

@@ -19,7 +19,8 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from blockstore import repo as repo_module
-from blockstore.errors import ConditionalWritesIgnored, RefConflict
+from blockstore import runtime
+from blockstore.errors import ConditionalWritesIgnored, ObjectStoreDenied, RefConflict
 from blockstore.faults import CRASH_ENV, CRASH_EXIT_CODE
 from blockstore.hashing import chunk_key
 from blockstore.objectstore import ObjectStore
@@ -289,3 +290,19 @@ def test_random_sigkills_of_a_pack_to_s3(moto_url: str, tmp_path: Path, kills: i
         f"\ns3 pack: {tally.kills} kills survived; "
         f"main as before {tally.left_before}, after {tally.left_after}"
     )
+
+
+def test_read_only_credentials_still_read(
+    moto_url: str, minilm_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Inference hosts often may only read: the store opens read-only (no probe, no pins)."""
+    assert cli("init", moto_url).exit_code == 0
+    assert cli("pack", minilm_path, "--store", moto_url).exit_code == 0
+
+    def denied(self: ObjectStore) -> bool:
+        raise ObjectStoreDenied(self.path, "PUT", "probe/x", "403 Forbidden")
+
+    monkeypatch.setattr(ObjectStore, "_probe", denied)
+    with runtime.open(moto_url) as state:
+        assert state.repo.store.readonly
+        assert state["embeddings.word_embeddings.weight"].materialize().shape[0] == 30522
