@@ -57,7 +57,7 @@ from .errors import (
 )
 from .faults import crash_point
 from .hashing import ChunkKey
-from .store import Lease, ReflogEntry, process_alive, short_id
+from .store import Lease, ReflogEntry, blocking_leases, process_alive, short_id
 
 OBJECT_FORMAT = "blockstore-s3/1"
 DEFAULT_CONCURRENCY = 8
@@ -70,11 +70,6 @@ _T = TypeVar("_T")
 
 def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-
-
-def is_url(location: object) -> bool:
-    """Whether a store location names an object store rather than an LMDB directory."""
-    return isinstance(location, str) and location.startswith("s3://")
 
 
 def _s3_client(url: str, endpoint_url: str | None) -> obstore.store.S3Store:
@@ -361,7 +356,7 @@ class ObjectStore:
         lease_id = os.urandom(8)
         key = f"leases/{lease_id.hex()}"
         crash_point("lease.before-commit")
-        self._put(key, msgpack.packb([os.getpid(), socket.gethostname(), time.time_ns(), pin]), mode="create")
+        self._put(key, Lease.record(pin), mode="create")
         crash_point("lease.committed")
         if pin is not None and not self._exists(f"snapshots/{pin.hex()}"):
             self._delete(key)
@@ -379,12 +374,11 @@ class ObjectStore:
     def leases(self) -> list[Lease]:
         paths = [path for path, _ in self._list("leases/")]
         records = self._parallel(self._get_or_none, paths)
-        leases = []
-        for path, record in zip(paths, records, strict=True):
-            if record is not None:
-                pid, host, time_ns, pin = msgpack.unpackb(record, raw=False)
-                leases.append(Lease(bytes.fromhex(path.rsplit("/", 1)[1]), pid, host, time_ns, pin))
-        return leases
+        return [
+            Lease.from_record(bytes.fromhex(path.rsplit("/", 1)[1]), record)
+            for path, record in zip(paths, records, strict=True)
+            if record is not None  # released between the listing and the read
+        ]
 
     def pinned_snapshots(self) -> set[bytes]:
         return {lease.pin for lease in self.leases() if lease.pin and not lease.stale}
@@ -429,9 +423,7 @@ class ObjectStore:
             self._delete("locks/gc")
 
     def _check_no_user(self, doomed: set[bytes]) -> None:
-        blocking = [
-            lease for lease in self.leases() if not lease.stale and (lease.pin is None or lease.pin in doomed)
-        ]
+        blocking = blocking_leases(self.leases(), doomed)
         if blocking:
             raise WriterActive(self.path, "; ".join(lease.describe() for lease in blocking))
 

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import ChunkMissing
 from .hashing import ChunkKey
-from .objectstore import ObjectStore
 from .store import LmdbStore
+
+if TYPE_CHECKING:
+    from .objectstore import ObjectStore
 
 CACHE_ENV = "BLOCKSTORE_CACHE"
 CACHE_SIZE_ENV = "BLOCKSTORE_CACHE_SIZE"

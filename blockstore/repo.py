@@ -14,6 +14,7 @@ import string
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, Union
 
 from .chunks import DEFAULT_CHUNK_SIZE, check_chunk_size, decode_chunk
 from .errors import (
@@ -28,10 +29,12 @@ from .errors import (
 )
 from .hashing import digest, new_digest
 from .manifests import ManifestError, Snapshot, SnapshotId, TensorEntry
-from .objectstore import CONCURRENCY_ENV, DEFAULT_CONCURRENCY, ObjectStore, is_url
 from .readcache import CACHE_ENV, CACHE_SIZE_ENV, DEFAULT_CACHE_BYTES, ReadThroughCache
 from .sizes import parse_size
 from .store import LmdbStore
+
+if TYPE_CHECKING:
+    from .objectstore import ObjectStore
 
 DEFAULT_REF = "main"
 MIN_ID_PREFIX = 4
@@ -47,7 +50,12 @@ def check_ref_name(name: str) -> str:
 
 Location = str | Path
 """Where a store lives: an LMDB directory, or an object store URL `s3://bucket/prefix`."""
-Store = LmdbStore | ObjectStore | ReadThroughCache
+Store = Union[LmdbStore, "ObjectStore", ReadThroughCache]
+
+
+def is_url(location: object) -> bool:
+    """Whether a store location names an object store rather than an LMDB directory."""
+    return isinstance(location, str) and location.startswith("s3://")
 
 
 def open_store(location: Location, *, readonly: bool = False, cache: Location | None = None) -> Store:
@@ -56,6 +64,8 @@ def open_store(location: Location, *, readonly: bool = False, cache: Location | 
     many requests it keeps in flight for batch operations (the runtime's decode threads add theirs)."""
     if not is_url(location):
         return LmdbStore(Path(location), readonly=readonly)
+    from .objectstore import CONCURRENCY_ENV, DEFAULT_CONCURRENCY, ObjectStore  # obstore only when used
+
     concurrency = int(os.environ.get(CONCURRENCY_ENV) or DEFAULT_CONCURRENCY)
     remote = ObjectStore(str(location), readonly=readonly, concurrency=concurrency)
     cache = cache or (Path(os.environ[CACHE_ENV]) if os.environ.get(CACHE_ENV) else None)
@@ -78,6 +88,8 @@ class Repository:
         check_chunk_size(chunk_size)
         params = {"chunk_size": chunk_size}
         if is_url(location):
+            from .objectstore import ObjectStore
+
             return cls(ObjectStore.create(str(location), params))
         return cls(LmdbStore.create(Path(location), params))
 

@@ -108,6 +108,21 @@ class Lease:
     def describe(self) -> str:
         return f"{self.role}, pid {self.pid} on {self.host}"
 
+    @classmethod
+    def from_record(cls, lease_id: bytes, record: bytes) -> Lease:
+        """A stored lease record: msgpack [pid, host, time_ns, pin] (writers before pins: 3 fields)."""
+        pid, host, time_ns, *pin = msgpack.unpackb(record, raw=False)
+        return cls(lease_id, pid, host, time_ns, pin[0] if pin else None)
+
+    @staticmethod
+    def record(pin: bytes | None) -> bytes:
+        return msgpack.packb([os.getpid(), socket.gethostname(), time.time_ns(), pin])
+
+
+def blocking_leases(leases: list[Lease], doomed: set[bytes]) -> list[Lease]:
+    """Live leases that forbid deleting `doomed` snapshots: any writer, and readers pinning one."""
+    return [lease for lease in leases if not lease.stale and (lease.pin is None or lease.pin in doomed)]
+
 
 @dataclass
 class _SharedEnv:
@@ -407,7 +422,7 @@ class LmdbStore:
         `pin`, a reader of that snapshot (gc must keep it). A pin is taken only on a snapshot that
         is still there, checked in the same transaction; raises SnapshotNotFound otherwise."""
         lease_id = os.urandom(8)
-        record = msgpack.packb([os.getpid(), socket.gethostname(), time.time_ns(), pin])
+        record = Lease.record(pin)
 
         def body(txn: lmdb.Transaction) -> None:
             if pin is not None and txn.get(pin, db=self._dbs["snapshots"]) is None:
@@ -427,8 +442,7 @@ class LmdbStore:
             for key, value in cursor:
                 if not key.startswith(_LEASE_PREFIX):
                     break
-                pid, host, time_ns, *pin = msgpack.unpackb(value, raw=False)
-                leases.append(Lease(key[len(_LEASE_PREFIX) :], pid, host, time_ns, pin[0] if pin else None))
+                leases.append(Lease.from_record(key[len(_LEASE_PREFIX) :], value))
         return leases
 
     def leases(self) -> list[Lease]:
@@ -458,8 +472,7 @@ class LmdbStore:
 
         def body(txn: lmdb.Transaction) -> None:
             leases = self._leases_in(txn)
-            live = [lease for lease in leases if not lease.stale]
-            blocking = [lease for lease in live if lease.pin is None or lease.pin in doomed]
+            blocking = blocking_leases(leases, doomed)
             if blocking:
                 raise WriterActive(self.path, "; ".join(lease.describe() for lease in blocking))
             if self._fingerprint_in(txn) != fingerprint:

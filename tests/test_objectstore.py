@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from blockstore import repo as repo_module
+from blockstore import objectstore as objectstore_module
 from blockstore import runtime
 from blockstore.errors import ConditionalWritesIgnored, ObjectStoreDenied, RefConflict
 from blockstore.faults import CRASH_ENV, CRASH_EXIT_CODE
@@ -192,7 +192,7 @@ def test_a_server_that_ignores_conditional_writes_gets_no_ref_moves(
     moto_url: str, minilm_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     Repository.init(moto_url).close()
-    monkeypatch.setattr(repo_module, "ObjectStore", IgnoresConditions)
+    monkeypatch.setattr(objectstore_module, "ObjectStore", IgnoresConditions)
     with Repository.open(moto_url) as repo:
         assert not repo.store.conditional_writes
         with pytest.raises(ConditionalWritesIgnored, match="ignores conditional writes"):
