@@ -25,8 +25,9 @@ import socket
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 from urllib.parse import urlparse
 
@@ -105,6 +106,7 @@ class ObjectStore:
         self.client = client if client is not None else _s3_client(url, endpoint_url)
         self.requests: dict[str, int] = {"GET": 0, "PUT": 0, "HEAD": 0, "DELETE": 0, "LIST": 0}
         self._count_lock = threading.Lock()
+        self.concurrency = concurrency
         self._pool = ThreadPoolExecutor(concurrency, "blockstore-s3")
         found = self._get_or_none("meta/format")
         if found is None:
@@ -244,6 +246,22 @@ class ObjectStore:
         if value is None:
             raise ChunkMissing(key.hex())
         return value
+
+    def get_many(self, keys: Iterable[ChunkKey]) -> Iterator[bytes]:
+        """Chunk values in order, with up to `concurrency` GETs in flight (export, verify, push:
+        readers that go through a tensor front to back would otherwise wait out every round trip)."""
+        return self.map_ordered(self.get, keys)
+
+    def map_ordered(self, function: Callable[[Any], _T], items: Iterable[Any]) -> Iterator[_T]:
+        """`function` over `items` on this store's threads, results in order, at most `concurrency`
+        in flight (so a long tensor is never held in memory whole, unlike `pool.map`)."""
+        pending: deque[Future[_T]] = deque()
+        for item in items:
+            pending.append(self._pool.submit(function, item))
+            if len(pending) >= self.concurrency:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
     def stored_sizes(self, keys: Iterable[ChunkKey]) -> dict[ChunkKey, int]:
         keys = list(dict.fromkeys(keys))

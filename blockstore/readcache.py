@@ -11,6 +11,7 @@ values by evicting arbitrary entries (keys are hashes, so LMDB key order is effe
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -52,6 +53,10 @@ class ReadThroughCache:
         with self._lock:
             self.hits += 1
         return value
+
+    def get_many(self, keys: Iterable[ChunkKey]) -> Iterator[bytes]:
+        """As the object store's, each key through the cache."""
+        return self.remote.map_ordered(self.get, keys)
 
     def _keep(self, key: ChunkKey, value: bytes) -> None:
         added = self.local.put_batch([(key, value)])

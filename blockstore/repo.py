@@ -203,9 +203,10 @@ class Repository:
         """Decoded chunks of a tensor in order; each is checked against its key, the tensor
         against its digest once the last chunk is out. Damage raises TensorCorrupt naming both."""
         hasher = new_digest()
+        values = self.store.get_many(chunk.key for chunk in entry.chunks)
         for chunk in entry.chunks:
             try:
-                raw = decode_chunk(chunk.key, self.store.get(chunk.key), chunk.raw_len)
+                raw = decode_chunk(chunk.key, next(values), chunk.raw_len)
             except (ChunkCorrupt, ChunkMissing) as exc:
                 raise TensorCorrupt(entry.name, snapshot_id.hex()[:12], exc) from None
             hasher.update(raw)

@@ -36,9 +36,8 @@ def transfer(source: Repository, destination: Repository, ref: str = DEFAULT_REF
         present = destination.store.contains(owners)
         missing = [key for key in owners if key not in present]
         sent, batch, batch_bytes = 0, [], 0
-        for key in missing:
+        for key, value in zip(missing, source.store.get_many(missing), strict=True):
             entry, chunk = owners[key]
-            value = source.store.get(key)
             try:  # never spread a damaged chunk to another store
                 decode_chunk(key, value, chunk.raw_len)
             except (ChunkCorrupt, ChunkMissing) as exc:

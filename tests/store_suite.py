@@ -53,6 +53,16 @@ class ChunkStoreSuite:
         with pytest.raises(ChunkMissing):
             store.get(items[0][0])
 
+    def test_get_many_in_order_then_missing(self, store) -> None:
+        items = [item(str(n)) for n in range(30)]
+        store.put_batch(items)
+        keys = [key for key, _ in reversed(items)]
+        assert list(store.get_many(keys)) == [value for _, value in reversed(items)]
+        values = store.get_many([items[0][0], chunk_key(b"nope"), items[1][0]])
+        assert next(values) == items[0][1]
+        with pytest.raises(ChunkMissing, match=chunk_key(b"nope").hex()):
+            next(values)
+
     def test_empty_value(self, store) -> None:
         key = chunk_key(b"")
         store.put_batch([(key, b"")])
