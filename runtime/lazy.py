@@ -331,7 +331,7 @@ def open(
     budget: int | str | None = None,
     prefetch: int = 0,
     workers: int | None = None,
-    cache: Path | None = None,
+    cache: str | Path | None = None,
 ) -> LazyStateDict:
     """Open `ref` (a ref name or snapshot id prefix) of the store at `store` for lazy reading.
 

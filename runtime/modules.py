@@ -287,7 +287,7 @@ def load_model(
     budget: int | str | None = None,
     prefetch: int = 0,
     workers: int | None = None,
-    cache: Path | None = None,
+    cache: str | Path | None = None,
 ) -> nn.Module:
     """A working model whose weights are read from `store@ref` when first used.
 
