@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import lmdb
 import msgpack
@@ -57,6 +57,8 @@ class ChunkStore(Protocol):
     def get(self, key: ChunkKey) -> bytes: ...
 
     def get_many(self, keys: Iterable[ChunkKey]) -> Iterator[bytes]: ...
+
+    def map_ordered(self, function: Callable[[Any], _T], items: Iterable[Any]) -> Iterator[_T]: ...
 
     def stored_sizes(self, keys: Iterable[ChunkKey]) -> dict[ChunkKey, int]: ...
 
@@ -323,7 +325,11 @@ class LmdbStore:
 
     def get_many(self, keys: Iterable[ChunkKey]) -> Iterator[bytes]:
         """Chunk values in order (a local map: one at a time is as fast as it gets)."""
-        return (self.get(key) for key in keys)
+        return self.map_ordered(self.get, keys)
+
+    def map_ordered(self, function: Callable[[Any], _T], items: Iterable[Any]) -> Iterator[_T]:
+        """`function` over `items`, lazily and in order (the object store overlaps them)."""
+        return (function(item) for item in items)
 
     def stored_sizes(self, keys: Iterable[ChunkKey]) -> dict[ChunkKey, int]:
         sizes = {}

@@ -77,8 +77,11 @@ def _check_tensor(repo: Repository, snapshot_id: SnapshotId, entry: TensorEntry,
     hasher = new_digest()
     problems = []
     if deep:
-        for index, chunk in enumerate(entry.chunks):
-            kind, detail, raw = _chunk_problem(repo, chunk.key, chunk.raw_len)
+        # Fetched and decoded ahead on the store's threads (an object store's round trips overlap).
+        checked = repo.store.map_ordered(
+            lambda chunk: _chunk_problem(repo, chunk.key, chunk.raw_len), entry.chunks
+        )
+        for (index, chunk), (kind, detail, raw) in zip(enumerate(entry.chunks), checked, strict=True):
             if raw is None:
                 problems.append((index, chunk.key, kind, detail))
             else:
