@@ -200,6 +200,10 @@ class ObjectStore:
         pages = self._call("LIST", lambda client: list(obstore.list(client, prefix=prefix)))
         return [(meta["path"], int(meta["size"])) for page in pages for meta in page]
 
+    def _ids(self, prefix: str) -> list[bytes]:
+        """The keys or ids named in hex by the objects under `prefix`."""
+        return [bytes.fromhex(path.rsplit("/", 1)[1]) for path, _ in self._list(prefix)]
+
     def _parallel(self, function: Callable[[Any], _T], items: Iterable[Any]) -> list[_T]:
         return list(self._pool.map(function, items))
 
@@ -286,7 +290,7 @@ class ObjectStore:
         return len(present)
 
     def iter_keys(self) -> Iterator[ChunkKey]:
-        return iter([bytes.fromhex(path.rsplit("/", 1)[1]) for path, _ in self._list("chunks/")])
+        return iter(self._ids("chunks/"))
 
     # snapshots ---------------------------------------------------------------------------------------
 
@@ -299,7 +303,7 @@ class ObjectStore:
         crash_point("snapshot.committed")
 
     def snapshot_ids(self) -> list[bytes]:
-        return sorted(bytes.fromhex(path.rsplit("/", 1)[1]) for path, _ in self._list("snapshots/"))
+        return sorted(self._ids("snapshots/"))
 
     # refs and reflog ---------------------------------------------------------------------------------
 
@@ -314,10 +318,13 @@ class ObjectStore:
         except (ValueError, TypeError, msgpack.UnpackException) as exc:
             raise StoreCorrupt(self.path, f"ref {name!r} is malformed ({exc})") from None
 
-    def refs(self) -> dict[str, bytes]:
+    def _read_refs(self) -> dict[str, tuple[int, ReflogEntry, str]]:
         names = [path[len("refs/") :] for path, _ in self._list("refs/")]
         reads = self._parallel(self._read_ref, names)
-        return {name: read[1].new for name, read in zip(names, reads, strict=True) if read is not None}
+        return {name: read for name, read in zip(names, reads, strict=True) if read is not None}
+
+    def refs(self) -> dict[str, bytes]:
+        return {name: read[1].new for name, read in self._read_refs().items()}
 
     def get_ref(self, name: str) -> bytes | None:
         read = self._read_ref(name)
@@ -402,8 +409,10 @@ class ObjectStore:
         return {lease.pin for lease in self.leases() if lease.pin and not lease.stale}
 
     def roots_fingerprint(self) -> tuple[dict[str, bytes], int]:
-        refs = self.refs()
-        return refs, sum(len(self.reflog(name)) for name in refs)
+        """Refs and the reflog's length, which is the sum of the refs' generations (one entry per
+        move; `reflog` supplies a last entry a crash left unwritten), so no reflog is read."""
+        reads = self._read_refs()
+        return {name: read[1].new for name, read in reads.items()}, sum(read[0] for read in reads.values())
 
     def _live_gc_lock(self) -> bool:
         record = self._get_or_none("locks/gc")
@@ -451,8 +460,12 @@ class ObjectStore:
         return {"map_size": 0, "map_used": stored, "file_bytes": stored, "reader_slots": 0, "max_readers": 0}
 
     def stat(self) -> dict[str, int]:
-        counts = {
-            name: sum(1 for _ in self._list(f"{name}/")) for name in ("chunks", "snapshots", "refs", "reflog")
-        }
-        counts["file_bytes"] = self.usage()["file_bytes"]
+        """Objects per kind and bytes stored, from one listing."""
+        listing = self._list("")
+        counts = {name: 0 for name in ("chunks", "snapshots", "refs", "reflog")}
+        for path, _ in listing:
+            kind = path.split("/", 1)[0]
+            if kind in counts:
+                counts[kind] += 1
+        counts["file_bytes"] = sum(size for _, size in listing)
         return counts

@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +51,6 @@ class Operation:
     args: list[str]
     before: bytes
     after: bytes
-    duration: float = 0.0
 
     def command(self, store: Path) -> list[str]:
         return [sys.executable, "-c", RUN_CLI, *(str(store) if a == "STORE" else a for a in self.args)]
@@ -74,7 +73,6 @@ class Tally:
     left_after: int = 0
     orphan_chunks_seen: int = 0
     stale_readers_cleared: int = 0
-    outcomes: list[str] = field(default_factory=list)
 
 
 def content_at(store: Path, ref: str = "main") -> bytes:

@@ -63,6 +63,9 @@ def test_the_cli_works_unchanged_on_an_s3_store(moto_url: str, minilm_path: Path
     assert sha256(out) == sha256(minilm_path)
     assert cli("verify", "--deep", moto_url).exit_code == 0
     assert "main" in cli("ls", moto_url).stdout
+    counts = cli("stats", moto_url, "--json").json()
+    assert (counts["refs"], counts["snapshots"], counts["reflog"]) == (1, 1, 1)
+    assert counts["chunks"] == packed["new_chunks"] and counts["file_bytes"] > counts["chunk_bytes"] > 0
 
     tuned = tmp_path / "tuned.safetensors"
     weights = load_file(str(minilm_path))
