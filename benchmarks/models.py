@@ -35,8 +35,10 @@ def dominant_float_dtype(tensors: Mapping[str, torch.Tensor]) -> str:
     return str(max(set(dtypes), key=dtypes.count)).removeprefix("torch.")
 
 
-def zipnn_coder(dtype: str) -> Any:
-    """ZipNN over raw bytes of `dtype` (it rewrites the buffer it compresses: pass a copy)."""
+def zipnn_coder(dtype: str, threads: int | None = None) -> Any:
+    """ZipNN over raw bytes of `dtype` (it rewrites the buffer it compresses: pass a copy), with
+    its default threads unless `threads` is given."""
     from zipnn import ZipNN
 
-    return ZipNN(input_format="byte", bytearray_dtype=dtype)
+    options = {} if threads is None else {"threads": threads}
+    return ZipNN(input_format="byte", bytearray_dtype=dtype, **options)

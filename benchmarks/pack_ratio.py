@@ -3,12 +3,16 @@
 On the same weights — the model as shipped and a bf16 cast of it — measures:
 - blockstore with the static side at each tier (`lossless`, `int8`, `fp8`, `int4`; the dynamic side
   is always lossless) and with the plain `zstd` codec: whole-model ratio (stored / raw), pack MB/s,
-  decode MB/s (every tensor materialized through the runtime from a warm store), and for the lossy
-  tiers the worst per-tensor relative error and the end-to-end drift (`check-drift`'s metrics,
-  with the tokenizer found beside the model, if any);
+  decode MB/s (every tensor materialized through the runtime from a warm store, chunks of a tensor
+  on the runtime's threads) and 1-thread decode MB/s (every chunk, already read from the store,
+  decoded on one thread into a new tensor), and for the lossy tiers the worst per-tensor relative
+  error and the end-to-end drift (`check-drift`'s metrics, with the tokenizer found beside the
+  model, if any);
 - plain zstd level 3 over all tensor bytes (one call, one thread);
-- ZipNN (when the `zipnn` package is installed) over the same bytes, with its default threads.
-Ratios are over the tensor data (headers excluded). Prints a table, or JSON with --json.
+- ZipNN (when the `zipnn` package is installed) over the same bytes: decode with its default
+  threads, and with one.
+Decode figures are medians of 5 runs, each into newly allocated memory (as a load is); ratios are
+over the tensor data (headers excluded). Prints a table, or JSON with --json.
 
     python -m blockstore.benchmarks.pack_ratio [MODEL.safetensors] [--tiers lossless,int8] [--json]
 """
@@ -18,8 +22,10 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +34,7 @@ import zstandard
 from safetensors.torch import load_file, save_file
 
 from blockstore import runtime
+from blockstore.chunks import decode_chunk_into
 from blockstore.pack import pack
 from blockstore.policy import TIERS, Policy
 from blockstore.repo import Repository
@@ -49,11 +56,48 @@ def bf16_cast(source: Path, out_dir: Path) -> Path:
     return out_dir / "model.safetensors"
 
 
-def _decode_mb_s(store: Path) -> float:
-    with runtime.open(store) as state:
+DECODE_RUNS = 5
+
+
+def _median_mb_s(nbytes: int, decode: Callable[[], object]) -> float:
+    """Median throughput of `decode` over DECODE_RUNS runs (the first warms per-thread contexts)."""
+    decode()
+    seconds = []
+    for _ in range(DECODE_RUNS):
         started = time.perf_counter()
-        decoded = sum(state[name].materialize().nbytes for name in state)
-        return decoded / 1e6 / (time.perf_counter() - started)
+        decode()
+        seconds.append(time.perf_counter() - started)
+    return nbytes / 1e6 / statistics.median(seconds)
+
+
+def _decode_mb_s(store: Path) -> float:
+    def materialize_all() -> None:
+        with runtime.open(store) as state:
+            for name in state:
+                state[name].materialize()
+
+    with Repository.open(store, readonly=True) as repo:
+        nbytes = sum(entry.nbytes for entry in repo.snapshot(repo.resolve(None)).tensors.values())
+    return _median_mb_s(nbytes, materialize_all)
+
+
+def _decode_one_thread_mb_s(store: Path) -> float:
+    """The codec alone: stored values are read first, then decoded on this thread."""
+    with Repository.open(store, readonly=True) as repo:
+        tensors = [
+            (entry, [repo.store.get(chunk.key) for chunk in entry.chunks])
+            for entry in repo.snapshot(repo.resolve(None)).tensors.values()
+        ]
+
+    def decode_all() -> None:
+        for entry, values in tensors:
+            out = memoryview(torch.empty(entry.nbytes, dtype=torch.uint8).numpy())
+            offset = 0
+            for chunk, value in zip(entry.chunks, values, strict=True):
+                decode_chunk_into(chunk.key, value, out[offset : offset + chunk.raw_len])
+                offset += chunk.raw_len
+
+    return _median_mb_s(sum(entry.nbytes for entry, _ in tensors), decode_all)
 
 
 def measure_blockstore(
@@ -66,6 +110,7 @@ def measure_blockstore(
         "ratio": packed.ratio,
         "pack_mb_s": packed.raw_bytes / 1e6 / packed.seconds,
         "decode_mb_s": _decode_mb_s(store),
+        "decode_1t_mb_s": _decode_one_thread_mb_s(store),
     }
     lossy = [group for key, group in packed.groups.items() if key.endswith(f"/{tier}") and tier != "lossless"]
     if lossy:
@@ -87,12 +132,12 @@ def measure_plain_zstd(data: bytes) -> dict[str, float]:
     started = time.perf_counter()
     frame = zstandard.ZstdCompressor(level=3).compress(data)
     compress_seconds = time.perf_counter() - started
-    started = time.perf_counter()
-    zstandard.ZstdDecompressor().decompress(frame)
+    decode_mb_s = _median_mb_s(len(data), lambda: zstandard.ZstdDecompressor().decompress(frame))
     return {
         "ratio": len(frame) / len(data),
         "pack_mb_s": len(data) / 1e6 / compress_seconds,
-        "decode_mb_s": len(data) / 1e6 / (time.perf_counter() - started),
+        "decode_mb_s": decode_mb_s,
+        "decode_1t_mb_s": decode_mb_s,
     }
 
 
@@ -104,14 +149,12 @@ def measure_zipnn(data: bytes, dtype: str) -> dict[str, float] | None:
     started = time.perf_counter()
     packed = coder.compress(bytearray(data))
     compress_seconds = time.perf_counter() - started
-    started = time.perf_counter()
-    restored = coder.decompress(packed)
-    decode_seconds = time.perf_counter() - started
-    assert bytes(restored) == data, "ZipNN did not round-trip"
+    assert bytes(coder.decompress(packed)) == data, "ZipNN did not round-trip"
     return {
         "ratio": len(packed) / len(data),
         "pack_mb_s": len(data) / 1e6 / compress_seconds,
-        "decode_mb_s": len(data) / 1e6 / decode_seconds,
+        "decode_mb_s": _median_mb_s(len(data), lambda: coder.decompress(packed)),
+        "decode_1t_mb_s": _median_mb_s(len(data), lambda: zipnn_coder(dtype, threads=1).decompress(packed)),
     }
 
 
@@ -155,12 +198,15 @@ def main() -> None:
     if args.json:
         print(json.dumps(results, indent=2))
         return
-    columns = f"{'ratio':>7} {'pack MB/s':>10} {'decode MB/s':>12} {'rel err':>8}  drift"
+    columns = f"{'ratio':>7} {'pack MB/s':>10} {'decode MB/s':>12} {'1 thread':>9} {'rel err':>8}  drift"
     print(f"{'variant':11} {'method':22} {columns}")
     for label, methods in results.items():
         for method, row in methods.items():
             error = f"{row['worst_rel_error']:8.1e}" if "worst_rel_error" in row else " " * 8
-            figures = f"{row['ratio']:7.4f} {row['pack_mb_s']:10.0f} {row['decode_mb_s']:12.0f} {error}"
+            figures = (
+                f"{row['ratio']:7.4f} {row['pack_mb_s']:10.0f} {row['decode_mb_s']:12.0f}"
+                f" {row['decode_1t_mb_s']:9.0f} {error}"
+            )
             print(f"{label:11} {method:22} {figures}  {_drift_cell(row)}")
 
 

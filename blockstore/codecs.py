@@ -16,6 +16,7 @@ import msgpack
 import numpy as np
 import zstandard
 
+from . import planes
 from .errors import InvalidArgument
 
 # A frame may declare a window up to this much larger than its content (zstd rounds windows up to
@@ -171,18 +172,6 @@ def _unhuffman(payload: bytes, expected_len: int) -> bytes:
     return data
 
 
-def _split_sign(top: np.ndarray, below: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Move a float's sign bit out of its top byte: the top byte becomes the exponent alone (its
-    lowest bit comes up from the byte below) and the sign takes that bit's place. Works on whole
-    byte planes, so it costs two cheap passes over a quarter (fp32) or half (bf16) of the data."""
-    return (top << 1) | (below >> 7), (below & 0x7F) | (top & 0x80)
-
-
-def _join_sign(top: np.ndarray, below: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The inverse of `_split_sign`."""
-    return (top >> 1) | (below & 0x80), (below & 0x7F) | ((top & 1) << 7)
-
-
 @dataclass(frozen=True)
 class ByteGroupZstd:
     """Split each element's bytes into planes, then store each plane raw or as zstd (a fast
@@ -201,40 +190,38 @@ class ByteGroupZstd:
 
     def __post_init__(self) -> None:
         _check_level(self.level)
-        if not 1 <= self.itemsize <= 16:
-            raise InvalidArgument(f"byte-group itemsize {self.itemsize} is outside 1..16")
+        if self.itemsize not in planes.ITEMSIZES:
+            raise InvalidArgument(
+                f"byte-group itemsize {self.itemsize} is not one of {', '.join(map(str, planes.ITEMSIZES))}"
+            )
         if self.split_sign and self.itemsize < 2:
             raise InvalidArgument("split_sign needs items of 2 bytes or more")
 
     def encode(self, raw: memoryview) -> bytes:
         if len(raw) % self.itemsize:
             raise InvalidArgument(f"{len(raw)} bytes is not a whole number of {self.itemsize}-byte items")
-        grid = np.frombuffer(raw, dtype=np.uint8).reshape(-1, self.itemsize)
-        byte_planes = [np.ascontiguousarray(grid[:, index]) for index in range(self.itemsize)]
-        if self.split_sign:
-            byte_planes[-1], byte_planes[-2] = _split_sign(byte_planes[-1], byte_planes[-2])
-        planes = []
-        for byte_plane in byte_planes:
+        stored = []
+        for byte_plane in planes.split(raw, self.itemsize, self.split_sign):
             plane = byte_plane.data
             candidates = [(_PLANE_RAW, bytes(plane))]
             packed = _plane_compressor(self.level).compress(plane)
             if len(packed) < _NOISE * len(plane):  # else a mantissa plane: no coder will pay
                 candidates += [(_PLANE_ZSTD, packed), (_PLANE_ZSTD, _entropy_compressor().compress(plane))]
-            planes.append(min(candidates, key=lambda candidate: len(candidate[1])))
-        return msgpack.packb(planes, use_bin_type=True)
+            stored.append(min(candidates, key=lambda candidate: len(candidate[1])))
+        return msgpack.packb(stored, use_bin_type=True)
 
     def decode_into(self, data: bytes, out: memoryview) -> None:
         if len(out) % self.itemsize:
             raise DecodeError(f"{len(out)} bytes is not a whole number of {self.itemsize}-byte items")
         plane_len = len(out) // self.itemsize
         try:
-            planes = msgpack.unpackb(data, use_list=True, raw=False)
+            stored = msgpack.unpackb(data, use_list=True, raw=False)
         except (ValueError, msgpack.UnpackException) as exc:
             raise DecodeError(f"byte-group payload does not parse ({exc})") from None
-        if not isinstance(planes, list) or len(planes) != self.itemsize:
+        if not isinstance(stored, list) or len(stored) != self.itemsize:
             raise DecodeError(f"byte-group payload does not hold {self.itemsize} planes")
         byte_planes = []
-        for index, plane in enumerate(planes):
+        for index, plane in enumerate(stored):
             if not (isinstance(plane, list) and len(plane) == 2 and isinstance(plane[1], bytes)):
                 raise DecodeError(f"byte-group plane {index} is malformed")
             mode, payload = plane
@@ -245,11 +232,7 @@ class ByteGroupZstd:
             elif mode != _PLANE_RAW or len(payload) != plane_len:
                 raise DecodeError(f"byte-group plane {index} has mode {mode!r}, {len(payload)} bytes")
             byte_planes.append(np.frombuffer(payload, dtype=np.uint8))
-        if self.split_sign:
-            byte_planes[-1], byte_planes[-2] = _join_sign(byte_planes[-1], byte_planes[-2])
-        grid = np.frombuffer(out, dtype=np.uint8).reshape(-1, self.itemsize)
-        for index, byte_plane in enumerate(byte_planes):
-            grid[:, index] = byte_plane
+        planes.join(byte_planes, out, self.split_sign)
 
 
 CODECS: dict[str, type] = {codec.id: codec for codec in (Raw, Zstd, ByteGroupZstd)}
