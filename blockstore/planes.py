@@ -42,15 +42,20 @@ def _words(buffer: memoryview, itemsize: int) -> np.ndarray:
 
 
 def split(raw: memoryview, itemsize: int, split_sign: bool) -> list[np.ndarray]:
-    """The `itemsize` byte planes of `raw`, lowest byte first (len(raw) is a whole number of items)."""
+    """The `itemsize` byte planes of `raw`, lowest byte first (len(raw) is a whole number of items).
+
+    Each plane is one shift of the words cast straight into it: no temporary the size of the chunk,
+    which numpy would ask huge pages for (9.8 ms instead of 1 ms for a 4 MB bf16 chunk here)."""
     words = _words(raw, itemsize)
-    planes = [(words >> (8 * index)).astype(np.uint8) for index in range(itemsize)]
+    planes = [np.empty(len(words), np.uint8) for _ in range(itemsize)]
+    for index, plane in enumerate(planes):
+        np.right_shift(words, 8 * index, out=plane, casting="unsafe")
     if split_sign:
-        top = 8 * itemsize
-        planes[-1] = (words >> (top - 9)).astype(np.uint8)
-        below = (words >> (8 * (itemsize - 2))) & 0x7F
-        below |= (words >> (top - 1)) << 7
-        planes[-2] = below.astype(np.uint8)
+        top, below = planes[-1], planes[-2]  # sign + 7 exponent bits; 1 exponent bit + 7 mantissa bits
+        np.bitwise_and(below, 0x7F, out=below)
+        np.bitwise_and(top, 0x80, out=top)
+        np.bitwise_or(below, top, out=below)  # the sign where the exponent's lowest bit was
+        np.right_shift(words, 8 * itemsize - 9, out=top, casting="unsafe")  # the 8 exponent bits
     return planes
 
 
