@@ -361,8 +361,9 @@ sizes: st.SearchStrategy[int] = st.one_of(st.integers(1, 64 << 10), st.just(MAX_
 
 @pytest.fixture(scope="module")
 def warm_decoders() -> None:
-    """Decode one valid chunk per codec first: first-use imports (torch, in the lossy decoders)
-    and per-thread contexts allocate memory the bound must not charge to the input."""
+    """Decode one valid chunk per codec first: first-use imports (torch, in the lossy decoders),
+    per-thread contexts and the byte-plane scratch allocate memory the bound must not charge to
+    the input."""
     raw = memoryview(np.linspace(-1, 1, 256, dtype=np.float32).tobytes())
     lossy = [lossy_codec(tier, "F32", 64) for tier in LOSSY_CODECS]
     for codec in (Raw(), Zstd(), ByteGroupZstd(itemsize=4), *lossy):
