@@ -73,8 +73,7 @@ def _median_mb_s(nbytes: int, decode: Callable[[], object]) -> float:
 def _decode_mb_s(store: Path) -> float:
     def materialize_all() -> None:
         with runtime.open(store) as state:
-            for name in state:
-                state[name].materialize()
+            state.load_all()
 
     with Repository.open(store, readonly=True) as repo:
         nbytes = sum(entry.nbytes for entry in repo.snapshot(repo.resolve(None)).tensors.values())

@@ -116,7 +116,7 @@ def _blockstore_all(store: Path) -> dict[str, torch.Tensor]:
     from blockstore import runtime
 
     with runtime.open(store) as state:
-        return {name: state[name].materialize() for name in state}
+        return state.load_all()
 
 
 def _full_loaders(files: dict[str, Path]) -> dict[str, Callable[[], dict[str, torch.Tensor]]]:

@@ -4,7 +4,9 @@ Boundaries are deterministic from (dtype, shape, chunk size) alone, so the same 
 into the same chunks and an unchanged region of a fine-tuned tensor dedups against the old one.
 They fall on whole elements, and on whole rows when a row fits, so a row lookup touches few chunks.
 
-Stored value of a chunk: msgpack `[codec id, codec params, encoded bytes]`, decodable on its own.
+Stored value of a chunk: codec id and codec params, then the encoded bytes, framed (see `framing`)
+so a reader takes the encoded bytes as a view of the value; decodable on its own. Earlier packs
+stored msgpack `[codec id, codec params, encoded bytes]`, which still decodes.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import math
 
 import msgpack
 
+from . import framing
 from .codecs import Codec, DecodeError, Raw, codec_params, make_codec
 from .dtypes import byte_unit, nbytes_of
 from .errors import ChunkCorrupt, InvalidArgument
@@ -46,7 +49,25 @@ def chunk_ranges(dtype: str, shape: tuple[int, ...], nbytes: int, chunk_size: in
 
 def chunk_value(codec: Codec, payload: bytes) -> bytes:
     """The stored form of an encoded chunk: codec id and params travel with the payload."""
-    return msgpack.packb([codec.id, codec_params(codec), payload], use_bin_type=True)
+    return framing.frame([codec.id, codec_params(codec)], [payload])
+
+
+def _envelope(value: bytes | memoryview) -> tuple[str, dict[str, object], bytes | memoryview]:
+    """(codec id, params, payload) of a stored chunk value, framed or in an earlier pack's msgpack."""
+    if framing.is_framed(value):
+        fields, parts = framing.unframe(value)
+        if not (isinstance(fields, list) and len(parts) == 1):
+            raise DecodeError("malformed chunk envelope")
+        fields = [*fields, parts[0]]
+    else:
+        fields = msgpack.unpackb(value, use_list=True, raw=False)
+    if not (isinstance(fields, list) and len(fields) == 3):
+        raise DecodeError("malformed chunk envelope")
+    codec_id, params, payload = fields
+    well_formed = isinstance(codec_id, str) and isinstance(params, dict)
+    if not (well_formed and isinstance(payload, bytes | memoryview)):
+        raise DecodeError("malformed chunk envelope")
+    return codec_id, params, payload
 
 
 def encode_chunk(codec: Codec, raw: memoryview) -> bytes:
@@ -61,9 +82,7 @@ def decode_chunk_into(key: ChunkKey, value: bytes | memoryview, out: memoryview)
     """Decode a stored chunk straight into `out` (exactly its raw length) and check it is the chunk
     `key` names; raises ChunkCorrupt otherwise. The lazy runtime decodes into one tensor buffer."""
     try:
-        codec_id, params, payload = msgpack.unpackb(value, use_list=True, raw=False)
-        if not (isinstance(codec_id, str) and isinstance(params, dict) and isinstance(payload, bytes)):
-            raise DecodeError("malformed chunk envelope")
+        codec_id, params, payload = _envelope(value)
         make_codec(codec_id, params).decode_into(payload, out)
     except (DecodeError, InvalidArgument, ValueError, TypeError, msgpack.UnpackException) as exc:
         raise ChunkCorrupt(key.hex(), exc) from None

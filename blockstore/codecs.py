@@ -16,7 +16,7 @@ import msgpack
 import numpy as np
 import zstandard
 
-from . import planes
+from . import framing, planes
 from .errors import InvalidArgument
 
 # A frame may declare a window up to this much larger than its content (zstd rounds windows up to
@@ -36,7 +36,7 @@ class Codec(Protocol):
 
     def encode(self, raw: memoryview) -> bytes: ...
 
-    def decode_into(self, data: bytes, out: memoryview) -> None: ...
+    def decode_into(self, data: bytes | memoryview, out: memoryview) -> None: ...
 
 
 _local = threading.local()
@@ -56,27 +56,42 @@ def _decompressor() -> zstandard.ZstdDecompressor:
     return _local.decompressor
 
 
-def zstd_decompress_exact(frame: bytes, expected_len: int) -> bytes:
-    """Decompress one zstd frame that must hold exactly `expected_len` bytes.
+def zstd_decompress_into(frame: bytes | memoryview, out: memoryview) -> None:
+    """Decompress one zstd frame that must hold exactly `len(out)` bytes straight into `out`.
 
-    The frame header is checked first: its declared content size must equal `expected_len` and its
-    window must be proportionate, so a bomb is refused before anything is allocated.
+    The frame header is checked first: its declared content size must equal `len(out)` and its
+    window must be proportionate, so a bomb is refused before anything is allocated. Writing into
+    the caller's memory, not a new bytes object, spares a multi-megabyte allocation per plane: with
+    several decoding threads glibc serves those from fresh mmaps, and their page faults and unmaps
+    made two threads slower than one (measured on the 2-core VM).
     """
     try:
         params = zstandard.get_frame_parameters(frame)
     except zstandard.ZstdError as exc:
         raise DecodeError(f"bad zstd frame header ({exc})") from None
-    if params.content_size != expected_len:
-        raise DecodeError(f"zstd frame declares {params.content_size} bytes, manifest says {expected_len}")
-    if params.window_size > max(_MIN_WINDOW, _WINDOW_SLACK * expected_len):
+    if params.content_size != len(out):
+        raise DecodeError(f"zstd frame declares {params.content_size} bytes, manifest says {len(out)}")
+    if params.window_size > max(_MIN_WINDOW, _WINDOW_SLACK * len(out)):
         raise DecodeError(f"zstd frame asks for a {params.window_size}-byte window")
+    filled = 0
     try:
-        data = _decompressor().decompress(frame, max_output_size=expected_len)
+        with _decompressor().stream_reader(frame, read_size=max(1, len(frame))) as reader:
+            while filled < len(out):
+                count = reader.readinto(out[filled:])
+                if not count:
+                    break
+                filled += count
     except zstandard.ZstdError as exc:
         raise DecodeError(f"zstd data does not decode ({exc})") from None
-    if len(data) != expected_len:
-        raise DecodeError(f"zstd frame decoded to {len(data)} bytes, expected {expected_len}")
-    return data
+    if filled != len(out):
+        raise DecodeError(f"zstd frame decoded to {filled} bytes, expected {len(out)}")
+
+
+def zstd_decompress_exact(frame: bytes | memoryview, expected_len: int) -> bytearray:
+    """`zstd_decompress_into` a new buffer of `expected_len` bytes."""
+    out = bytearray(expected_len)
+    zstd_decompress_into(frame, memoryview(out))
+    return out
 
 
 _MIN_LEVEL = -7  # zstd's fast negative levels; below this they buy nothing for weights
@@ -98,7 +113,7 @@ class Raw:
     def encode(self, raw: memoryview) -> bytes:
         return bytes(raw)
 
-    def decode_into(self, data: bytes, out: memoryview) -> None:
+    def decode_into(self, data: bytes | memoryview, out: memoryview) -> None:
         if len(data) != len(out):
             raise DecodeError(f"raw chunk holds {len(data)} bytes, expected {len(out)}")
         out[:] = data
@@ -117,8 +132,8 @@ class Zstd:
     def encode(self, raw: memoryview) -> bytes:
         return _compressor(self.level).compress(raw)
 
-    def decode_into(self, data: bytes, out: memoryview) -> None:
-        out[:] = zstd_decompress_exact(data, len(out))
+    def decode_into(self, data: bytes | memoryview, out: memoryview) -> None:
+        zstd_decompress_into(data, out)
 
 
 _PLANE_RAW = 0
@@ -200,39 +215,74 @@ class ByteGroupZstd:
     def encode(self, raw: memoryview) -> bytes:
         if len(raw) % self.itemsize:
             raise InvalidArgument(f"{len(raw)} bytes is not a whole number of {self.itemsize}-byte items")
-        stored = []
+        modes, stored = [], []
         for byte_plane in planes.split(raw, self.itemsize, self.split_sign):
             plane = byte_plane.data
-            candidates = [(_PLANE_RAW, bytes(plane))]
+            candidates = [(_PLANE_RAW, plane)]
             packed = _plane_compressor(self.level).compress(plane)
             if len(packed) < _NOISE * len(plane):  # else a mantissa plane: no coder will pay
                 candidates += [(_PLANE_ZSTD, packed), (_PLANE_ZSTD, _entropy_compressor().compress(plane))]
-            stored.append(min(candidates, key=lambda candidate: len(candidate[1])))
-        return msgpack.packb(stored, use_bin_type=True)
+            mode, payload = min(candidates, key=lambda candidate: len(candidate[1]))
+            modes.append(mode)
+            stored.append(payload)
+        return framing.frame(modes, stored)
 
-    def decode_into(self, data: bytes, out: memoryview) -> None:
+    def decode_into(self, data: bytes | memoryview, out: memoryview) -> None:
         if len(out) % self.itemsize:
             raise DecodeError(f"{len(out)} bytes is not a whole number of {self.itemsize}-byte items")
         plane_len = len(out) // self.itemsize
-        try:
-            stored = msgpack.unpackb(data, use_list=True, raw=False)
-        except (ValueError, msgpack.UnpackException) as exc:
-            raise DecodeError(f"byte-group payload does not parse ({exc})") from None
-        if not isinstance(stored, list) or len(stored) != self.itemsize:
-            raise DecodeError(f"byte-group payload does not hold {self.itemsize} planes")
+        stored = _stored_planes(data)
+        if len(stored) != self.itemsize:
+            raise DecodeError(f"byte-group payload holds {len(stored)} planes, not {self.itemsize}")
+        scratch = _plane_scratch(plane_len * sum(mode == _PLANE_ZSTD for mode, _ in stored))
         byte_planes = []
-        for index, plane in enumerate(stored):
-            if not (isinstance(plane, list) and len(plane) == 2 and isinstance(plane[1], bytes)):
-                raise DecodeError(f"byte-group plane {index} is malformed")
-            mode, payload = plane
+        for index, (mode, payload) in enumerate(stored):
             if mode == _PLANE_ZSTD:
-                payload = zstd_decompress_exact(payload, plane_len)
+                plane, scratch = scratch[:plane_len], scratch[plane_len:]
+                zstd_decompress_into(payload, plane)
+                payload = plane
             elif mode == _PLANE_HUFFMAN:
                 payload = _unhuffman(payload, plane_len)
             elif mode != _PLANE_RAW or len(payload) != plane_len:
                 raise DecodeError(f"byte-group plane {index} has mode {mode!r}, {len(payload)} bytes")
             byte_planes.append(np.frombuffer(payload, dtype=np.uint8))
         planes.join(byte_planes, out, self.split_sign)
+
+
+def _stored_planes(data: bytes | memoryview) -> list[tuple[object, bytes | memoryview]]:
+    """(mode, payload) of each plane, from a framed payload or an earlier pack's msgpack list."""
+    if framing.is_framed(data):
+        try:
+            modes, payloads = framing.unframe(data)
+        except framing.FrameError as exc:
+            raise DecodeError(f"byte-group payload: {exc}") from None
+        if not (isinstance(modes, list) and len(modes) == len(payloads)):
+            raise DecodeError("byte-group payload does not give one mode per plane")
+        return list(zip(modes, payloads, strict=True))
+    try:
+        stored = msgpack.unpackb(data, use_list=True, raw=False)
+    except (ValueError, msgpack.UnpackException) as exc:
+        raise DecodeError(f"byte-group payload does not parse ({exc})") from None
+    if not isinstance(stored, list):
+        raise DecodeError("byte-group payload is not a list of planes")
+    for index, plane in enumerate(stored):
+        if not (isinstance(plane, list) and len(plane) == 2 and isinstance(plane[1], bytes)):
+            raise DecodeError(f"byte-group plane {index} is malformed")
+    return [(mode, payload) for mode, payload in stored]
+
+
+_KEPT_SCRATCH = 8 << 20
+"""Decoded planes of up to this many bytes per chunk go through a buffer kept per thread (a 4 MiB
+chunk needs at most 4 MiB; usually its one or two exponent planes); larger chunks get a new one."""
+
+
+def _plane_scratch(nbytes: int) -> memoryview:
+    if nbytes > _KEPT_SCRATCH:
+        return memoryview(bytearray(nbytes))
+    kept = _local.__dict__.get("plane_scratch")
+    if kept is None or len(kept) < nbytes:
+        kept = _local.plane_scratch = bytearray(max(nbytes, 1 << 20))
+    return memoryview(kept)[:nbytes]
 
 
 CODECS: dict[str, type] = {codec.id: codec for codec in (Raw, Zstd, ByteGroupZstd)}

@@ -44,7 +44,7 @@ class StoreExists(BlockstoreError):
 
 
 class StoreFormatMismatch(BlockstoreError):
-    template = "store {} has format {!r}; this blockstore reads {!r}"
+    template = "store {} has format {!r}; this blockstore reads {}"
 
 
 class RefNotFound(BlockstoreError):

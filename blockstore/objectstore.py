@@ -60,7 +60,10 @@ from .faults import crash_point
 from .hashing import ChunkKey
 from .store import Lease, ReflogEntry, blocking_leases, process_alive, short_id
 
-OBJECT_FORMAT = "blockstore-s3/1"
+OBJECT_FORMAT = "blockstore-s3/2"
+READABLE_OBJECT_FORMATS = ("blockstore-s3/1", OBJECT_FORMAT)
+"""As the LMDB store's formats: /2 may hold framed chunk values. A /1 store is marked /2 before its
+first chunk write (a /2 mark over /1 chunks only is still a valid /2 store)."""
 DEFAULT_CONCURRENCY = 8
 CONCURRENCY_ENV = "BLOCKSTORE_S3_CONCURRENCY"
 _GENERATION_DIGITS = 20
@@ -111,8 +114,9 @@ class ObjectStore:
         found = self._get_or_none("meta/format")
         if found is None:
             raise StoreNotFound(url, url)
-        if bytes(found).decode(errors="replace") != OBJECT_FORMAT:
-            raise StoreFormatMismatch(url, bytes(found).decode(errors="replace"), OBJECT_FORMAT)
+        self._format = bytes(found).decode(errors="replace")
+        if self._format not in READABLE_OBJECT_FORMATS:
+            raise StoreFormatMismatch(url, self._format, " or ".join(READABLE_OBJECT_FORMATS))
         self.conditional_writes = True
         if not readonly:
             try:
@@ -251,6 +255,9 @@ class ObjectStore:
             raise ChunkMissing(key.hex())
         return value
 
+    def with_value(self, key: ChunkKey, use: Callable[[bytes | memoryview], _T]) -> _T:
+        return use(self.get(key))
+
     def get_many(self, keys: Iterable[ChunkKey]) -> Iterator[bytes]:
         """Chunk values in order, with up to `concurrency` GETs in flight (export, verify, push:
         readers that go through a tensor front to back would otherwise wait out every round trip)."""
@@ -277,6 +284,9 @@ class ObjectStore:
 
     def put_batch(self, items: Iterable[tuple[ChunkKey, bytes]]) -> int:
         """Create chunks that are not there yet, in parallel; returns bytes newly written."""
+        if self._format != OBJECT_FORMAT:
+            self._call("PUT", obstore.put, "meta/format", OBJECT_FORMAT.encode())
+            self._format = OBJECT_FORMAT
         crash_point("chunks.before-commit")
         written = self._parallel(
             lambda item: len(item[1]) if self._create(f"chunks/{item[0].hex()}", item[1]) else 0, list(items)

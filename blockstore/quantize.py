@@ -39,7 +39,7 @@ def _frame_tensor(frame: bytes, nbytes: int, dtype: torch.dtype) -> torch.Tensor
     """A zstd frame that must hold exactly `nbytes`, as a tensor of `dtype`."""
     import torch
 
-    return torch.frombuffer(bytearray(zstd_decompress_exact(frame, nbytes)), dtype=dtype)
+    return torch.frombuffer(zstd_decompress_exact(frame, nbytes), dtype=dtype)
 
 
 @dataclass(frozen=True)
@@ -112,13 +112,8 @@ class _BlockQuant:
             raise DecodeError(f"{self.id} payload does not parse ({exc})") from None
         if not (isinstance(scale_frame, bytes) and isinstance(value_frame, bytes)):
             raise DecodeError(f"{self.id} payload is malformed")
-        scales = torch.frombuffer(
-            bytearray(zstd_decompress_exact(scale_frame, 4 * blocks)), dtype=torch.float32
-        )
-        stored_len = self._stored_len(blocks * self.block_size)
-        stored = torch.frombuffer(
-            bytearray(zstd_decompress_exact(value_frame, stored_len)), dtype=torch.uint8
-        )
+        scales = _frame_tensor(scale_frame, 4 * blocks, torch.float32)
+        stored = _frame_tensor(value_frame, self._stored_len(blocks * self.block_size), torch.uint8)
         values = self._reconstruct(stored, scales, count).to(_torch_dtype(self.dtype))
         out[:] = values.view(torch.uint8).numpy().tobytes() if count else b""
 

@@ -11,9 +11,9 @@ values by evicting arbitrary entries (keys are hashes, so LMDB key order is effe
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .errors import ChunkMissing
 from .hashing import ChunkKey
@@ -22,6 +22,7 @@ from .store import LmdbStore
 if TYPE_CHECKING:
     from .objectstore import ObjectStore
 
+_T = TypeVar("_T")
 CACHE_ENV = "BLOCKSTORE_CACHE"
 CACHE_SIZE_ENV = "BLOCKSTORE_CACHE_SIZE"
 DEFAULT_CACHE_BYTES = 20 << 30
@@ -42,17 +43,21 @@ class ReadThroughCache:
         self._cached_bytes = sum(self.local.stored_sizes(self.local.iter_keys()).values())
 
     def get(self, key: ChunkKey) -> bytes:
+        return self.with_value(key, bytes)
+
+    def with_value(self, key: ChunkKey, use: Callable[[bytes | memoryview], _T]) -> _T:
+        """`use(value)`: a cached value is a view of the cache's memory map (see `LmdbStore`)."""
         try:
-            value = self.local.get(key)
+            result = self.local.with_value(key, use)
         except ChunkMissing:
             value = self.remote.get(key)
             self._keep(key, value)
             with self._lock:
                 self.misses += 1
-            return value
+            return use(value)
         with self._lock:
             self.hits += 1
-        return value
+        return result
 
     def get_many(self, keys: Iterable[ChunkKey]) -> Iterator[bytes]:
         """As the object store's, each key through the cache."""

@@ -43,7 +43,10 @@ from .errors import (
 from .faults import crash_point
 from .hashing import ChunkKey
 
-STORE_FORMAT = "blockstore-lmdb/1"
+STORE_FORMAT = "blockstore-lmdb/2"
+READABLE_FORMATS = ("blockstore-lmdb/1", STORE_FORMAT)
+"""/1 holds chunk values in plain msgpack only; /2 may also hold framed ones (FORMAT.md §1), which
+older readers cannot decode. A /1 store becomes /2 in the transaction of its first chunk write."""
 INITIAL_MAP_SIZE = 1 << 30
 MAX_READERS = 256
 _DB_NAMES = (b"chunks", b"snapshots", b"refs", b"reflog", b"meta")
@@ -55,6 +58,8 @@ class ChunkStore(Protocol):
     """The storage protocol every chunk backend implements (one shared test suite checks it)."""
 
     def get(self, key: ChunkKey) -> bytes: ...
+
+    def with_value(self, key: ChunkKey, use: Callable[[bytes | memoryview], _T]) -> _T: ...
 
     def get_many(self, keys: Iterable[ChunkKey]) -> Iterator[bytes]: ...
 
@@ -245,8 +250,8 @@ class LmdbStore:
             with env.begin(db=dbs["meta"]) as txn:
                 found = txn.get(b"format")
             found_format = bytes(found).decode(errors="replace") if found is not None else None
-            if found_format != STORE_FORMAT:
-                raise StoreFormatMismatch(self.path, found_format, STORE_FORMAT)
+            if found_format not in READABLE_FORMATS:
+                raise StoreFormatMismatch(self.path, found_format, " or ".join(READABLE_FORMATS))
         except lmdb.Error as exc:
             env.close()
             raise StoreCorrupt(self.path, f"LMDB cannot open it ({exc})") from None
@@ -317,11 +322,16 @@ class LmdbStore:
     # chunks ---------------------------------------------------------------------------------------
 
     def get(self, key: ChunkKey) -> bytes:
-        with self._begin("chunks") as txn:
+        return self.with_value(key, bytes)
+
+    def with_value(self, key: ChunkKey, use: Callable[[bytes | memoryview], _T]) -> _T:
+        """`use(value)` for the chunk `key`, the value a view of the memory map valid only during
+        the call: a decoder reads it where it lies, with no copy of the stored bytes."""
+        with self._begin("chunks", buffers=True) as txn:
             value = txn.get(key)
-        if value is None:
-            raise ChunkMissing(key.hex())
-        return value
+            if value is None:
+                raise ChunkMissing(key.hex())
+            return use(value)
 
     def get_many(self, keys: Iterable[ChunkKey]) -> Iterator[bytes]:
         """Chunk values in order (a local map: one at a time is as fast as it gets)."""
@@ -348,6 +358,8 @@ class LmdbStore:
         pending = list(items)
 
         def body(txn: lmdb.Transaction) -> int:
+            if txn.get(b"format", db=self._dbs["meta"]) != STORE_FORMAT.encode():
+                txn.put(b"format", STORE_FORMAT.encode(), db=self._dbs["meta"])
             written = 0
             for key, value in pending:
                 if txn.put(key, value, db=self._dbs["chunks"], overwrite=False):

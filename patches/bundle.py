@@ -31,7 +31,10 @@ from blockstore.hashing import DIGEST_SIZE, KEY_SIZE, ChunkKey, digest
 from blockstore.manifests import SnapshotId, is_count
 
 MAGIC = b"\x89BSP\r\n\x1a\n"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, FORMAT_VERSION)
+"""Version 2 bundles may carry framed chunk values (FORMAT.md §1), which version-1 readers cannot
+decode; the layout of the bundle itself is unchanged."""
 FLAG_MAC = 1
 _PREAMBLE = struct.Struct("<8sHHQ")
 _MAX_HEADER = 1 << 30
@@ -154,9 +157,10 @@ def read_bundle(path: Path, key: bytes | None = None) -> Bundle:
     magic, version, flags, header_len = _PREAMBLE.unpack(preamble)
     if magic != MAGIC:
         raise BundleRejected(path, "not a blockstore patch bundle (bad magic)")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
+        readable = " and ".join(map(str, READABLE_VERSIONS))
         raise BundleRejected(
-            path, f"format version {version} is not supported (this blockstore reads {FORMAT_VERSION})"
+            path, f"format version {version} is not supported (this blockstore reads {readable})"
         )
     if flags & ~FLAG_MAC:
         raise BundleRejected(path, f"unknown flags {flags:#x}")

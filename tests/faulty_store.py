@@ -3,13 +3,15 @@ testing the layers above storage with a store that lies)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from blockstore.errors import ChunkMissing
 from blockstore.hashing import ChunkKey
 from blockstore.store import LmdbStore
 
+_T = TypeVar("_T")
 FLIP = "flip"
 MISSING = "missing"
 SHORT = "short"
@@ -46,6 +48,9 @@ class FaultyStore:
         value = self.inner.get(key)
         fault = self.faults.get(key)
         return fault.apply(key, value) if fault else value
+
+    def with_value(self, key: ChunkKey, use: Callable[[bytes | memoryview], _T]) -> _T:
+        return use(self.get(key))
 
     def stored_sizes(self, keys: Iterable[ChunkKey]) -> dict[ChunkKey, int]:
         sizes = self.inner.stored_sizes(keys)

@@ -27,6 +27,15 @@ class ChunkStoreSuite:
         with pytest.raises(ChunkMissing, match=chunk_key(b"nope").hex()):
             store.get(chunk_key(b"nope"))
 
+    def test_with_value_hands_the_value_to_its_function(self, store) -> None:
+        key, value = item("v")
+        store.put_batch([(key, value)])
+        assert store.with_value(key, lambda stored: (bytes(stored), len(stored))) == (value, len(value))
+        called = []
+        with pytest.raises(ChunkMissing, match=chunk_key(b"nope").hex()):
+            store.with_value(chunk_key(b"nope"), called.append)
+        assert not called
+
     def test_put_is_idempotent_and_never_overwrites(self, store) -> None:
         key, value = item("b")
         store.put_batch([(key, value)])

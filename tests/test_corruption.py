@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 import tracemalloc
 import zlib
 from pathlib import Path
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 import zstandard
 
+from blockstore import framing
 from blockstore.chunks import decode_chunk, encode_chunk
 from blockstore.codecs import ByteGroupZstd, Zstd
 from blockstore.errors import ChunkCorrupt
@@ -95,14 +97,33 @@ def test_verify_of_one_snapshot(damaged) -> None:
     assert result["clean"] and result["snapshots"] == 1 and result["orphans"] == []
 
 
-def _envelope(codec_id: str, params: dict, payload: bytes) -> bytes:
+def _envelope(codec_id: str, params: dict, payload: bytes, framed: bool = False) -> bytes:
+    """A stored chunk value as packs write it (framed) or as earlier packs did (one msgpack list)."""
+    if framed:
+        return framing.frame([codec_id, params], [payload])
     return msgpack.packb([codec_id, params, payload], use_bin_type=True)
 
 
-def test_decompression_bomb_is_refused_before_allocating() -> None:
+def _planes(planes: list[tuple[int, bytes]], framed: bool) -> bytes:
+    """A byte-group payload: framed (modes, then the planes) or an earlier pack's msgpack list."""
+    if framed:
+        return framing.frame([mode for mode, _ in planes], [plane for _, plane in planes])
+    return msgpack.packb([list(plane) for plane in planes], use_bin_type=True)
+
+
+def _hand_framed(header: bytes, parts: bytes, header_len: int | None = None) -> bytes:
+    """A framed value built byte by byte, so its prefix can lie."""
+    return struct.pack("<BI", 0xC1, len(header) if header_len is None else header_len) + header + parts
+
+
+both_layouts = pytest.mark.parametrize("framed", [True, False], ids=["framed", "earlier-msgpack"])
+
+
+@both_layouts
+def test_decompression_bomb_is_refused_before_allocating(framed: bool) -> None:
     # 1 GiB of zeros compresses to ~40 KB; the manifest says the chunk holds 4 KiB.
     bomb = zstandard.ZstdCompressor(level=19).compress(bytes(1 << 30))
-    stored = _envelope("zstd", {"level": 3}, bomb)
+    stored = _envelope("zstd", {"level": 3}, bomb, framed)
     tracemalloc.start()
     with pytest.raises(ChunkCorrupt, match="declares 1073741824 bytes, manifest says 4096"):
         decode_chunk(b"\0" * 16, stored, 4096)
@@ -111,11 +132,22 @@ def test_decompression_bomb_is_refused_before_allocating() -> None:
     assert peak < 16 << 20
 
 
-def test_bomb_inside_a_byte_group_plane_is_refused() -> None:
+@both_layouts
+def test_bomb_inside_a_byte_group_plane_is_refused(framed: bool) -> None:
     bomb = zstandard.ZstdCompressor().compress(bytes(1 << 26))
-    payload = msgpack.packb([[1, bomb], [0, b"\0" * 8]], use_bin_type=True)
+    payload = _planes([(1, bomb), (0, b"\0" * 8)], framed)
+    stored = _envelope("bytegroup+zstd", {"itemsize": 2, "level": 3}, payload, framed)
     with pytest.raises(ChunkCorrupt, match="declares 67108864 bytes"):
-        decode_chunk(b"\0" * 16, _envelope("bytegroup+zstd", {"itemsize": 2, "level": 3}, payload), 16)
+        decode_chunk(b"\0" * 16, stored, 16)
+
+
+@both_layouts
+def test_truncated_plane_frame_is_corrupt(framed: bool) -> None:
+    plane = zstandard.ZstdCompressor().compress(bytes(range(256)) * 64)
+    payload = _planes([(1, plane[:-6]), (0, b"\0" * (1 << 14))], framed)
+    stored = _envelope("bytegroup+zstd", {"itemsize": 2, "level": 3}, payload, framed)
+    with pytest.raises(ChunkCorrupt, match=r"decoded to|does not decode"):
+        decode_chunk(b"\0" * 16, stored, 1 << 15)
 
 
 def test_frame_without_content_size_or_with_a_huge_window_is_refused() -> None:
@@ -140,6 +172,16 @@ def test_frame_without_content_size_or_with_a_huge_window_is_refused() -> None:
         msgpack.packb(
             ["bytegroup+zstd", {"itemsize": 2, "level": 3}, msgpack.packb([[7, b"ab"], [0, b"ab"]])]
         ),
+        b"\xc1",  # framed, but shorter than the frame prefix
+        _hand_framed(msgpack.packb([["raw", {}], [4]]), b"abcd", header_len=0xFF),  # header overruns
+        framing.frame(["raw", {}], [b"abcd"])[:-1],  # parts longer than the value
+        framing.frame(["raw", {}], [b"abcd"]) + b"x",  # bytes beyond the parts
+        framing.frame(["raw", {}], [b"ab", b"cd"]),  # an envelope has one part
+        framing.frame(["raw"], [b"abcd"]),
+        framing.frame(["raw", {}, "extra"], [b"abcd"]),
+        _hand_framed(msgpack.packb([["raw", {}], [True]]), b"a"),  # a bool is no length
+        framing.frame(["bytegroup+zstd", {"itemsize": 2, "level": 3}], [framing.frame([0], [b"abcd"])]),
+        framing.frame(["bytegroup+zstd", {"itemsize": 2, "level": 3}], [framing.frame([0], [b"ab", b"cd"])]),
     ],
 )
 def test_malformed_chunk_values_are_corrupt_not_crashes(stored: bytes) -> None:
@@ -160,6 +202,7 @@ def _huffman_plane(data: bytes) -> bytes:
     return packer.compress(data) + packer.flush()
 
 
+@both_layouts
 @pytest.mark.parametrize(
     ("payload", "fragment"),
     [
@@ -169,10 +212,11 @@ def _huffman_plane(data: bytes) -> bytes:
         (b"\xff" * 12, "does not decode"),
     ],
 )
-def test_hostile_huffman_planes_are_corrupt(payload: bytes, fragment: str) -> None:
-    planes = msgpack.packb([[2, payload], [0, b"\0" * 8]], use_bin_type=True)
+def test_hostile_huffman_planes_are_corrupt(payload: bytes, fragment: str, framed: bool) -> None:
+    planes = _planes([(2, payload), (0, b"\0" * 8)], framed)
+    stored = _envelope("bytegroup+zstd", {"itemsize": 2, "level": 3}, planes, framed)
     with pytest.raises(ChunkCorrupt, match=fragment):
-        decode_chunk(b"\0" * 16, _envelope("bytegroup+zstd", {"itemsize": 2, "level": 3}, planes), 16)
+        decode_chunk(b"\0" * 16, stored, 16)
 
 
 def test_exponent_plane_is_entropy_coded_and_the_sign_split_round_trips() -> None:
@@ -181,10 +225,12 @@ def test_exponent_plane_is_entropy_coded_and_the_sign_split_round_trips() -> Non
     raw = values.tobytes()
     codec = ByteGroupZstd(itemsize=4, split_sign=True)
     stored = encode_chunk(codec, memoryview(raw))
-    planes = msgpack.unpackb(msgpack.unpackb(stored)[2])
-    assert [mode for mode, _ in planes][:2] == [0, 0]  # the low mantissa bytes: raw
-    exponent = planes[3][1]
-    assert planes[3][0] == 1 and len(exponent) < 0.4 * len(raw) // 4  # zstd, Huffman-coded literals
+    (codec_id, params), (payload,) = framing.unframe(stored)
+    assert codec_id == codec.id and params == {"itemsize": 4, "level": 3, "split_sign": True}
+    modes, planes = framing.unframe(payload)
+    assert modes[:2] == [0, 0]  # the low mantissa bytes: raw
+    exponent = planes[3]
+    assert modes[3] == 1 and len(exponent) < 0.4 * len(raw) // 4  # zstd, Huffman-coded literals
     assert len(exponent) <= len(
         _huffman_plane(np.ascontiguousarray(np.frombuffer(raw, np.uint8)[3::4]).tobytes())
     )

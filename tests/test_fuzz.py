@@ -25,6 +25,7 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from blockstore import framing
 from blockstore.chunks import MAX_CHUNK_SIZE, chunk_value, decode_chunk
 from blockstore.codecs import CODECS, ByteGroupZstd, Raw, Zstd
 from blockstore.dtypes import DTYPE_BITS
@@ -327,6 +328,16 @@ def _envelope(codec_id: object, params: object, payload: object) -> bytes:
     return msgpack.packb([codec_id, params, payload], use_bin_type=True)
 
 
+def _framed_envelope(codec_id: object, params: object, payload: bytes) -> bytes:
+    return framing.frame([codec_id, params], [payload])
+
+
+def _lying_frame(fields: object, lengths: list[int], tail: bytes) -> bytes:
+    """A framed value whose part lengths need not match the bytes that follow."""
+    header = msgpack.packb([fields, lengths], use_bin_type=True)
+    return struct.pack("<BI", framing.MARK, len(header)) + header + tail
+
+
 def _zstd_frame_claiming(size: int, window_log: int) -> bytes:
     """A zstd frame header that declares `size` content bytes and a 2**window_log window, followed
     by one raw block of a few bytes: decoders that trust the header allocate `size` up front."""
@@ -351,10 +362,22 @@ payloads = st.one_of(
     st.lists(st.tuples(st.integers(-1, 4), st.binary(max_size=64)), max_size=9).map(
         lambda planes: msgpack.packb([list(p) for p in planes], use_bin_type=True)
     ),
+    st.lists(st.tuples(st.integers(-1, 4), st.binary(max_size=64)), max_size=9).map(
+        lambda planes: framing.frame([mode for mode, _ in planes], [plane for _, plane in planes])
+    ),
+    st.builds(
+        _lying_frame,
+        header_values,
+        st.lists(st.integers(0, 2**40), max_size=9),
+        st.binary(max_size=64),
+    ),
 )
 stored_values: st.SearchStrategy[bytes] = st.one_of(
     st.binary(max_size=300),
+    st.binary(max_size=300).map(lambda tail: bytes([framing.MARK]) + tail),
     st.builds(_envelope, codec_ids, params, payloads),
+    st.builds(_framed_envelope, codec_ids, params, payloads),
+    st.builds(_lying_frame, header_values, st.lists(st.integers(0, 2**40), max_size=3), payloads),
 )
 sizes: st.SearchStrategy[int] = st.one_of(st.integers(1, 64 << 10), st.just(MAX_CHUNK_SIZE))
 
@@ -364,7 +387,7 @@ def warm_decoders() -> None:
     """Decode one valid chunk per codec first: first-use imports (torch, in the lossy decoders),
     per-thread contexts and the byte-plane scratch allocate memory the bound must not charge to
     the input."""
-    raw = memoryview(np.linspace(-1, 1, 256, dtype=np.float32).tobytes())
+    raw = memoryview(np.zeros(4096, dtype=np.float32).tobytes())  # every plane zstd: the plane scratch too
     lossy = [lossy_codec(tier, "F32", 64) for tier in LOSSY_CODECS]
     for codec in (Raw(), Zstd(), ByteGroupZstd(itemsize=4), *lossy):
         with contextlib.suppress(ChunkCorrupt):  # right bytes, wrong key: decoded all the same

@@ -85,6 +85,39 @@ def test_every_torch_dtype_materializes_byte_identical(store_path: Path, tmp_pat
             assert as_bytes(tensor) == raw.data, name
 
 
+@pytest.mark.parametrize("chunk_size", [4096, 1 << 20], ids=["many-chunks", "one-chunk-each"])
+def test_load_all_is_a_plain_dict_of_exact_tensors(store_path: Path, tmp_path: Path, chunk_size: int) -> None:
+    tensors = {f"layers.{n}.mlp.up.weight": random_tensor("BF16", (64, 128), seed=n) for n in range(6)}
+    tensors["embed_tokens.weight"] = random_tensor("F32", (1000, 64), seed=9)
+    tensors["norm.weight"] = random_tensor("F32", (64,), seed=10)
+    with runtime.open(packed(store_path, tmp_path, tensors, chunk_size=chunk_size)) as state:
+        subset = ["norm.weight", "layers.3.mlp.up.weight"]
+        assert list(state.load_all(subset)) == subset
+        loaded = state.load_all()
+        assert list(loaded) == list(state)
+        for name, raw in tensors.items():
+            assert as_bytes(loaded[name]) == raw.data and tuple(loaded[name].shape) == raw.shape, name
+        stats = state.stats()
+        assert stats.misses == len(tensors) and stats.hits == len(subset)  # each decoded once
+        assert stats.bytes_decoded == sum(len(raw.data) for raw in tensors.values())
+
+
+def test_decode_threads_outlive_one_open(table) -> None:
+    """Their zstd contexts and scratch buffers are kept for the next open, not rebuilt."""
+    store, _ = table
+
+    def decode_threads() -> set[int | None]:
+        named = (thread for thread in threading.enumerate() if thread.name.startswith("blockstore-decode-3"))
+        return {thread.ident for thread in named}
+
+    with runtime.open(store, workers=3) as first:
+        first.load_all()
+    threads = decode_threads()
+    with runtime.open(store, workers=3) as second:
+        second.load_all()
+    assert threads and decode_threads() == threads
+
+
 @pytest.mark.parametrize("dtype", ["F4", "F6_E2M3"])
 def test_dtype_without_torch_equivalent_is_refused(store_path: Path, tmp_path: Path, dtype: str) -> None:
     store = packed(store_path, tmp_path, {"packed4": random_tensor(dtype, shape_for(dtype, 4))})
@@ -241,6 +274,8 @@ def test_corrupt_chunk_is_named_on_access_and_no_tensor_returned(table) -> None:
             state["layers.1.mlp.up.weight"].materialize()
         with pytest.raises(TensorCorrupt):  # a failed decode is not cached
             state["layers.1.mlp.up.weight"].materialize()
+        with pytest.raises(TensorCorrupt, match=r"'layers\.1\.mlp\.up\.weight'"):
+            state.load_all()
         state["layers.0.mlp.up.weight"].materialize()  # undamaged tensors still load
 
 

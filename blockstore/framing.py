@@ -1,0 +1,64 @@
+"""Framed values: a small msgpack header, then byte parts laid end to end, read without copying.
+
+msgpack copies every `bin` it unpacks into a new bytes object. For a chunk of weights that meant
+two copies of each plane (the chunk envelope, then the plane list) before decoding started, each
+a fresh multi-megabyte allocation made while holding the GIL. A framed value keeps only the small
+header in msgpack; its parts are slices (memoryviews) of the stored value itself, which the lazy
+runtime reads straight from LMDB's memory map.
+
+Layout: byte 0xC1, u32 little-endian header length H, H bytes of msgpack `[fields, part_lengths]`,
+then the parts. 0xC1 is the one byte msgpack never uses, so a framed value cannot be mistaken for
+the plain msgpack values earlier packs wrote (`is_framed`).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+
+import msgpack
+
+MARK = 0xC1
+_PREFIX = struct.Struct("<BI")
+
+
+class FrameError(ValueError):
+    """A framed value that does not parse; the caller names what it belonged to."""
+
+
+def is_framed(value: bytes | memoryview) -> bool:
+    """Whether `value` is framed (else it is an earlier pack's plain msgpack value)."""
+    return len(value) > 0 and value[0] == MARK
+
+
+def frame(fields: object, parts: Sequence[bytes | memoryview]) -> bytes:
+    """`fields` (anything msgpack encodes) and `parts`, framed."""
+    header = msgpack.packb([fields, [len(part) for part in parts]], use_bin_type=True)
+    return b"".join([_PREFIX.pack(MARK, len(header)), header, *parts])
+
+
+def unframe(value: bytes | memoryview) -> tuple[object, list[memoryview]]:
+    """(fields, parts) of a framed value; the parts are views into `value`, not copies."""
+    view = memoryview(value).cast("B")
+    if len(view) < _PREFIX.size:
+        raise FrameError(f"framed value of {len(view)} bytes is shorter than its prefix")
+    mark, header_len = _PREFIX.unpack_from(view)
+    body = _PREFIX.size + header_len
+    if mark != MARK or body > len(view):
+        raise FrameError(f"frame header of {header_len} bytes overruns a {len(view)}-byte value")
+    try:
+        header = msgpack.unpackb(view[_PREFIX.size : body], use_list=True, raw=False)
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise FrameError(f"frame header does not parse ({exc})") from None
+    if not (isinstance(header, list) and len(header) == 2 and isinstance(header[1], list)):
+        raise FrameError("frame header is not [fields, part lengths]")
+    fields, lengths = header
+    if not all(type(length) is int and length >= 0 for length in lengths):
+        raise FrameError("frame part lengths are not all non-negative integers")
+    if body + sum(lengths) != len(view):
+        raise FrameError(f"frame parts add up to {body + sum(lengths)} bytes, the value has {len(view)}")
+    parts = []
+    for length in lengths:
+        parts.append(view[body : body + length])
+        body += length
+    return fields, parts
