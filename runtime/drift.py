@@ -77,6 +77,14 @@ def _perplexity(model: Any, ids: torch.Tensor) -> float:
     return math.exp(float(loss))
 
 
+def _cosine(ours: torch.Tensor, theirs: torch.Tensor) -> torch.Tensor:
+    """Row-wise cosine similarity as x.y / sqrt(x.x * y.y): exactly 1.0 for identical rows (sqrt of a
+    correctly rounded square is exact), where torch's cosine_similarity normalizes first and can
+    read 0.9999999999999999 for a bit-identical pair."""
+    dot = (ours * theirs).sum(-1)
+    return dot / torch.sqrt((ours * ours).sum(-1) * (theirs * theirs).sum(-1))
+
+
 def _measure(packed: Any, original: Any, prompts: dict[str, torch.Tensor], text: Any) -> tuple[str, dict]:
     with torch.no_grad():
         ours, theirs = packed(**prompts), original(**prompts)
@@ -93,7 +101,7 @@ def _measure(packed: Any, original: Any, prompts: dict[str, torch.Tensor], text:
             return "decoder", metrics
         mask = prompts["attention_mask"].unsqueeze(-1).to(ours.last_hidden_state.dtype)
         pooled = [(out.last_hidden_state * mask).sum(1) / mask.sum(1) for out in (ours, theirs)]
-        cosine = torch.nn.functional.cosine_similarity(pooled[0].double(), pooled[1].double())
+        cosine = _cosine(pooled[0].double(), pooled[1].double())
         difference = (ours.last_hidden_state - theirs.last_hidden_state).abs().max()
         return "encoder", {"min_cosine": float(cosine.min()), "max_hidden_diff": float(difference)}
 
