@@ -13,7 +13,6 @@ from dataclasses import asdict, dataclass
 from typing import ClassVar, Protocol
 
 import msgpack
-import numpy as np
 import zstandard
 
 from . import framing, planes
@@ -245,7 +244,7 @@ class ByteGroupZstd:
                 payload = _unhuffman(payload, plane_len)
             elif mode != _PLANE_RAW or len(payload) != plane_len:
                 raise DecodeError(f"byte-group plane {index} has mode {mode!r}, {len(payload)} bytes")
-            byte_planes.append(np.frombuffer(payload, dtype=np.uint8))
+            byte_planes.append(payload)
         planes.join(byte_planes, out, self.split_sign)
 
 

@@ -6,9 +6,11 @@ zstd finds structure, and its near-random mantissa bytes together, where nothing
 alone; the sign takes the top bit of the plane below, whose other 7 bits are the mantissa bits
 just under the exponent.
 
-Both directions work on whole items as k-byte unsigned words (numpy's vectorized shifts and
-masks), never on strided single bytes: joining a 4 MB bf16 chunk this way takes 0.7 ms on one
-core of the 2-core VM, against 7 ms for the byte-strided assignment it replaced.
+Joining is on every load's path, so it is compiled (`blockstore._planes`, built at install): one
+pass that writes each item once, with the GIL released. Where that module could not be built,
+`join_numpy` gives the same bytes from numpy's whole-array shifts and masks. Per 4 MiB chunk on
+one core of the 2-core VM: bf16 0.12 ms compiled, 0.48 ms numpy; fp32 0.22 ms against 1.2 ms.
+Splitting runs only when packing and stays in numpy.
 """
 
 from __future__ import annotations
@@ -17,6 +19,14 @@ import threading
 from collections.abc import Sequence
 
 import numpy as np
+
+try:
+    from . import _planes as _compiled
+except ImportError:  # not built at install (no C compiler): numpy joins to the same bytes
+    _compiled = None
+
+Buffer = bytes | bytearray | memoryview | np.ndarray
+"""Anything holding one plane's bytes contiguously."""
 
 ITEMSIZES = (1, 2, 4, 8)
 """Item widths with a numpy word; every byte-groupable safetensors dtype has one of them."""
@@ -60,15 +70,24 @@ def split(raw: memoryview, itemsize: int, split_sign: bool) -> list[np.ndarray]:
     return planes
 
 
-def join(planes: Sequence[np.ndarray], out: memoryview, split_sign: bool) -> None:
-    """Write the items whose byte planes are `planes` into `out`: the inverse of `split`."""
-    itemsize = len(planes)
-    words = _words(out, itemsize)
-    scratch = _words(_scratch(), itemsize)
+def join(planes: Sequence[Buffer], out: memoryview, split_sign: bool) -> None:
+    """Write the items whose byte planes are `planes` (each len(out) / len(planes) bytes) into
+    `out`: the inverse of `split`."""
+    if _compiled is not None:
+        _compiled.join(planes, out, split_sign)
+    else:
+        join_numpy(planes, out, split_sign)
+
+
+def join_numpy(planes: Sequence[Buffer], out: memoryview, split_sign: bool) -> None:
+    """`join` in numpy, a block of `_BLOCK_BYTES` at a time through a per-thread scratch."""
+    arrays = [np.frombuffer(plane, dtype=np.uint8) for plane in planes]
+    words = _words(out, len(arrays))
+    scratch = _words(_scratch(), len(arrays))
     block = len(scratch)
     for start in range(0, len(words), block):
         part = words[start : start + block]
-        parts = [plane[start : start + block] for plane in planes]
+        parts = [plane[start : start + block] for plane in arrays]
         _join_block(parts, part, scratch[: len(part)], split_sign)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass
 
@@ -78,39 +78,65 @@ class TensorCache:
         self, key: Hashable, load: Callable[[], torch.Tensor], *, evictable: bool, prefetch: bool = False
     ) -> torch.Tensor:
         """The cached tensor for `key`, or `load()`'s result, cached (and counted) once."""
+        return self.get_or_load_many([(key, evictable)], lambda _: [load()], prefetch=prefetch)[0]
+
+    def get_or_load_many(
+        self,
+        requests: Sequence[tuple[Hashable, bool]],
+        load_many: Callable[[list[int]], list[torch.Tensor]],
+        *,
+        prefetch: bool = False,
+    ) -> list[torch.Tensor]:
+        """The tensors for `requests` (key, evictable), in order: cached ones as they are, ones
+        another thread is loading from its load, and the rest from one `load_many(positions)` call,
+        which decodes them together. Each key is counted as a hit or a miss once."""
+        found: dict[int, torch.Tensor | Future[torch.Tensor]] = {}
+        claimed: list[int] = []
         with self.lock:
-            entry = self._entries.get(key)
-            if entry is not None:
-                self._entries.move_to_end(key)
-                if not prefetch:
-                    self.stats.hits += 1
-                return entry.tensor
-            pending = self._loading.get(key)
-            if pending is None:
-                pending = self._loading[key] = Future()
-                owner = True
-                if prefetch:
-                    self.stats.prefetched += 1
+            for position, (key, _) in enumerate(requests):
+                entry = self._entries.get(key)
+                if entry is not None:
+                    self._entries.move_to_end(key)
+                    found[position] = entry.tensor
+                elif key in self._loading:
+                    found[position] = self._loading[key]
                 else:
-                    self.stats.misses += 1
-            else:
-                owner = False
-                if not prefetch:
+                    self._loading[key] = Future()
+                    claimed.append(position)
+                if position in found and not prefetch:
                     self.stats.hits += 1
-        if not owner:
-            return pending.result()
+                elif position not in found:
+                    if prefetch:
+                        self.stats.prefetched += 1
+                    else:
+                        self.stats.misses += 1
+        if claimed:
+            self._load_claimed([requests[position] for position in claimed], claimed, load_many, found)
+        return [item.result() if isinstance(item, Future) else item for _, item in sorted(found.items())]
+
+    def _load_claimed(
+        self,
+        requests: list[tuple[Hashable, bool]],
+        positions: list[int],
+        load_many: Callable[[list[int]], list[torch.Tensor]],
+        found: dict[int, torch.Tensor | Future[torch.Tensor]],
+    ) -> None:
         try:
-            tensor = load()
+            tensors = load_many(positions)
         except BaseException as exc:
             with self.lock:
-                del self._loading[key]
-            pending.set_exception(exc)
+                pending = [self._loading.pop(key) for key, _ in requests]
+            for future in pending:
+                future.set_exception(exc)
             raise
         with self.lock:
-            del self._loading[key]
-            self._insert(key, tensor, evictable)
-        pending.set_result(tensor)
-        return tensor
+            pending = []
+            for (key, evictable), tensor in zip(requests, tensors, strict=True):
+                pending.append(self._loading.pop(key))
+                self._insert(key, tensor, evictable)
+        for future, position, tensor in zip(pending, positions, tensors, strict=True):
+            future.set_result(tensor)
+            found[position] = tensor
 
     def _insert(self, key: Hashable, tensor: torch.Tensor, evictable: bool) -> None:
         nbytes = tensor.untyped_storage().nbytes()

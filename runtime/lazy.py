@@ -27,14 +27,14 @@ import torch
 from blockstore.chunks import decode_chunk_into
 from blockstore.dtypes import nbytes_of
 from blockstore.errors import ChunkCorrupt, ChunkMissing, InvalidArgument, TensorCorrupt, UnsupportedInput
-from blockstore.manifests import Snapshot, SnapshotId, TensorEntry
+from blockstore.manifests import ChunkRef, Snapshot, SnapshotId, TensorEntry
 from blockstore.policy import STATIC
 from blockstore.repo import DEFAULT_REF, Repository
 from blockstore.sizes import parse_size
 
 from .cache import RuntimeStats, TensorCache
 from .prefetch import LayerPrefetcher
-from .threads import ProcessLocalPool
+from .threads import ProcessLocalPool, run_shared
 
 _OPTIONAL_DTYPES = {
     "F8_E4M3": "float8_e4m3fn",
@@ -272,37 +272,39 @@ class LazyStateDict(Mapping[str, LazyTensor]):
     def materialize(
         self, entry: TensorEntry, device: str | torch.device | None = None, *, prefetch: bool = False
     ) -> torch.Tensor:
+        """The whole tensor `entry` on `device` (default: the state dict's), decoded once and cached."""
+        return self.materialize_many([entry], device, prefetch=prefetch)[0]
+
+    def materialize_many(
+        self, entries: list[TensorEntry], device: str | torch.device | None = None, *, prefetch: bool = False
+    ) -> list[torch.Tensor]:
+        """`entries` materialized, in order. The chunks of every tensor not yet cached are decoded as
+        one batch, largest first, on the decode threads: tensors held in one chunk (most of a
+        transformer's) decode side by side instead of one after another."""
         target = resolve_device(device) if device is not None else self.device
-        dtype = self.torch_dtype(entry)
+        dtypes = [self.torch_dtype(entry) for entry in entries]
         if self._prefetcher and not prefetch:
-            self._prefetcher.touched(entry.name)
+            for entry in entries:
+                self._prefetcher.touched(entry.name)
 
-        def load() -> torch.Tensor:
-            host = self._decode(entry, target.type == "cuda")
-            tensor = host.view(dtype).reshape(entry.shape)
-            return tensor.to(target, non_blocking=True) if target.type == "cuda" else tensor
+        def load(positions: list[int]) -> list[torch.Tensor]:
+            hosts = self._decode([entries[p] for p in positions], pinned=target.type == "cuda")
+            shaped = zip(positions, hosts, strict=True)
+            tensors = [host.view(dtypes[p]).reshape(entries[p].shape) for p, host in shaped]
+            if target.type == "cuda":
+                return [tensor.to(target, non_blocking=True) for tensor in tensors]
+            return tensors
 
-        return self._cache.get_or_load(
-            (entry.name, str(target)), load, evictable=entry.side == STATIC, prefetch=prefetch
-        )
+        requests = [((entry.name, str(target)), entry.side == STATIC) for entry in entries]
+        return self._cache.get_or_load_many(requests, load, prefetch=prefetch)
 
     def load_all(
         self, names: Iterable[str] | None = None, device: str | torch.device | None = None
     ) -> dict[str, torch.Tensor]:
-        """`names` (default: every tensor) materialized, as a plain dict in that order.
-
-        Tensors held in one chunk (most of a transformer's) decode side by side on the decode
-        threads, where `materialize` one after another would leave all but one thread idle; a
-        tensor of several chunks spreads its chunks over the threads as `materialize` does."""
+        """`names` (default: every tensor) materialized, as a plain dict in that order."""
         entries = [self[name].entry for name in (self if names is None else names)]
-        pending = {
-            entry.name: self._pool.executor.submit(self.materialize, entry, device)
-            for entry in entries
-            if len(entry.chunks) <= 1
-        }
-        tensors = {entry.name: self.materialize(entry, device) for entry in entries if len(entry.chunks) > 1}
-        tensors.update((name, future.result()) for name, future in pending.items())
-        return {entry.name: tensors[entry.name] for entry in entries}
+        tensors = self.materialize_many(entries, device)
+        return {entry.name: tensor for entry, tensor in zip(entries, tensors, strict=True)}
 
     def gather_rows(self, entry: TensorEntry, row_starts: list[int], ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` (checked, on the CPU) of a static table, decoding (and caching) only the chunks
@@ -314,7 +316,7 @@ class LazyStateDict(Mapping[str, LazyTensor]):
         for index in chunk_of.unique().tolist():
 
             def load(index: int = index) -> torch.Tensor:
-                return self._decode_chunks(entry, [index], pinned=False)
+                return self._decode_chunks([(entry, range(index, index + 1))], pinned=False)[0]
 
             block = self._cache.get_or_load((entry.name, "chunk", index), load, evictable=True)
             picked = chunk_of == index
@@ -323,40 +325,46 @@ class LazyStateDict(Mapping[str, LazyTensor]):
         result = out.view(dtype).reshape(ids.numel(), *entry.shape[1:])
         return result.to(self.device, non_blocking=True) if self.device.type == "cuda" else result
 
-    def _decode(self, entry: TensorEntry, pinned: bool) -> torch.Tensor:
-        return self._decode_chunks(entry, range(len(entry.chunks)), pinned=pinned)
+    def _decode(self, entries: list[TensorEntry], *, pinned: bool) -> list[torch.Tensor]:
+        """Every chunk of `entries`, each tensor into one new uint8 buffer."""
+        return self._decode_chunks([(entry, range(len(entry.chunks))) for entry in entries], pinned=pinned)
 
-    def _decode_chunks(self, entry: TensorEntry, indices: Any, *, pinned: bool) -> torch.Tensor:
-        """Decode chunks `indices` (consecutive) of `entry` into one new uint8 buffer, in parallel."""
-        indices = list(indices)
-        offsets = [0, *accumulate(entry.chunks[i].raw_len for i in indices)]
-        buffer = torch.empty(offsets[-1], dtype=torch.uint8, pin_memory=pinned)
-        view = memoryview(buffer.numpy())
-        started = time.perf_counter()
+    def _decode_chunks(self, wanted: list[tuple[TensorEntry, range]], *, pinned: bool) -> list[torch.Tensor]:
+        """For each (entry, consecutive chunk indices), those chunks decoded into one new uint8
+        buffer; all the chunks of the batch share the decode threads, the largest taken first."""
+        buffers, jobs = [], []
+        for entry, indices in wanted:
+            offsets = [0, *accumulate(entry.chunks[i].raw_len for i in indices)]
+            buffers.append(torch.empty(offsets[-1], dtype=torch.uint8, pin_memory=pinned))
+            view = memoryview(buffers[-1].numpy())
+            jobs += [
+                (entry, entry.chunks[i], view[offsets[n] : offsets[n + 1]]) for n, i in enumerate(indices)
+            ]
+        jobs.sort(key=lambda job: job[1].raw_len, reverse=True)
+        stored = [0]
 
-        def decode_one(position: int) -> int:
-            chunk = entry.chunks[indices[position]]
-            target = view[offsets[position] : offsets[position + 1]]
+        def decode_one(job: tuple[TensorEntry, ChunkRef, memoryview]) -> None:
+            entry, chunk, target = job
 
             def decode(value: bytes | memoryview) -> int:
                 decode_chunk_into(chunk.key, value, target)
                 return len(value)
 
-            return self.repo.store.with_value(chunk.key, decode)
+            try:
+                size = self.repo.store.with_value(chunk.key, decode)
+            except (ChunkCorrupt, ChunkMissing) as exc:
+                raise TensorCorrupt(entry.name, self.snapshot_id.hex()[:12], exc) from None
+            with self._cache.lock:
+                stored[0] += size
 
-        try:
-            if len(indices) > 1:
-                stored = sum(self._pool.executor.map(decode_one, range(len(indices))))
-            else:
-                stored = sum(decode_one(position) for position in range(len(indices)))
-        except (ChunkCorrupt, ChunkMissing) as exc:
-            raise TensorCorrupt(entry.name, self.snapshot_id.hex()[:12], exc) from None
+        started = time.perf_counter()
+        run_shared(self._pool, jobs, decode_one)
         with self._cache.lock:
-            self._stats.chunks_read += len(indices)
-            self._stats.bytes_read += stored
-            self._stats.bytes_decoded += offsets[-1]
+            self._stats.chunks_read += len(jobs)
+            self._stats.bytes_read += stored[0]
+            self._stats.bytes_decoded += sum(buffer.numel() for buffer in buffers)
             self._stats.decode_seconds += time.perf_counter() - started
-        return buffer
+        return buffers
 
 
 def open(

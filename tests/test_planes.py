@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+import sysconfig
+
 import numpy as np
 import pytest
 
@@ -12,17 +15,61 @@ from blockstore.errors import InvalidArgument
 WIDTHS = [(itemsize, split_sign) for itemsize in planes.ITEMSIZES for split_sign in (False, True)]
 WIDTHS.remove((1, True))
 
+JOINS = [pytest.param(planes.join_numpy, id="numpy")]
+if planes._compiled is not None:
+    JOINS.append(pytest.param(planes._compiled.join, id="compiled"))
+
 
 def _raw(itemsize: int, count: int = 4099) -> bytes:
     return np.random.default_rng(itemsize).integers(0, 256, count * itemsize, dtype=np.uint8).tobytes()
 
 
+@pytest.mark.parametrize("join", JOINS)
 @pytest.mark.parametrize(("itemsize", "split_sign"), WIDTHS)
-def test_split_then_join_is_exact(itemsize: int, split_sign: bool) -> None:
+def test_split_then_join_is_exact(join, itemsize: int, split_sign: bool) -> None:
     raw = _raw(itemsize)
     out = bytearray(len(raw) + 1)
-    planes.join(planes.split(memoryview(raw), itemsize, split_sign), memoryview(out)[1:], split_sign)
+    join(planes.split(memoryview(raw), itemsize, split_sign), memoryview(out)[1:], split_sign)
     assert bytes(out[1:]) == raw  # also into an unaligned buffer, as a chunk inside a tensor may be
+
+
+@pytest.mark.parametrize("join", JOINS)
+def test_join_takes_planes_as_any_buffer(join) -> None:
+    raw = _raw(2)
+    split = planes.split(memoryview(raw), 2, True)
+    for kinds in ([bytes(split[0]), bytearray(split[1])], [memoryview(split[0]), split[1]]):
+        out = bytearray(len(raw))
+        join(kinds, memoryview(out), True)
+        assert bytes(out) == raw
+
+
+@pytest.mark.parametrize("join", JOINS)
+def test_join_refuses_planes_that_do_not_fit_the_output(join) -> None:
+    raw = _raw(4)
+    split = planes.split(memoryview(raw), 4, False)
+    with pytest.raises(ValueError):
+        join([*split[:3], split[3][:-1]], memoryview(bytearray(len(raw))), False)
+    with pytest.raises(ValueError):
+        join(split, memoryview(bytearray(len(raw) + 4)), False)
+
+
+def test_compiled_join_refuses_what_no_item_width_means() -> None:
+    if planes._compiled is None:
+        pytest.skip("blockstore._planes is not built here")
+    with pytest.raises(ValueError, match="3 planes"):
+        planes._compiled.join([b"a", b"b", b"c"], bytearray(3), False)
+    with pytest.raises(ValueError, match="split_sign needs"):
+        planes._compiled.join([b"a"], bytearray(1), True)
+    with pytest.raises(TypeError):
+        planes._compiled.join([b"ab"], b"ro", False)  # the output must be writable
+
+
+def test_compiled_join_is_built_where_a_compiler_is() -> None:
+    """The extension is optional at install, so a broken build would go unnoticed but for this."""
+    compiler = (sysconfig.get_config_var("CC") or "cc").split()[0]
+    if shutil.which(compiler) is None:
+        pytest.skip(f"no C compiler ({compiler}) here: blockstore joins planes with numpy")
+    assert planes._compiled is not None, "blockstore._planes was not built: reinstall and read the build log"
 
 
 @pytest.mark.parametrize("itemsize", planes.ITEMSIZES)
@@ -57,11 +104,11 @@ def test_sign_split_layout_is_what_stored_chunks_hold(dtype: str, fields: int, e
     assert [int(plane[1]) for plane in split] == [0] * len(expected)
 
 
-def test_join_reuses_its_scratch_across_sizes() -> None:
+def test_numpy_join_reuses_its_scratch_across_sizes() -> None:
     big, small = _raw(4, 70_000), _raw(4, 3)
     for raw in (big, small, big):
         out = bytearray(len(raw))
-        planes.join(planes.split(memoryview(raw), 4, True), memoryview(out), True)
+        planes.join_numpy(planes.split(memoryview(raw), 4, True), memoryview(out), True)
         assert bytes(out) == raw
 
 
