@@ -9,7 +9,7 @@ so equal content gives an equal id and a stored snapshot can be checked against 
 from __future__ import annotations
 
 import math
-import unicodedata
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,13 +33,16 @@ class ManifestError(ValueError):
     """Snapshot bytes that do not describe a well-formed snapshot (the caller names the store)."""
 
 
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+"""Unicode's category Cc, all of it (C0, DEL, C1); one regex search instead of a category lookup per
+character, which was a third of the time to open a snapshot."""
+
+
 def control_character(name: str) -> str | None:
     """The first control character in a tensor name, as U+XXXX, or None. Names are printed by
     `show`, `verify` and errors; a name carrying terminal escapes could rewrite what users see."""
-    for char in name:
-        if unicodedata.category(char) == "Cc":
-            return f"U+{ord(char):04X}"
-    return None
+    found = _CONTROL.search(name)
+    return f"U+{ord(found.group()):04X}" if found else None
 
 
 @dataclass(frozen=True)

@@ -331,40 +331,48 @@ class LazyStateDict(Mapping[str, LazyTensor]):
 
     def _decode_chunks(self, wanted: list[tuple[TensorEntry, range]], *, pinned: bool) -> list[torch.Tensor]:
         """For each (entry, consecutive chunk indices), those chunks decoded into one new uint8
-        buffer; all the chunks of the batch share the decode threads, the largest taken first."""
-        buffers, jobs = [], []
-        for entry, indices in wanted:
+        buffer; all the chunks of the batch share the decode threads, the largest taken first.
+
+        A buffer filled by one chunk (most tensors) is allocated by the thread that decodes it, so
+        allocation overlaps decoding instead of running ahead of it on the caller's thread."""
+        buffers: list[torch.Tensor | None] = []
+        jobs: list[tuple[int, TensorEntry, ChunkRef, int]] = []
+        for slot, (entry, indices) in enumerate(wanted):
             offsets = [0, *accumulate(entry.chunks[i].raw_len for i in indices)]
-            buffers.append(torch.empty(offsets[-1], dtype=torch.uint8, pin_memory=pinned))
-            view = memoryview(buffers[-1].numpy())
-            jobs += [
-                (entry, entry.chunks[i], view[offsets[n] : offsets[n + 1]]) for n, i in enumerate(indices)
-            ]
-        jobs.sort(key=lambda job: job[1].raw_len, reverse=True)
-        stored = [0]
+            shared = len(indices) > 1  # by several chunks; an empty tensor's stays None, no job fills it
+            buffers.append(torch.empty(offsets[-1], dtype=torch.uint8, pin_memory=pinned) if shared else None)
+            jobs += [(slot, entry, entry.chunks[i], offsets[n]) for n, i in enumerate(indices)]
+        jobs.sort(key=lambda job: job[2].raw_len, reverse=True)
+        stored: list[int] = []
 
-        def decode_one(job: tuple[TensorEntry, ChunkRef, memoryview]) -> None:
-            entry, chunk, target = job
+        def decode_one(job: tuple[int, TensorEntry, ChunkRef, int]) -> None:
+            slot, entry, chunk, start = job
+            buffer = buffers[slot]
+            if buffer is None:  # this chunk is the whole buffer: no other job touches the slot
+                buffer = buffers[slot] = torch.empty(chunk.raw_len, dtype=torch.uint8, pin_memory=pinned)
+            target = memoryview(buffer.numpy())[start : start + chunk.raw_len]
 
-            def decode(value: bytes | memoryview) -> int:
+            def decode(value: bytes | memoryview) -> None:
                 decode_chunk_into(chunk.key, value, target)
-                return len(value)
+                stored.append(len(value))
 
             try:
-                size = self.repo.store.with_value(chunk.key, decode)
+                self.repo.store.with_value(chunk.key, decode)
             except (ChunkCorrupt, ChunkMissing) as exc:
                 raise TensorCorrupt(entry.name, self.snapshot_id.hex()[:12], exc) from None
-            with self._cache.lock:
-                stored[0] += size
 
         started = time.perf_counter()
         run_shared(self._pool, jobs, decode_one)
+        decoded = [
+            buffer if buffer is not None else torch.empty(0, dtype=torch.uint8, pin_memory=pinned)
+            for buffer in buffers
+        ]
         with self._cache.lock:
             self._stats.chunks_read += len(jobs)
-            self._stats.bytes_read += stored[0]
-            self._stats.bytes_decoded += sum(buffer.numel() for buffer in buffers)
+            self._stats.bytes_read += sum(stored)
+            self._stats.bytes_decoded += sum(buffer.numel() for buffer in decoded)
             self._stats.decode_seconds += time.perf_counter() - started
-        return buffers
+        return decoded
 
 
 def open(

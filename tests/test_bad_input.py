@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import pickle
 import struct
+import sys
+import unicodedata
 from pathlib import Path
 
 import lmdb
 import pytest
 
+from blockstore.manifests import control_character
 from blockstore.repo import Repository
 
 from .helpers import RawTensor, assert_one_line_error, cli, random_tensor, write_raw_file, write_safetensors
@@ -95,7 +98,21 @@ BAD_FILES = {
         lambda p: write_raw_file(p, {"__metadata__": {"n": 1}}),
         "__metadata__ must map strings to strings",
     ),
+    "escape-in-name": (
+        lambda p: write_raw_file(p, tensor_header(**{"w\x1b[2J": ("U8", [1], [0, 1])}), b"\0"),
+        "has a control character (U+001B) in its name",
+    ),
+    "c1-control-in-name": (
+        lambda p: write_raw_file(p, tensor_header(**{"w\x9b": ("U8", [1], [0, 1])}), b"\0"),
+        "has a control character (U+009B) in its name",
+    ),
 }
+
+
+def test_control_characters_are_exactly_unicode_category_cc() -> None:
+    cc = [point for point in range(sys.maxunicode + 1) if unicodedata.category(chr(point)) == "Cc"]
+    found = [point for point in range(sys.maxunicode + 1) if control_character(f"a{chr(point)}b")]
+    assert found == cc
 
 
 @pytest.mark.parametrize("case", sorted(BAD_FILES))

@@ -29,7 +29,7 @@ def test_pack_ratio_benchmark_runs_every_tier(tmp_path: Path) -> None:
     for methods in results.values():
         assert {"blockstore lossless", "blockstore int8", "plain zstd -3"} <= set(methods)
         for row in methods.values():
-            assert row["ratio"] > 0 and row["decode_mb_s"] > 0 and row["decode_1t_mb_s"] > 0
+            assert row["ratio"] > 0 and min(row["load_mb_s"], row["decode_mb_s"], row["decode_1t_mb_s"]) > 0
         assert methods["blockstore int8"]["ratio"] < methods["blockstore lossless"]["ratio"]
         assert 0 < methods["blockstore int8"]["worst_rel_error"] < 0.01
 
