@@ -16,7 +16,7 @@ import math
 import msgpack
 
 from . import framing
-from .codecs import Codec, DecodeError, Raw, codec_params, make_codec
+from .codecs import Codec, DecodeError, Raw, codec_params, stored_codec
 from .dtypes import byte_unit, nbytes_of
 from .errors import ChunkCorrupt, InvalidArgument
 from .hashing import ChunkKey, chunk_key
@@ -83,7 +83,7 @@ def decode_chunk_into(key: ChunkKey, value: bytes | memoryview, out: memoryview)
     `key` names; raises ChunkCorrupt otherwise. The lazy runtime decodes into one tensor buffer."""
     try:
         codec_id, params, payload = _envelope(value)
-        make_codec(codec_id, params).decode_into(payload, out)
+        stored_codec(codec_id, params).decode_into(payload, out)
     except (DecodeError, InvalidArgument, ValueError, TypeError, msgpack.UnpackException) as exc:
         raise ChunkCorrupt(key.hex(), exc) from None
     if chunk_key(out) != key:

@@ -7,6 +7,7 @@ cannot make the decoder allocate more than the manifest says the chunk holds.
 
 from __future__ import annotations
 
+import functools
 import threading
 import zlib
 from dataclasses import asdict, dataclass
@@ -290,6 +291,21 @@ CODECS: dict[str, type] = {codec.id: codec for codec in (Raw, Zstd, ByteGroupZst
 def codec_params(codec: Codec) -> dict[str, int | bool | str]:
     """The parameters stored next to every chunk so it decodes on its own."""
     return asdict(codec)  # type: ignore[call-overload]
+
+
+def stored_codec(codec_id: str, params: dict[str, object]) -> Codec:
+    """`make_codec` for a stored chunk, remembered: every chunk of a pack names the same few codecs,
+    and building one (a dataclass and its checks) per chunk read was a tenth of a small chunk's
+    decode. Values are keyed with their types, so 2 and 2.0 (or 1 and True) never share a codec."""
+    try:
+        return _remembered_codec(codec_id, tuple((key, type(value), value) for key, value in params.items()))
+    except TypeError:  # unhashable params: make_codec refuses them with the usual message
+        return make_codec(codec_id, params)
+
+
+@functools.lru_cache(maxsize=64)
+def _remembered_codec(codec_id: str, params: tuple[tuple[object, type, object], ...]) -> Codec:
+    return make_codec(codec_id, {key: value for key, _, value in params})  # type: ignore[misc]
 
 
 def make_codec(codec_id: str, params: dict[str, object]) -> Codec:

@@ -3,7 +3,8 @@
 Transformer weights are named by layer (`model.layers.3.mlp.up_proj.weight`,
 `encoder.layer.3.intermediate.dense.weight`): the first `.<number>.` in a name gives its stack and
 layer. When a tensor of layer i is touched, the static tensors of layers i+1..i+N of the same stack
-are decoded on one background thread, so their decode overlaps layer i's compute.
+are decoded from one background thread, each layer as one batch on the decode threads, so their
+decode overlaps layer i's compute.
 """
 
 from __future__ import annotations
@@ -70,8 +71,8 @@ class LayerPrefetcher:
         try:
             # A failed prefetch is no error here: the real access decodes again and reports it.
             with suppress(Exception):
-                for name in self._layers[layer]:
-                    self._state.materialize(self._state.snapshot.tensors[name], prefetch=True)
+                tensors = self._state.snapshot.tensors
+                self._state.materialize_many([tensors[name] for name in self._layers[layer]], prefetch=True)
         finally:
             with self._lock:
                 self._queued.discard(layer)

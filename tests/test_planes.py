@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from blockstore import planes
-from blockstore.codecs import ByteGroupZstd
+from blockstore.codecs import ByteGroupZstd, stored_codec
 from blockstore.errors import InvalidArgument
 
 WIDTHS = [(itemsize, split_sign) for itemsize in planes.ITEMSIZES for split_sign in (False, True)]
@@ -115,3 +115,13 @@ def test_numpy_join_reuses_its_scratch_across_sizes() -> None:
 def test_item_width_without_a_word_is_refused() -> None:
     with pytest.raises(InvalidArgument, match="itemsize 3 is not one of 1, 2, 4, 8"):
         ByteGroupZstd(itemsize=3)
+
+
+def test_stored_codecs_are_remembered_by_value_and_type() -> None:
+    first = stored_codec("bytegroup+zstd", {"itemsize": 2, "level": 3, "split_sign": True})
+    assert stored_codec("bytegroup+zstd", {"itemsize": 2, "level": 3, "split_sign": True}) is first
+    assert first == ByteGroupZstd(itemsize=2, level=3, split_sign=True)
+    lookalike = stored_codec("bytegroup+zstd", {"itemsize": 2.0, "level": 3, "split_sign": True})
+    assert lookalike is not first and type(lookalike.itemsize) is float  # 2.0 == 2, but not the same
+    with pytest.raises(InvalidArgument, match=r"itemsize \[2\] is not one of"):  # unhashable: as usual
+        stored_codec("bytegroup+zstd", {"itemsize": [2]})
