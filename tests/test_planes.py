@@ -125,3 +125,19 @@ def test_stored_codecs_are_remembered_by_value_and_type() -> None:
     assert lookalike is not first and type(lookalike.itemsize) is float  # 2.0 == 2, but not the same
     with pytest.raises(InvalidArgument, match=r"itemsize \[2\] is not one of"):  # unhashable: as usual
         stored_codec("bytegroup+zstd", {"itemsize": [2]})
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "numpy-fallback"])
+@pytest.mark.parametrize(("itemsize", "split_sign"), WIDTHS)
+def test_codec_decodes_the_same_bytes_with_or_without_the_compiled_join(
+    monkeypatch: pytest.MonkeyPatch, compiled: bool, itemsize: int, split_sign: bool
+) -> None:
+    if compiled and planes._compiled is None:
+        pytest.skip("blockstore._planes is not built here")
+    if not compiled:
+        monkeypatch.setattr(planes, "_compiled", None)  # as on a machine without a C compiler
+    raw = _raw(itemsize, 70_000)
+    codec = ByteGroupZstd(itemsize=itemsize, split_sign=split_sign)
+    out = bytearray(len(raw))
+    codec.decode_into(codec.encode(memoryview(raw)), memoryview(out))
+    assert bytes(out) == raw
