@@ -64,14 +64,18 @@ DECODE_RUNS = 11
 
 def _median_mb_s(nbytes: int, decode: Callable[[], object]) -> float:
     """Median throughput of `decode` over DECODE_RUNS runs (the first warms per-thread contexts).
-    What it returns is freed after the clock stops: a load keeps its tensors."""
-    decode()
+
+    Every run's result is kept until the median is taken, so no run decodes into memory an earlier
+    one freed: a load gets fresh pages from the kernel and pays their faults, and freed memory an
+    allocator hands straight back (which ZipNN's output reached on some runs and not others, for
+    2x swings) would measure something no load sees. Costs DECODE_RUNS times the model in memory."""
+    kept = [decode()]
     seconds = []
     for _ in range(DECODE_RUNS):
         started = time.perf_counter()
-        decoded = decode()
+        kept.append(decode())
         seconds.append(time.perf_counter() - started)
-        del decoded
+    del kept
     return nbytes / 1e6 / statistics.median(seconds)
 
 
