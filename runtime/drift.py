@@ -80,9 +80,10 @@ def _perplexity(model: Any, ids: torch.Tensor) -> float:
 def _cosine(ours: torch.Tensor, theirs: torch.Tensor) -> torch.Tensor:
     """Row-wise cosine similarity as x.y / sqrt(x.x * y.y): exactly 1.0 for identical rows (sqrt of a
     correctly rounded square is exact), where torch's cosine_similarity normalizes first and can
-    read 0.9999999999999999 for a bit-identical pair."""
+    read 0.9999999999999999 for a bit-identical pair. An all-zero row reads 0, as torch's does
+    (its 1e-8 floor on the norms), never nan, which no bound would catch."""
     dot = (ours * theirs).sum(-1)
-    return dot / torch.sqrt((ours * ours).sum(-1) * (theirs * theirs).sum(-1))
+    return dot / torch.sqrt((ours * ours).sum(-1) * (theirs * theirs).sum(-1)).clamp_min(1e-8)
 
 
 def _measure(packed: Any, original: Any, prompts: dict[str, torch.Tensor], text: Any) -> tuple[str, dict]:

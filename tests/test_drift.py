@@ -5,11 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from blockstore.pack import pack
 from blockstore.policy import Policy
 from blockstore.repo import Repository
-from blockstore.runtime.drift import check_drift
+from blockstore.runtime.drift import _cosine, check_drift
 
 from .helpers import assert_one_line_error, cli
 
@@ -82,3 +83,10 @@ def test_decoder_metrics_top1_logits_and_perplexity(decoder: Path, minilm_path: 
 def test_missing_reference_is_a_one_line_error(minilm_stores, tmp_path: Path) -> None:
     result = cli("check-drift", minilm_stores["lossless"], "--reference", tmp_path / "nope.safetensors")
     assert_one_line_error(result, "nope.safetensors", exit_code=2)
+
+
+def test_cosine_is_exactly_one_for_identical_rows_and_zero_for_a_zero_row() -> None:
+    rows = torch.randn(64, 384, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    assert _cosine(rows, rows.clone()).tolist() == [1.0] * 64
+    zero = torch.zeros(1, 384, dtype=torch.float64)
+    assert _cosine(zero, rows[:1]).tolist() == [0.0]
