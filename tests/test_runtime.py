@@ -115,7 +115,9 @@ def test_decode_threads_outlive_one_open(table) -> None:
     threads = decode_threads()
     with runtime.open(store, workers=3) as second:
         second.load_all()
-    assert threads and decode_threads() == threads
+    # The executor starts threads as work first needs them, so the second open may add one; none
+    # of the first open's threads may have ended.
+    assert threads and threads <= decode_threads()
 
 
 @pytest.mark.parametrize("dtype", ["F4", "F6_E2M3"])

@@ -24,7 +24,7 @@ def test_every_job_runs_once_on_the_pool_and_the_caller(pool) -> None:
     lock = threading.Lock()
 
     def work(job: int) -> None:
-        time.sleep(0.002)
+        time.sleep(0.005)  # 200 ms in all: time enough for the helper to start and take some
         with lock:
             ran.append((job, threading.current_thread().name))
 
