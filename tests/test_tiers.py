@@ -5,9 +5,11 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import msgpack
 import pytest
 import torch
 import transformers
+import zstandard
 from safetensors.torch import load_file, save_file
 
 from blockstore import runtime
@@ -15,6 +17,7 @@ from blockstore.errors import InvalidArgument
 from blockstore.export import export
 from blockstore.pack import pack
 from blockstore.policy import LOSSY_DTYPES, Policy
+from blockstore.quantize import lossy_codec
 from blockstore.repo import Repository
 from blockstore.verify import verify
 
@@ -134,3 +137,31 @@ def test_non_finite_weights_are_refused_by_name(tmp_path: Path, repo) -> None:
     save_file({"mlp.weight": values}, source)
     with pytest.raises(InvalidArgument, match=r"'mlp\.weight'.*inf or nan"):
         pack(repo, [source], policy=Policy(static_tier="int8"))
+
+
+@pytest.mark.parametrize("tier", ["int8", "int4", "fp8"])
+@pytest.mark.parametrize("dtype", ["F32", "BF16", "F16"])
+def test_decoding_is_one_float32_product_per_element_rounded_once(tier: str, dtype: str) -> None:
+    """Pinned against the formula, not the code: stored chunks are keyed by their decoded bytes, so
+    any change to the arithmetic would make every lossy chunk packed before it fail its check."""
+    torch_dtype = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}[dtype]
+    codec = lossy_codec(tier, dtype, block_size=64)
+    values = (torch.randn(64 * 40 + 23, generator=torch.Generator().manual_seed(7)) * 3).to(torch_dtype)
+    payload, _ = codec.quantize(memoryview(values.view(torch.uint8).numpy()))
+    scale_frame, value_frame = msgpack.unpackb(payload)
+    scales = torch.frombuffer(
+        bytearray(zstandard.ZstdDecompressor().decompress(scale_frame)), dtype=torch.float32
+    )
+    stored = torch.frombuffer(
+        bytearray(zstandard.ZstdDecompressor().decompress(value_frame)), dtype=torch.uint8
+    )
+    if tier == "int8":
+        exact = stored.view(torch.int8).float()
+    elif tier == "int4":
+        exact = torch.stack([stored & 0x0F, stored >> 4], dim=1).reshape(-1).float() - 8
+    else:
+        exact = stored.view(torch.float8_e4m3fn).float()
+    expected = (exact.view(-1, 64) * scales[:, None]).reshape(-1)[: values.numel()].to(torch_dtype)
+    out = bytearray(values.numel() * values.element_size())
+    codec.decode_into(payload, memoryview(out))
+    assert bytes(out) == expected.view(torch.uint8).numpy().tobytes()
