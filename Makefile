@@ -10,7 +10,7 @@ TORCH_PIN ?= torch==2.13.0
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml setup.py blockstore/_planes.c Makefile
+$(VENV)/.installed: pyproject.toml setup.py blockstore/codecs/_planes.c Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PIN)

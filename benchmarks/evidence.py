@@ -19,8 +19,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from blockstore.core.hashing import digest
 from blockstore.errors import InvalidArgument
-from blockstore.hashing import digest
 
 RESULTS_SCHEMA = 1
 PACK_FILES = ("env.json", "results.json", "report.md")

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from blockstore.core.policy import read_toml
 from blockstore.errors import InvalidArgument
-from blockstore.policy import read_toml
 
 from .evidence import load_results, unit_of
 

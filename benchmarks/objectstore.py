@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from blockstore.pack import pack
+from blockstore.ops.pack import pack
 from blockstore.repo import Repository
 from blockstore.runtime import lazy
 

@@ -37,9 +37,9 @@ import zstandard
 from safetensors.torch import load_file, save_file
 
 from blockstore import runtime
-from blockstore.chunks import decode_chunk_into
-from blockstore.pack import pack
-from blockstore.policy import TIERS, Policy
+from blockstore.core.chunks import decode_chunk_into
+from blockstore.core.policy import TIERS, Policy
+from blockstore.ops.pack import pack
 from blockstore.repo import Repository
 from blockstore.runtime.drift import check_drift
 

@@ -204,8 +204,8 @@ def _prepare(model: Path, work: Path) -> tuple[dict[str, Path], int]:
     and a ZipNN file. Returns the files and the lossless store's size."""
     from safetensors.torch import load_file
 
-    from blockstore.pack import pack
-    from blockstore.policy import Policy
+    from blockstore.core.policy import Policy
+    from blockstore.ops.pack import pack
     from blockstore.repo import Repository
 
     files = {"model": model, "store": work / "store", "store_int8": work / "store-int8"}

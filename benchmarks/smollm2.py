@@ -25,8 +25,8 @@ import torch
 from safetensors.torch import save_file
 
 from blockstore import runtime
-from blockstore.pack import pack
-from blockstore.policy import TIERS, Policy
+from blockstore.core.policy import TIERS, Policy
+from blockstore.ops.pack import pack
 from blockstore.repo import Repository
 from blockstore.runtime.drift import check_drift
 

@@ -10,7 +10,8 @@ class Progress(Protocol):
 
     def start(self, description: str, total: int) -> None: ...
 
-    def advance(self, amount: int) -> None: ...
+    def advance(self, amount: int, item: str = "") -> None:
+        """`amount` more bytes done; `item` names what they belong to (a tensor), if anything."""
 
 
 class Silent:
@@ -19,5 +20,5 @@ class Silent:
     def start(self, description: str, total: int) -> None:
         pass
 
-    def advance(self, amount: int) -> None:
+    def advance(self, amount: int, item: str = "") -> None:
         pass

@@ -13,11 +13,14 @@ import re
 import string
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Union
 
-from .chunks import DEFAULT_CHUNK_SIZE, check_chunk_size, decode_chunk
-from .errors import (
+from blockstore.core.chunks import DEFAULT_CHUNK_SIZE, check_chunk_size, decode_chunk
+from blockstore.core.hashing import digest, new_digest
+from blockstore.core.manifests import ManifestError, Snapshot, SnapshotId, TensorEntry
+from blockstore.errors import (
     AmbiguousSnapshotId,
     ChunkCorrupt,
     ChunkMissing,
@@ -27,14 +30,12 @@ from .errors import (
     StoreCorrupt,
     TensorCorrupt,
 )
-from .hashing import digest, new_digest
-from .manifests import ManifestError, Snapshot, SnapshotId, TensorEntry
-from .readcache import CACHE_ENV, CACHE_SIZE_ENV, DEFAULT_CACHE_BYTES, ReadThroughCache
-from .sizes import parse_size
-from .store import LmdbStore
+from blockstore.sizes import parse_size
+from blockstore.storage.cache import CACHE_ENV, CACHE_SIZE_ENV, DEFAULT_CACHE_BYTES, ReadThroughCache
+from blockstore.storage.lmdb import LmdbStore, ReflogEntry, short_id
 
 if TYPE_CHECKING:
-    from .objectstore import ObjectStore
+    from blockstore.storage.s3 import ObjectStore
 
 DEFAULT_REF = "main"
 MIN_ID_PREFIX = 4
@@ -64,7 +65,11 @@ def open_store(location: Location, *, readonly: bool = False, cache: Location | 
     many requests it keeps in flight for batch operations (the runtime's decode threads add theirs)."""
     if not is_url(location):
         return LmdbStore(Path(location), readonly=readonly)
-    from .objectstore import CONCURRENCY_ENV, DEFAULT_CONCURRENCY, ObjectStore  # obstore only when used
+    from blockstore.storage.s3 import (  # obstore only when used
+        CONCURRENCY_ENV,
+        DEFAULT_CONCURRENCY,
+        ObjectStore,
+    )
 
     concurrency = int(os.environ.get(CONCURRENCY_ENV) or DEFAULT_CONCURRENCY)
     remote = ObjectStore(str(location), readonly=readonly, concurrency=concurrency)
@@ -73,6 +78,44 @@ def open_store(location: Location, *, readonly: bool = False, cache: Location | 
         return remote
     budget = parse_size(os.environ.get(CACHE_SIZE_ENV), CACHE_SIZE_ENV) or DEFAULT_CACHE_BYTES
     return ReadThroughCache(remote, Path(cache), budget)
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    """One snapshot as `ls` lists it: what it holds and which refs point at it."""
+
+    id: SnapshotId
+    parent: SnapshotId | None
+    created_ns: int
+    tensors: int
+    raw_bytes: int
+    message: str
+    refs: tuple[str, ...]
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "id": self.id.hex(),
+            "parent": self.parent.hex() if self.parent else None,
+            "created_ns": self.created_ns,
+            "tensors": self.tensors,
+            "raw_bytes": self.raw_bytes,
+            "message": self.message,
+            "refs": list(self.refs),
+        }
+
+
+@dataclass(frozen=True)
+class StoreStats:
+    """Store-wide counts (entries per kind, as the backend counts them) and sizes."""
+
+    location: str
+    counts: dict[str, int]
+    """At least `refs`, `snapshots`, `chunks` and `file_bytes` (bytes the store occupies)."""
+    chunk_bytes: int
+    """Bytes of stored chunk values."""
+
+    def to_json(self) -> dict[str, object]:
+        return {**self.counts, "chunk_bytes": self.chunk_bytes, "store": self.location}
 
 
 class Repository:
@@ -88,7 +131,7 @@ class Repository:
         check_chunk_size(chunk_size)
         params = {"chunk_size": chunk_size}
         if is_url(location):
-            from .objectstore import ObjectStore
+            from blockstore.storage.s3 import ObjectStore
 
             return cls(ObjectStore.create(str(location), params))
         return cls(LmdbStore.create(Path(location), params))
@@ -147,6 +190,50 @@ class Repository:
             if len(matches) > 1:
                 raise AmbiguousSnapshotId(spec, len(matches), self.path)
         raise RefNotFound(spec, self.path)
+
+    def refs(self) -> dict[str, SnapshotId]:
+        """Every ref and the snapshot it points at."""
+        return self.store.refs()
+
+    def snapshots(self) -> list[SnapshotInfo]:
+        """Every snapshot in the store, oldest first, each checked against its id."""
+        refs = self.refs()
+        infos = []
+        for snapshot_id in self.store.snapshot_ids():
+            snapshot = self.snapshot(snapshot_id)
+            infos.append(
+                SnapshotInfo(
+                    snapshot_id,
+                    snapshot.parent,
+                    snapshot.created_ns,
+                    len(snapshot.tensors),
+                    snapshot.nbytes,
+                    snapshot.message,
+                    tuple(sorted(name for name, target in refs.items() if target == snapshot_id)),
+                )
+            )
+        return sorted(infos, key=lambda info: info.created_ns)
+
+    def tag(self, name: str, target: str | None = DEFAULT_REF) -> SnapshotId:
+        """Create ref `name` at the snapshot `target` names; refuses to move an existing ref
+        (moving one is `rollback --to`, which the reflog records as such)."""
+        snapshot_id = self.resolve(target)
+        if self.store.get_ref(check_ref_name(name)) is not None:
+            raise InvalidArgument(f"ref {name!r} already exists; use rollback --to to move it")
+        self.store.move_ref(name, snapshot_id, None, "tag", f"tag {name}")
+        return snapshot_id
+
+    def log(self, ref: str = DEFAULT_REF) -> list[ReflogEntry]:
+        """Every move of `ref`, oldest first; raises RefNotFound for a ref that does not exist."""
+        if self.store.get_ref(ref) is None:
+            raise RefNotFound(ref, self.path)
+        return self.store.reflog(ref)
+
+    def stats(self) -> StoreStats:
+        """Entry counts and stored sizes (one pass over the chunk keys)."""
+        counts = self.store.stat()
+        stored = sum(self.store.stored_sizes(list(self.store.iter_keys())).values())
+        return StoreStats(str(self.path), counts, stored)
 
     def pin(self, spec: str | None) -> tuple[SnapshotId, bytes | None]:
         """Resolve `spec` and pin that snapshot so gc keeps it while it is read: (id, lease id to
@@ -208,8 +295,8 @@ class Repository:
             try:
                 raw = decode_chunk(chunk.key, next(values), chunk.raw_len)
             except (ChunkCorrupt, ChunkMissing) as exc:
-                raise TensorCorrupt(entry.name, snapshot_id.hex()[:12], exc) from None
+                raise TensorCorrupt(entry.name, short_id(snapshot_id), exc) from None
             hasher.update(raw)
             yield raw
         if hasher.digest() != entry.digest:
-            raise TensorCorrupt(entry.name, snapshot_id.hex()[:12], "bytes do not match the tensor digest")
+            raise TensorCorrupt(entry.name, short_id(snapshot_id), "bytes do not match the tensor digest")

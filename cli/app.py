@@ -22,8 +22,8 @@ from rich.console import Console
 from rich.table import Table
 
 from blockstore import patches
-from blockstore.chunks import DEFAULT_CHUNK_SIZE
-from blockstore.doctor import doctor as diagnose
+from blockstore.core.chunks import DEFAULT_CHUNK_SIZE
+from blockstore.core.policy import TIERS, Policy, load_policy
 from blockstore.errors import (
     BlockstoreError,
     DriftExceeded,
@@ -33,16 +33,16 @@ from blockstore.errors import (
     StoreNotFound,
     TensorNotFound,
 )
-from blockstore.export import export as export_snapshot
-from blockstore.gc import gc
-from blockstore.pack import CODEC_CHOICES, DEFAULT_CODEC
-from blockstore.pack import pack as pack_model
+from blockstore.ops.doctor import doctor as diagnose
+from blockstore.ops.export import export as export_snapshot
+from blockstore.ops.gc import gc
+from blockstore.ops.pack import CODEC_CHOICES, DEFAULT_CODEC
+from blockstore.ops.pack import pack as pack_model
+from blockstore.ops.transfer import transfer
+from blockstore.ops.verify import verify as verify_store
 from blockstore.patches.bundle import read_key
-from blockstore.policy import TIERS, Policy, load_policy
-from blockstore.readcache import CACHE_ENV
 from blockstore.repo import Repository, check_ref_name
-from blockstore.transfer import transfer
-from blockstore.verify import verify as verify_store
+from blockstore.storage.cache import CACHE_ENV
 
 from .progress import progress_bar
 

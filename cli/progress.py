@@ -30,7 +30,7 @@ class _RichBar:
     def start(self, description: str, total: int) -> None:
         self._task = self._progress.add_task(description, total=total)
 
-    def advance(self, amount: int) -> None:
+    def advance(self, amount: int, item: str = "") -> None:
         if self._task is not None:
             self._progress.advance(self._task, amount)
 

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from blockstore.chunks import decode_chunk
+from blockstore.core.chunks import decode_chunk
+from blockstore.core.hashing import ChunkKey, digest, new_digest
+from blockstore.core.manifests import ChunkRef, ManifestError, Snapshot, SnapshotId
 from blockstore.errors import BlockstoreError, BundleRejected, WrongBase
-from blockstore.hashing import ChunkKey, digest, new_digest
-from blockstore.manifests import ChunkRef, ManifestError, Snapshot, SnapshotId
 from blockstore.repo import DEFAULT_REF, Repository, check_ref_name
 
 from .bundle import Bundle, BundleChunk, read_bundle

@@ -24,11 +24,11 @@ from pathlib import Path
 
 import msgpack
 
-from blockstore.chunks import MAX_CHUNK_SIZE
+from blockstore.core.chunks import MAX_CHUNK_SIZE
+from blockstore.core.hashing import DIGEST_SIZE, KEY_SIZE, ChunkKey, digest
+from blockstore.core.manifests import SnapshotId, is_count
 from blockstore.errors import BundleRejected, InvalidArgument
-from blockstore.export import write_atomically
-from blockstore.hashing import DIGEST_SIZE, KEY_SIZE, ChunkKey, digest
-from blockstore.manifests import SnapshotId, is_count
+from blockstore.ops.export import write_atomically
 
 MAGIC = b"\x89BSP\r\n\x1a\n"
 FORMAT_VERSION = 2

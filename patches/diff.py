@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from blockstore.manifests import Snapshot, SnapshotId
-from blockstore.pack import pack
+from blockstore.core.manifests import Snapshot, SnapshotId
+from blockstore.ops.pack import pack
 from blockstore.repo import Repository
 
 from .bundle import BundleChunk, write_bundle

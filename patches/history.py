@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from blockstore.core.manifests import SnapshotId
 from blockstore.errors import BlockstoreError, RefNotFound
-from blockstore.manifests import SnapshotId
 from blockstore.repo import Repository
 
 from .diff import tensor_changes

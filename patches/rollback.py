@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from blockstore.core.manifests import SnapshotId
 from blockstore.errors import InvalidArgument, RefNotFound
-from blockstore.manifests import SnapshotId
 from blockstore.repo import DEFAULT_REF, Repository, check_ref_name
 
 from .history import ROLLBACK, version_stack

@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from blockstore.policy import LOSSLESS, LOSSY_TIERS, Policy
+from blockstore.core.policy import LOSSLESS, LOSSY_TIERS, Policy
+from blockstore.core.source import discover
 from blockstore.repo import DEFAULT_REF
-from blockstore.source import discover
 
 from .modules import eager_model, load_model
 

@@ -1,7 +1,7 @@
 """`LazyStateDict` and `LazyTensor`: a snapshot's tensors, decoded only when touched (DESIGN.md §5).
 
 Opening reads the snapshot alone. `materialize()` decodes a tensor's chunks in parallel (one zstd
-context per thread, see `blockstore.codecs`) straight into one preallocated buffer — pinned when the
+context per thread, see `blockstore.codecs.lossless`) straight into one preallocated buffer — pinned when the
 target is a GPU, so the host→device copy is asynchronous. Row lookups on a static table decode only
 the chunks that hold those rows (chunk boundaries fall on whole rows), which is what an embedding
 lookup needs.
@@ -24,11 +24,11 @@ from typing import Any
 
 import torch
 
-from blockstore.chunks import decode_chunk_into
-from blockstore.dtypes import nbytes_of
+from blockstore.core.chunks import decode_chunk_into
+from blockstore.core.dtypes import nbytes_of
+from blockstore.core.manifests import ChunkRef, Snapshot, SnapshotId, TensorEntry
+from blockstore.core.policy import STATIC
 from blockstore.errors import ChunkCorrupt, ChunkMissing, InvalidArgument, TensorCorrupt, UnsupportedInput
-from blockstore.manifests import ChunkRef, Snapshot, SnapshotId, TensorEntry
-from blockstore.policy import STATIC
 from blockstore.repo import DEFAULT_REF, Repository
 from blockstore.sizes import parse_size
 
@@ -147,9 +147,9 @@ _DECODE_POOLS: dict[int, ProcessLocalPool] = {}
 def decode_pool(workers: int) -> ProcessLocalPool:
     """The process's decode threads, `workers` of them, shared by every state dict opened here.
 
-    Each thread keeps a zstd context and scratch buffers (`blockstore.codecs`, `blockstore.planes`);
-    a pool per open threw them away with its threads, which cost 17 of the 58 ms of a MiniLM bf16
-    load on the 2-core VM."""
+    Each thread keeps a zstd context and scratch buffers (`blockstore.codecs.lossless`,
+    `blockstore.codecs.planes`); a pool per open threw them away with its threads, and rebuilding
+    them was a large share of a small model's load."""
     if workers not in _DECODE_POOLS:
         _DECODE_POOLS[workers] = ProcessLocalPool(workers, f"blockstore-decode-{workers}")
     return _DECODE_POOLS[workers]

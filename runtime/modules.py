@@ -29,8 +29,8 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map_only
 
+from blockstore.core.policy import STATIC
 from blockstore.errors import InvalidArgument, UnsupportedInput
-from blockstore.policy import STATIC
 from blockstore.repo import DEFAULT_REF
 
 from .lazy import LazyStateDict, LazyTensor, open

@@ -16,7 +16,7 @@ from concurrent.futures import Future, wait
 from contextlib import suppress
 from typing import TYPE_CHECKING
 
-from blockstore.policy import STATIC
+from blockstore.core.policy import STATIC
 
 from .threads import ProcessLocalPool
 

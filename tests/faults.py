@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from blockstore.faults import CRASH_ENV
+from blockstore.ops.verify import verify
 from blockstore.repo import Repository
-from blockstore.verify import verify
+from blockstore.storage.faults import CRASH_ENV
 
 from .helpers import RawTensor, cli, write_safetensors
 

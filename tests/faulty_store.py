@@ -7,9 +7,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from blockstore.core.hashing import ChunkKey
 from blockstore.errors import ChunkMissing
-from blockstore.hashing import ChunkKey
-from blockstore.store import LmdbStore
+from blockstore.storage.lmdb import LmdbStore
 
 _T = TypeVar("_T")
 FLIP = "flip"

@@ -15,7 +15,7 @@ from safetensors import TensorSpec, serialize_file
 from typer.testing import CliRunner
 
 from blockstore.cli.app import app
-from blockstore.dtypes import DTYPE_BITS, nbytes_of
+from blockstore.core.dtypes import DTYPE_BITS, nbytes_of
 
 # safetensors' writer names for each header dtype. F6 types are in the format but its Python writer
 # cannot produce them, so those files are written by hand in the same layout.

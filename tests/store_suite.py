@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 
+from blockstore.core.hashing import chunk_key
 from blockstore.errors import ChunkMissing, RefConflict, SnapshotNotFound, StoreCorrupt
-from blockstore.hashing import chunk_key
 
 
 def item(text: str) -> tuple[bytes, bytes]:

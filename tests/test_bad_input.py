@@ -12,7 +12,7 @@ from pathlib import Path
 import lmdb
 import pytest
 
-from blockstore.manifests import control_character
+from blockstore.core.manifests import control_character
 from blockstore.repo import Repository
 
 from .helpers import RawTensor, assert_one_line_error, cli, random_tensor, write_raw_file, write_safetensors

@@ -20,14 +20,14 @@ from pathlib import Path
 import pytest
 import torch
 
-import blockstore.store
+import blockstore.storage.lmdb
+from blockstore.core.source import read_range, read_safetensors
 from blockstore.errors import InvalidArgument, WriterActive
-from blockstore.gc import gc
-from blockstore.pack import pack
+from blockstore.ops.gc import gc
+from blockstore.ops.pack import pack
 from blockstore.patches import apply, rollback
 from blockstore.repo import Repository
 from blockstore.runtime import lazy
-from blockstore.source import read_range, read_safetensors
 
 from .faults import RUN_CLI, write_version
 from .helpers import cli
@@ -56,7 +56,7 @@ def tensor_sha256(tensor: torch.Tensor) -> str:
 
 def read_in_a_loop(store: str, versions: list[dict[str, str]], seconds: float) -> dict[str, object]:
     """A reader process: open main lazily, materialize every tensor, check it, close; repeat."""
-    blockstore.store.INITIAL_MAP_SIZE = SMALL_MAP
+    blockstore.storage.lmdb.INITIAL_MAP_SIZE = SMALL_MAP
     loads, tensors, checked_bytes, errors = 0, 0, 0, []
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -86,7 +86,7 @@ def read_in_a_loop(store: str, versions: list[dict[str, str]], seconds: float) -
 def test_readers_never_see_an_error_or_a_wrong_byte(
     tmp_path: Path, seconds: float, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(blockstore.store, "INITIAL_MAP_SIZE", SMALL_MAP)
+    monkeypatch.setattr(blockstore.storage.lmdb, "INITIAL_MAP_SIZE", SMALL_MAP)
     models = [write_version(tmp_path / f"v{i}.safetensors", changed_seed=i) for i in range(3)]
     versions = [version_hashes(model) for model in models]
     publisher, store = tmp_path / "publisher", tmp_path / "store"
@@ -141,7 +141,7 @@ def test_readers_never_see_an_error_or_a_wrong_byte(
 HOLD_A_READ = """
 import sys, time
 from pathlib import Path
-from blockstore.store import LmdbStore
+from blockstore.storage.lmdb import LmdbStore
 store = LmdbStore(Path(sys.argv[1]))
 txn = store.env.begin()
 txn.get(b"x")

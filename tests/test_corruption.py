@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import zstandard
 
-from blockstore import framing
-from blockstore.chunks import decode_chunk, encode_chunk
-from blockstore.codecs import ByteGroupZstd, Zstd
+from blockstore.codecs import framing
+from blockstore.codecs.lossless import ByteGroupZstd, Zstd
+from blockstore.core.chunks import decode_chunk, encode_chunk
+from blockstore.core.hashing import chunk_key
 from blockstore.errors import ChunkCorrupt
-from blockstore.hashing import chunk_key
-from blockstore.pack import pack
+from blockstore.ops.pack import pack
 from blockstore.repo import Repository
 
 from .helpers import assert_one_line_error, cli, random_tensor, write_safetensors

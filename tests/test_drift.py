@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from blockstore.pack import pack
-from blockstore.policy import Policy
+from blockstore.core.policy import Policy
+from blockstore.ops.pack import pack
 from blockstore.repo import Repository
 from blockstore.runtime.drift import _cosine, check_drift
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from blockstore.faults import CRASH_EXIT_CODE
 from blockstore.repo import Repository
+from blockstore.storage.faults import CRASH_EXIT_CODE
 
 from .faults import (
     Operation,
@@ -66,7 +66,7 @@ def _first_id(store: Path) -> str:
         return repo.store.reflog("main")[0].new.hex()
 
 
-# Every write transaction an operation makes, at both of its crash points (see blockstore.faults).
+# Every write transaction an operation makes, at both of its crash points (see blockstore.storage.faults).
 WRITER_STEPS = ("lease", "chunks", "snapshot", "ref", "unlease")
 CRASH_CASES = [
     *(

@@ -8,13 +8,13 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from blockstore.core.policy import Policy
 from blockstore.errors import TensorCorrupt
-from blockstore.pack import pack
-from blockstore.policy import Policy
+from blockstore.ops.pack import pack
+from blockstore.ops.verify import verify
 from blockstore.repo import Repository
 from blockstore.runtime.lazy import LazyStateDict
-from blockstore.store import LmdbStore
-from blockstore.verify import verify
+from blockstore.storage.lmdb import LmdbStore
 
 from .faults import float_tensor
 from .faulty_store import FAULT_KINDS, MISSING, Fault, FaultyStore

@@ -10,10 +10,10 @@ import obstore
 import torch
 
 from blockstore import runtime
-from blockstore.hashing import digest
-from blockstore.objectstore import OBJECT_FORMAT, ObjectStore
+from blockstore.core.hashing import digest
 from blockstore.repo import Repository
-from blockstore.store import STORE_FORMAT
+from blockstore.storage.lmdb import STORE_FORMAT
+from blockstore.storage.s3 import OBJECT_FORMAT, ObjectStore
 
 from .helpers import cli, random_tensor, write_safetensors
 from .test_framing import _as_earlier_pack

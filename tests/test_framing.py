@@ -7,10 +7,10 @@ import msgpack
 import numpy as np
 import pytest
 
-from blockstore import framing
-from blockstore.chunks import decode_chunk, encode_chunk
-from blockstore.codecs import ByteGroupZstd, Raw, Zstd
-from blockstore.hashing import chunk_key
+from blockstore.codecs import framing
+from blockstore.codecs.lossless import ByteGroupZstd, Raw, Zstd
+from blockstore.core.chunks import decode_chunk, encode_chunk
+from blockstore.core.hashing import chunk_key
 
 
 def test_layout_is_pinned() -> None:

@@ -25,19 +25,19 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from blockstore import framing
-from blockstore.chunks import MAX_CHUNK_SIZE, chunk_value, decode_chunk
-from blockstore.codecs import CODECS, ByteGroupZstd, Raw, Zstd
-from blockstore.dtypes import DTYPE_BITS
+from blockstore.codecs import framing
+from blockstore.codecs.lossless import CODECS, ByteGroupZstd, Raw, Zstd
+from blockstore.codecs.lossy import LOSSY_CODECS, lossy_codec
+from blockstore.core.chunks import MAX_CHUNK_SIZE, chunk_value, decode_chunk
+from blockstore.core.dtypes import DTYPE_BITS
+from blockstore.core.hashing import DIGEST_SIZE, digest
 from blockstore.errors import BlockstoreError, ChunkCorrupt
-from blockstore.export import export
-from blockstore.hashing import DIGEST_SIZE, digest
-from blockstore.pack import pack
+from blockstore.ops.export import export
+from blockstore.ops.pack import pack
+from blockstore.ops.verify import verify
 from blockstore.patches import apply
 from blockstore.patches.bundle import _PREAMBLE, MAGIC, read_bundle
-from blockstore.quantize import LOSSY_CODECS, lossy_codec
 from blockstore.repo import Repository
-from blockstore.verify import verify
 
 from .faults import float_tensor
 from .helpers import FUZZ_EXAMPLES, cli, write_safetensors

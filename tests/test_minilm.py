@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from blockstore.export import export
-from blockstore.pack import pack
+from blockstore.ops.export import export
+from blockstore.ops.pack import pack
+from blockstore.ops.verify import verify
 from blockstore.repo import Repository
-from blockstore.verify import verify
 
 from .helpers import cli, sha256
 

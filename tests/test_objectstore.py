@@ -18,15 +18,15 @@ from pathlib import Path
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from blockstore import objectstore as objectstore_module
 from blockstore import runtime
+from blockstore.core.hashing import chunk_key
 from blockstore.errors import ConditionalWritesIgnored, ObjectStoreDenied, RefConflict
-from blockstore.faults import CRASH_ENV, CRASH_EXIT_CODE
-from blockstore.hashing import chunk_key
-from blockstore.objectstore import ObjectStore
-from blockstore.pack import pack
-from blockstore.readcache import ReadThroughCache
+from blockstore.ops.pack import pack
 from blockstore.repo import Repository
+from blockstore.storage import s3 as objectstore_module
+from blockstore.storage.cache import ReadThroughCache
+from blockstore.storage.faults import CRASH_ENV, CRASH_EXIT_CODE
+from blockstore.storage.s3 import ObjectStore
 
 from .faults import (
     RUN_CLI,

@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-import blockstore.chunks as chunks_module
+import blockstore.core.chunks as chunks_module
 from blockstore import patches
 from blockstore.errors import BundleRejected, InvalidArgument, RefNotFound, WriterActive, WrongBase
-from blockstore.gc import gc
-from blockstore.pack import pack
+from blockstore.ops.gc import gc
+from blockstore.ops.pack import pack
+from blockstore.ops.verify import verify
 from blockstore.patches.bundle import BundleChunk, read_bundle, read_key, write_bundle
 from blockstore.repo import Repository
-from blockstore.verify import verify
 
 from .helpers import assert_one_line_error, cli, random_tensor, sha256, write_safetensors
 
@@ -256,7 +256,7 @@ def test_gc_ignores_a_stale_lease_of_a_dead_process(update) -> None:
     store, bundle, _ = update
     # A writer that took its lease and died without releasing it.
     crashed_writer = (
-        "import sys, pathlib; from blockstore.store import LmdbStore; "
+        "import sys, pathlib; from blockstore.storage.lmdb import LmdbStore; "
         "LmdbStore(pathlib.Path(sys.argv[1])).acquire_lease()"
     )
     subprocess.run([sys.executable, "-c", crashed_writer, str(store)], check=True)

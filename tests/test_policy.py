@@ -8,8 +8,8 @@ import pytest
 import torch
 import transformers
 
+from blockstore.core.policy import DYNAMIC, STATIC, Policy, load_policy
 from blockstore.errors import InvalidArgument
-from blockstore.policy import DYNAMIC, STATIC, Policy, load_policy
 
 from .helpers import assert_one_line_error, cli
 

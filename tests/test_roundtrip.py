@@ -9,9 +9,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from blockstore.chunks import chunk_ranges
-from blockstore.export import export
-from blockstore.pack import CODEC_CHOICES, pack
+from blockstore.core.chunks import chunk_ranges
+from blockstore.ops.export import export
+from blockstore.ops.pack import CODEC_CHOICES, pack
 from blockstore.repo import Repository
 
 from .helpers import ALL_DTYPES, RawTensor, random_tensor, write_raw_file, write_safetensors

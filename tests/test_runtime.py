@@ -12,7 +12,7 @@ import torch
 
 from blockstore import runtime
 from blockstore.errors import InvalidArgument, RefNotFound, TensorCorrupt, UnsupportedInput
-from blockstore.pack import pack
+from blockstore.ops.pack import pack
 from blockstore.repo import Repository
 from blockstore.runtime.lazy import TORCH_DTYPES
 

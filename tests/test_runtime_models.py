@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from blockstore import runtime
 from blockstore.errors import InvalidArgument
-from blockstore.pack import pack
+from blockstore.ops.pack import pack
 from blockstore.repo import Repository
 
 from .helpers import write_llama

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import pytest
 
-import blockstore.store as store_module
+import blockstore.storage.lmdb as store_module
 from blockstore.errors import InvalidArgument, RefConflict, StoreCorrupt
-from blockstore.export import export
-from blockstore.pack import pack
+from blockstore.ops.export import export
+from blockstore.ops.pack import pack
+from blockstore.ops.verify import verify
 from blockstore.repo import Repository
-from blockstore.store import LmdbStore
-from blockstore.verify import verify
+from blockstore.storage.lmdb import LmdbStore
 
 from .helpers import random_tensor, sha256, write_safetensors
 from .store_suite import CatalogSuite, ChunkStoreSuite

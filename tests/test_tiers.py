@@ -13,13 +13,13 @@ import zstandard
 from safetensors.torch import load_file, save_file
 
 from blockstore import runtime
+from blockstore.codecs.lossy import lossy_codec
+from blockstore.core.policy import LOSSY_DTYPES, Policy
 from blockstore.errors import InvalidArgument
-from blockstore.export import export
-from blockstore.pack import pack
-from blockstore.policy import LOSSY_DTYPES, Policy
-from blockstore.quantize import lossy_codec
+from blockstore.ops.export import export
+from blockstore.ops.pack import pack
+from blockstore.ops.verify import verify
 from blockstore.repo import Repository
-from blockstore.verify import verify
 
 from .helpers import ALL_DTYPES, RawTensor, random_tensor, write_safetensors
 from .test_roundtrip import shape_for

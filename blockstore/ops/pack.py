@@ -17,17 +17,17 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .chunks import check_chunk_size, chunk_ranges, chunk_value, encode_chunk
-from .codecs import ByteGroupZstd, Codec, Raw, Zstd
-from .dtypes import plane_count
-from .errors import InvalidArgument
-from .hashing import ChunkKey, chunk_key, new_digest
-from .manifests import ChunkRef, Snapshot, SnapshotId, SourceFile, TensorEntry, TensorError
-from .policy import LOSSLESS, Decision, Policy
-from .progress import Progress, Silent
-from .quantize import lossy_codec
-from .repo import Repository, check_ref_name
-from .source import ModelSource, SafetensorsFile, TensorInfo, discover, read_range
+from blockstore.codecs.lossless import ByteGroupZstd, Codec, Raw, Zstd
+from blockstore.codecs.lossy import lossy_codec
+from blockstore.core.chunks import check_chunk_size, chunk_ranges, chunk_value, encode_chunk
+from blockstore.core.dtypes import plane_count
+from blockstore.core.hashing import ChunkKey, chunk_key, new_digest
+from blockstore.core.manifests import ChunkRef, Snapshot, SnapshotId, SourceFile, TensorEntry, TensorError
+from blockstore.core.policy import LOSSLESS, Decision, Policy
+from blockstore.core.source import ModelSource, SafetensorsFile, TensorInfo, discover, read_range
+from blockstore.errors import InvalidArgument
+from blockstore.progress import Progress, Silent
+from blockstore.repo import Repository, check_ref_name
 
 CODEC_CHOICES = ("bytegroup+zstd", "zstd", "raw")
 DEFAULT_CODEC = "bytegroup+zstd"
@@ -169,7 +169,7 @@ def _pack_tensor(
         key, decoded = store_chunk(raw)
         hasher.update(decoded)
         chunks.append((key, len(raw)))
-        progress.advance(len(raw))
+        progress.advance(len(raw), tensor.name)
     return chunks, hasher.digest()
 
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .chunks import decode_chunk
-from .errors import ChunkCorrupt, ChunkMissing, TensorCorrupt
-from .manifests import SnapshotId
-from .repo import DEFAULT_REF, Repository, check_ref_name
+from blockstore.core.chunks import decode_chunk
+from blockstore.core.manifests import SnapshotId
+from blockstore.errors import ChunkCorrupt, ChunkMissing, TensorCorrupt
+from blockstore.repo import DEFAULT_REF, Repository, check_ref_name
 
 _BATCH_BYTES = 64 << 20
 

@@ -17,9 +17,9 @@ from typing import Any
 
 import msgpack
 
-from .chunks import MAX_CHUNK_SIZE
-from .dtypes import DTYPE_BITS, nbytes_of
-from .hashing import DIGEST_SIZE, KEY_SIZE, ChunkKey, digest
+from blockstore.core.chunks import MAX_CHUNK_SIZE
+from blockstore.core.dtypes import DTYPE_BITS, nbytes_of
+from blockstore.core.hashing import DIGEST_SIZE, KEY_SIZE, ChunkKey, digest
 
 MANIFEST_VERSION = 2
 """2 added each tensor's measured error (lossy tiers); version 1 snapshots still read, error None."""

@@ -15,11 +15,11 @@ import math
 
 import msgpack
 
-from . import framing
-from .codecs import Codec, DecodeError, Raw, codec_params, stored_codec
-from .dtypes import byte_unit, nbytes_of
-from .errors import ChunkCorrupt, InvalidArgument
-from .hashing import ChunkKey, chunk_key
+from blockstore.codecs import framing
+from blockstore.codecs.lossless import Codec, DecodeError, Raw, codec_params, stored_codec
+from blockstore.core.dtypes import byte_unit, nbytes_of
+from blockstore.core.hashing import ChunkKey, chunk_key
+from blockstore.errors import ChunkCorrupt, InvalidArgument
 
 DEFAULT_CHUNK_SIZE = 4 << 20
 MIN_CHUNK_SIZE = 64

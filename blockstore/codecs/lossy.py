@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, ClassVar
 
 import msgpack
 
-from .codecs import CODECS, DecodeError, _check_level, _compressor, zstd_decompress_exact
-from .errors import InvalidArgument
+from blockstore.codecs.lossless import CODECS, DecodeError, _check_level, _compressor, zstd_decompress_exact
+from blockstore.errors import InvalidArgument
 
 if TYPE_CHECKING:
     import torch

@@ -16,8 +16,8 @@ from typing import ClassVar, Protocol
 import msgpack
 import zstandard
 
-from . import framing, planes
-from .errors import InvalidArgument
+from blockstore.codecs import framing, planes
+from blockstore.errors import InvalidArgument
 
 # A frame may declare a window up to this much larger than its content (zstd rounds windows up to
 # a power of two); anything beyond is refused as a decompression bomb.

@@ -42,7 +42,8 @@ from obstore.exceptions import (
     UnauthenticatedError,
 )
 
-from .errors import (
+from blockstore.core.hashing import ChunkKey
+from blockstore.errors import (
     ChunkMissing,
     ConditionalWritesIgnored,
     InvalidArgument,
@@ -56,9 +57,8 @@ from .errors import (
     StoreNotFound,
     WriterActive,
 )
-from .faults import crash_point
-from .hashing import ChunkKey
-from .store import Lease, ReflogEntry, blocking_leases, process_alive, short_id
+from blockstore.storage.faults import crash_point
+from blockstore.storage.lmdb import Lease, ReflogEntry, blocking_leases, process_alive, short_id
 
 OBJECT_FORMAT = "blockstore-s3/2"
 READABLE_OBJECT_FORMATS = ("blockstore-s3/1", OBJECT_FORMAT)

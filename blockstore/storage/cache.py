@@ -15,12 +15,12 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from .errors import ChunkMissing
-from .hashing import ChunkKey
-from .store import LmdbStore
+from blockstore.core.hashing import ChunkKey
+from blockstore.errors import ChunkMissing
+from blockstore.storage.lmdb import LmdbStore
 
 if TYPE_CHECKING:
-    from .objectstore import ObjectStore
+    from blockstore.storage.s3 import ObjectStore
 
 _T = TypeVar("_T")
 CACHE_ENV = "BLOCKSTORE_CACHE"

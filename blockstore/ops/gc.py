@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import InvalidArgument
-from .hashing import ChunkKey
-from .manifests import SnapshotId
-from .repo import Repository
+from blockstore.core.hashing import ChunkKey
+from blockstore.core.manifests import SnapshotId
+from blockstore.errors import InvalidArgument
+from blockstore.repo import Repository
 
 
 @dataclass(frozen=True)

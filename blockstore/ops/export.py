@@ -14,10 +14,10 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import InvalidArgument
-from .manifests import Snapshot, SnapshotId, SourceFile
-from .progress import Progress, Silent
-from .repo import Repository
+from blockstore.core.manifests import Snapshot, SnapshotId, SourceFile
+from blockstore.errors import InvalidArgument
+from blockstore.progress import Progress, Silent
+from blockstore.repo import Repository
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ def _file_blocks(
     yield source.header
     for name in source.tensors:
         for raw in repo.tensor_chunks(snapshot_id, snapshot.tensors[name]):
-            progress.advance(len(raw))
+            progress.advance(len(raw), name)
             yield raw
 
 

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .chunks import decode_chunk
-from .errors import BlockstoreError, ChunkCorrupt, ChunkMissing
-from .hashing import ChunkKey, new_digest
-from .manifests import Snapshot, SnapshotId, TensorEntry
-from .progress import Progress, Silent
-from .repo import Repository
+from blockstore.core.chunks import decode_chunk
+from blockstore.core.hashing import ChunkKey, new_digest
+from blockstore.core.manifests import Snapshot, SnapshotId, TensorEntry
+from blockstore.errors import BlockstoreError, ChunkCorrupt, ChunkMissing
+from blockstore.progress import Progress, Silent
+from blockstore.repo import Repository
 
 MISSING = "missing"
 CORRUPT = "corrupt"
@@ -148,7 +148,7 @@ def verify(
                     Damage(damage.kind, snapshot_id.hex(), damage.detail, entry.name, damage.chunk)
                 )
             report.tensors += 1
-            progress.advance(entry.nbytes)
+            progress.advance(entry.nbytes, entry.name)
     if whole_store and not any(d.kind == SNAPSHOT for d in report.damages):
         report.orphans = sorted(key.hex() for key in repo.store.iter_keys() if key not in referenced)
     return report

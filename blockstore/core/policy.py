@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .dtypes import INTEGER_DTYPES, nbytes_of
-from .errors import InvalidArgument
-from .quantize import DEFAULT_BLOCK_SIZE, LOSSY_SOURCE_DTYPES, lossy_codec
+from blockstore.codecs.lossy import DEFAULT_BLOCK_SIZE, LOSSY_SOURCE_DTYPES, lossy_codec
+from blockstore.core.dtypes import INTEGER_DTYPES, nbytes_of
+from blockstore.errors import InvalidArgument
 
 if sys.version_info >= (3, 11):
     import tomllib

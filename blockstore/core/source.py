@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .dtypes import DTYPE_BITS, nbytes_of
-from .errors import InvalidArgument, InvalidSafetensors, UnsupportedInput
-from .manifests import control_character, is_count
+from blockstore.core.dtypes import DTYPE_BITS, nbytes_of
+from blockstore.core.manifests import control_character, is_count
+from blockstore.errors import InvalidArgument, InvalidSafetensors, UnsupportedInput
 
 MAX_HEADER_BYTES = 100_000_000
 INDEX_NAME = "model.safetensors.index.json"

@@ -11,8 +11,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from .gc import GcReport, gc
-from .repo import Repository
+from blockstore.ops.gc import GcReport, gc
+from blockstore.repo import Repository
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,8 @@ from typing import Any, Protocol, TypeVar
 import lmdb
 import msgpack
 
-from .errors import (
+from blockstore.core.hashing import ChunkKey
+from blockstore.errors import (
     ChunkMissing,
     InvalidArgument,
     RefConflict,
@@ -40,8 +41,7 @@ from .errors import (
     StoreNotFound,
     WriterActive,
 )
-from .faults import crash_point
-from .hashing import ChunkKey
+from blockstore.storage.faults import crash_point
 
 STORE_FORMAT = "blockstore-lmdb/2"
 READABLE_FORMATS = ("blockstore-lmdb/1", STORE_FORMAT)
@@ -307,7 +307,7 @@ class LmdbStore:
 
     def _write(self, step: str, body: Callable[[lmdb.Transaction], _T]) -> _T:
         """Run `body` in one write transaction, doubling map_size and retrying when it fills.
-        `step` names the transaction's crash points (see `blockstore.faults`)."""
+        `step` names the transaction's crash points (see `blockstore.storage.faults`)."""
         while True:
             try:
                 with self._begin(write=True) as txn:

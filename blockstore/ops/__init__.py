@@ -1,0 +1,1 @@
+"""Operations on a `Repository`: pack, export, verify, gc, doctor, push/pull."""
