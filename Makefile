@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: install demo test lint
+.PHONY: install demo test test-slow lint typecheck
 
 install: $(VENV)/.installed
 
@@ -25,6 +25,11 @@ demo: install
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	@echo "(type check: scripts/typecheck.sh, joining make lint once clean)"
 
 test: lint
 	$(VENV)/bin/pytest -q
+
+# The long runs the default test set leaves out (CI runs them as a step of their own).
+test-slow: install
+	$(VENV)/bin/pytest -q -m slow

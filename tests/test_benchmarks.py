@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import transformers
 from safetensors.torch import save_file
@@ -34,6 +35,7 @@ def test_pack_ratio_benchmark_runs_every_tier(tmp_path: Path) -> None:
         assert 0 < methods["blockstore int8"]["worst_rel_error"] < 0.01
 
 
+@pytest.mark.slow
 def test_bench_writes_a_complete_evidence_pack_for_every_method(tmp_path: Path) -> None:
     torch.manual_seed(0)
     config = transformers.BertConfig(

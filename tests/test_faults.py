@@ -100,7 +100,13 @@ def test_death_at_a_crash_point(
     rerun_succeeds(store, operation)
 
 
-@pytest.mark.parametrize("kills", [KILLS_IN_CI, pytest.param(KILLS_IN_CAMPAIGN, marks=pytest.mark.faults)])
+@pytest.mark.parametrize(
+    "kills",
+    [
+        pytest.param(KILLS_IN_CI, marks=pytest.mark.slow),
+        pytest.param(KILLS_IN_CAMPAIGN, marks=pytest.mark.faults),
+    ],
+)
 @pytest.mark.parametrize("op", ["pack", "apply", "rollback", "gc"])
 def test_random_sigkills(operations: dict[str, Operation], tmp_path: Path, op: str, kills: int) -> None:
     """SIGKILL at a uniformly random moment between the end of interpreter start-up and the end of

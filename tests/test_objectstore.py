@@ -267,7 +267,9 @@ class PackToS3(Operation):
         return url
 
 
-@pytest.mark.parametrize("kills", [3, pytest.param(25, marks=pytest.mark.faults)])
+@pytest.mark.parametrize(
+    "kills", [pytest.param(3, marks=pytest.mark.slow), pytest.param(25, marks=pytest.mark.faults)]
+)
 def test_random_sigkills_of_a_pack_to_s3(moto_url: str, tmp_path: Path, kills: int) -> None:
     """The fault campaign of test_faults.py against an object store: SIGKILL at random moments."""
     v1 = write_version(tmp_path / "v1.safetensors", changed_seed=1)
