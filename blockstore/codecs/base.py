@@ -32,8 +32,10 @@ class Codec(Protocol):
     def encode(self, raw: memoryview) -> bytes: ...
 
     def decode_into(self, data: bytes | memoryview, out: memoryview) -> None:
-        """Decode `data` into `out`, which must come out exactly full: sizes are checked before
-        anything is written or allocated, and a mismatch raises DecodeError."""
+        """Decode `data` into `out`, which must come out exactly full: the sizes `data` records are
+        checked against `len(out)` before anything is written or allocated, and a mismatch raises
+        DecodeError. (A lossy payload records whole blocks, not elements: an `out` short of the
+        last block's end by less than a block is caught by the chunk's key check instead.)"""
         ...
 
 

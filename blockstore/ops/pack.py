@@ -14,11 +14,10 @@ keeps the codec it was stored with, and chunks cut at another size than the stor
 
 from __future__ import annotations
 
-import itertools
 import os
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -32,7 +31,7 @@ from blockstore.core.policy import LOSSLESS, Decision, Policy
 from blockstore.core.source import ModelSource, SafetensorsFile, TensorInfo, discover, read_range
 from blockstore.errors import BlockstoreError, InvalidArgument
 from blockstore.progress import Progress, Silent
-from blockstore.repo import Repository, SnapshotInfo, check_ref_name
+from blockstore.repo import Repository, check_ref_name
 
 CODEC_CHOICES = ("bytegroup+zstd", "zstd", "raw")
 DEFAULT_CODEC = "bytegroup+zstd"
@@ -318,7 +317,7 @@ def _pack_model(
         for source in model.files
     )
     snapshot = Snapshot(files, entries, model.extras, expected, message, time.time_ns())
-    notes = _reuse_notes(repo, options.codec, writer.reused, expected)  # before this snapshot is stored
+    notes = _reuse_notes(repo, options.codec, writer.reused)  # before this snapshot is stored
     unchanged = expected is not None and _same_content(repo.snapshot(expected), snapshot)
     if unchanged:
         snapshot_id = expected
@@ -353,15 +352,13 @@ def _chunk_size_notes(asked: int, store: int) -> list[str]:
     ]
 
 
-def _reuse_notes(
-    repo: Repository, codec: str, reused: dict[ChunkKey, str], expected: SnapshotId | None
-) -> list[str]:
+def _reuse_notes(repo: Repository, codec: str, reused: dict[ChunkKey, str]) -> list[str]:
     """A note when chunks this pack reused from the store are stored under another codec than the
     one asked for: a chunk is stored once, so `--codec` reaches only chunks the store lacked. Chunks
     stored raw are not counted (any lossless codec keeps a chunk raw when encoding does not pay)."""
     if not reused:
         return []
-    stored = _stored_codecs(repo, set(reused), expected)
+    stored = _stored_codecs(repo, set(reused))
     others = Counter(stored_as for key, stored_as in stored.items() if stored_as not in (reused[key], Raw.id))
     if not others:
         return []
@@ -372,15 +369,22 @@ def _reuse_notes(
     ]
 
 
-def _stored_codecs(repo: Repository, wanted: set[ChunkKey], first: SnapshotId | None) -> dict[ChunkKey, str]:
-    """The codec each chunk in `wanted` is stored under, read from the snapshots that reference it
-    (the ref's last snapshot first, then every ref's, then the rest): no chunk is read. A chunk of a
-    lossless tensor whose stored length is that of a raw chunk was kept raw."""
+def _stored_codecs(repo: Repository, wanted: set[ChunkKey]) -> dict[ChunkKey, str]:
+    """The codec each chunk in `wanted` is stored under, from the catalog, without reading a chunk.
+
+    A tensor's codec is the one its pack asked for, which chunks it reused need not have; the pack
+    that wrote a chunk is the oldest snapshot that references it, so snapshots are searched oldest
+    first. A chunk of a lossless tensor whose stored length is that of a raw chunk was kept raw.
+    """
     found: dict[ChunkKey, str] = {}
-    for snapshot_id in _snapshot_ids_to_search(repo, first):
+    try:
+        oldest_first = [info.id for info in repo.snapshots()]
+    except BlockstoreError:  # a damaged catalog is verify's to report, not pack's
+        return found
+    for snapshot_id in oldest_first:
         try:
             snapshot = repo.snapshot(snapshot_id)
-        except BlockstoreError:  # a damaged snapshot is verify's to report, not pack's
+        except BlockstoreError:
             continue
         for entry in snapshot.tensors.values():
             for chunk in entry.chunks:
@@ -390,26 +394,6 @@ def _stored_codecs(repo: Repository, wanted: set[ChunkKey], first: SnapshotId | 
         if len(found) == len(wanted):
             break
     return found
-
-
-def _snapshot_ids_to_search(repo: Repository, first: SnapshotId | None) -> Iterator[SnapshotId]:
-    seen: set[SnapshotId] = set()
-    candidates = itertools.chain(
-        [first] if first is not None else [],
-        repo.refs().values(),
-        (info.id for info in _newest_first(repo)),
-    )
-    for snapshot_id in candidates:
-        if snapshot_id not in seen:
-            seen.add(snapshot_id)
-            yield snapshot_id
-
-
-def _newest_first(repo: Repository) -> Iterator[SnapshotInfo]:
-    try:
-        yield from reversed(repo.snapshots())
-    except BlockstoreError:
-        return
 
 
 def _same_content(old: Snapshot, new: Snapshot) -> bool:
