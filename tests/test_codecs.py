@@ -63,17 +63,23 @@ def test_the_package_registers_every_codec_lossless_and_lossy() -> None:
 
 
 def test_only_the_package_registers_codecs() -> None:
-    """No codec module fills the table as a side effect of being imported (lossy.py once did,
-    so lossy chunks decoded only after something had imported it)."""
+    """No codec module fills the table as a side effect of being imported (lossy.py once did
+    `CODECS.update(...)`, so lossy chunks decoded only after something had imported it)."""
+    tables = {"CODECS", "_TABLE"}
+    writes_to = {"update", "setdefault", "pop", "popitem", "clear", "__setitem__"}
     for path in sorted(CODECS_DIR.glob("*.py")):
-        tree = ast.parse(path.read_text())
-        calls = {
-            node.func.id if isinstance(node.func, ast.Name) else getattr(node.func, "attr", "")
-            for node in ast.walk(tree)
-            if isinstance(node, ast.Call)
-        }
-        if path.name != "__init__.py":
-            assert "register" not in calls and "update" not in calls, path.name
+        if path.name == "__init__.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+                assert node.func.id != "register", f"{path.name}:{node.lineno} registers a codec"
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+                target = node.func.value
+                writes = isinstance(target, ast.Name) and target.id in tables and node.func.attr in writes_to
+                assert not writes, f"{path.name}:{node.lineno} writes the codec table"
+            if isinstance(node, ast.Subscript) and isinstance(node.ctx, ast.Store):
+                is_table = isinstance(node.value, ast.Name) and node.value.id in tables
+                assert not is_table or path.name == "registry.py", f"{path.name}:{node.lineno}"  # `register`
 
 
 def test_the_table_is_read_only_and_an_id_cannot_change_hands() -> None:
