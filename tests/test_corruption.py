@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 import zstandard
 
-from blockstore.codecs import framing
-from blockstore.codecs.lossless import ByteGroupZstd, Zstd
+from blockstore.codecs import ByteGroupZstd, Zstd, framing
 from blockstore.core.chunks import decode_chunk, encode_chunk
 from blockstore.core.hashing import chunk_key
 from blockstore.errors import ChunkCorrupt

@@ -7,8 +7,7 @@ import msgpack
 import numpy as np
 import pytest
 
-from blockstore.codecs import framing
-from blockstore.codecs.lossless import ByteGroupZstd, Raw, Zstd
+from blockstore.codecs import ByteGroupZstd, Raw, Zstd, framing
 from blockstore.core.chunks import decode_chunk, encode_chunk
 from blockstore.core.hashing import chunk_key
 

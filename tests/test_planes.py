@@ -8,8 +8,7 @@ import sysconfig
 import numpy as np
 import pytest
 
-from blockstore.codecs import planes
-from blockstore.codecs.lossless import ByteGroupZstd, stored_codec
+from blockstore.codecs import ByteGroupZstd, planes, stored_codec
 from blockstore.errors import InvalidArgument
 
 WIDTHS = [(itemsize, split_sign) for itemsize in planes.ITEMSIZES for split_sign in (False, True)]

@@ -13,7 +13,7 @@ import zstandard
 from safetensors.torch import load_file, save_file
 
 from blockstore import runtime
-from blockstore.codecs.lossy import lossy_codec
+from blockstore.codecs import lossy_codec
 from blockstore.core.policy import LOSSY_DTYPES, Policy
 from blockstore.errors import InvalidArgument
 from blockstore.ops.export import export

@@ -62,3 +62,9 @@ def unframe(value: bytes | memoryview) -> tuple[object, list[memoryview]]:
         parts.append(view[body : body + length])
         body += length
     return fields, parts
+
+
+def framed_len(fields: object, part_lengths: Sequence[int]) -> int:
+    """Length of `frame(fields, parts)` for parts of these lengths, without the parts."""
+    header = msgpack.packb([fields, list(part_lengths)], use_bin_type=True)
+    return _PREFIX.size + len(header) + sum(part_lengths)

@@ -1,42 +1,29 @@
-"""Codecs: small frozen values with an id; their params travel with every chunk (zarr's habit).
+"""The lossless codecs: raw bytes, plain zstd, and byte planes with zstd (see `planes`, `framing`).
 
-Every codec here is lossless. `decode_into` checks sizes before it writes, and zstd frames are
-checked for their declared content size and window before any decompression, so a hostile chunk
-cannot make the decoder allocate more than the manifest says the chunk holds.
+Every codec here gives back exactly the bytes it encoded (`tier` LOSSLESS). `decode_into` checks
+sizes before it writes, and zstd frames are checked for their declared content size and window
+before any decompression, so a hostile chunk cannot make the decoder allocate more than the
+manifest says the chunk holds.
 """
 
 from __future__ import annotations
 
-import functools
 import threading
 import zlib
-from dataclasses import asdict, dataclass
-from typing import ClassVar, Protocol
+from dataclasses import dataclass
+from typing import ClassVar
 
 import msgpack
 import zstandard
 
 from blockstore.codecs import framing, planes
+from blockstore.codecs.base import LOSSLESS, DecodeError
 from blockstore.errors import InvalidArgument
 
 # A frame may declare a window up to this much larger than its content (zstd rounds windows up to
 # a power of two); anything beyond is refused as a decompression bomb.
 _WINDOW_SLACK = 2
 _MIN_WINDOW = 1 << 20
-
-
-class DecodeError(ValueError):
-    """Stored bytes that do not decode to what the manifest promises (the caller names the chunk)."""
-
-
-class Codec(Protocol):
-    """What every codec provides. Implementations are frozen dataclasses."""
-
-    id: ClassVar[str]
-
-    def encode(self, raw: memoryview) -> bytes: ...
-
-    def decode_into(self, data: bytes | memoryview, out: memoryview) -> None: ...
 
 
 _local = threading.local()
@@ -63,7 +50,7 @@ def zstd_decompress_into(frame: bytes | memoryview, out: memoryview) -> None:
     window must be proportionate, so a bomb is refused before anything is allocated. Writing into
     the caller's memory, not a new bytes object, spares a multi-megabyte allocation per plane: with
     several decoding threads glibc serves those from fresh mmaps, and their page faults and unmaps
-    made two threads slower than one (measured on the 2-core VM).
+    can make two threads slower than one.
     """
     try:
         params = zstandard.get_frame_parameters(frame)
@@ -109,6 +96,7 @@ class Raw:
     """Bytes stored as they are: the fallback for chunks that do not compress."""
 
     id: ClassVar[str] = "raw"
+    tier: ClassVar[str] = LOSSLESS
 
     def encode(self, raw: memoryview) -> bytes:
         return bytes(raw)
@@ -124,6 +112,7 @@ class Zstd:
     """Plain zstd over the chunk's bytes."""
 
     id: ClassVar[str] = "zstd"
+    tier: ClassVar[str] = LOSSLESS
     level: int = 3
 
     def __post_init__(self) -> None:
@@ -140,13 +129,13 @@ _PLANE_RAW = 0
 _PLANE_ZSTD = 1
 _PLANE_HUFFMAN = 2
 """Raw deflate, Huffman only: what earlier packs chose for exponent planes. Still decoded; no longer
-written, since zstd's optimal parser matches its size and decodes about 5x faster."""
+written, since zstd's optimal parser matches its size and decodes several times faster."""
 _NOISE = 0.97  # a plane the fast zstd shrinks by less than 3% is stored raw, no optimal parse
 
 
 def _plane_compressor(level: int) -> zstandard.ZstdCompressor:
     """zstd for one byte plane: min_match 7 and a 128 KiB window find the few real repeats in an
-    exponent plane without paying match costs on noise (measured on MiniLM; DESIGN.md §4)."""
+    exponent plane without paying match costs on noise."""
     cache = _local.__dict__.setdefault("plane_compressors", {})
     if level not in cache:
         params = zstandard.ZstdCompressionParameters.from_level(
@@ -159,8 +148,8 @@ def _plane_compressor(level: int) -> zstandard.ZstdCompressor:
 def _entropy_compressor() -> zstandard.ZstdCompressor:
     """zstd with its optimal parser (btopt) and a cheap search: on an exponent plane it picks
     literals almost everywhere, so the frame is Huffman-coded literals (zstd's huff0, 4 streams),
-    which decode about 5x faster than deflate's Huffman at the same size (MiniLM bf16 exponent
-    plane: 0.3365 vs 0.3371, 1.43 vs 0.25 GB/s decode; encode 27 MB/s: packs pay, loads gain)."""
+    which decode several times faster than deflate's Huffman at about the same size. Encoding is
+    slow: packs pay once, every load gains."""
     if not hasattr(_local, "entropy_compressor"):
         params = zstandard.ZstdCompressionParameters(
             window_log=17,
@@ -199,6 +188,7 @@ class ByteGroupZstd:
     """
 
     id: ClassVar[str] = "bytegroup+zstd"
+    tier: ClassVar[str] = LOSSLESS
     itemsize: int = 1
     level: int = 3
     split_sign: bool = False
@@ -283,37 +273,3 @@ def _plane_scratch(nbytes: int) -> memoryview:
     if kept is None or len(kept) < nbytes:
         kept = _local.plane_scratch = bytearray(max(nbytes, 1 << 20))
     return memoryview(kept)[:nbytes]
-
-
-CODECS: dict[str, type] = {codec.id: codec for codec in (Raw, Zstd, ByteGroupZstd)}
-
-
-def codec_params(codec: Codec) -> dict[str, int | bool | str]:
-    """The parameters stored next to every chunk so it decodes on its own."""
-    return asdict(codec)  # type: ignore[call-overload]
-
-
-def stored_codec(codec_id: str, params: dict[str, object]) -> Codec:
-    """`make_codec` for a stored chunk, remembered: every chunk of a pack names the same few codecs,
-    and building one (a dataclass and its checks) per chunk read was a tenth of a small chunk's
-    decode. Values are keyed with their types, so 2 and 2.0 (or 1 and True) never share a codec."""
-    try:
-        return _remembered_codec(codec_id, tuple((key, type(value), value) for key, value in params.items()))
-    except TypeError:  # unhashable params: make_codec refuses them with the usual message
-        return make_codec(codec_id, params)
-
-
-@functools.lru_cache(maxsize=64)
-def _remembered_codec(codec_id: str, params: tuple[tuple[object, type, object], ...]) -> Codec:
-    return make_codec(codec_id, {key: value for key, _, value in params})  # type: ignore[misc]
-
-
-def make_codec(codec_id: str, params: dict[str, object]) -> Codec:
-    """Rebuild a codec from its id and params (from a chunk, a manifest or the command line)."""
-    cls = CODECS.get(codec_id)
-    if cls is None:
-        raise InvalidArgument(f"unknown codec {codec_id!r}; known: {', '.join(sorted(CODECS))}")
-    try:
-        return cls(**params)
-    except TypeError as exc:
-        raise InvalidArgument(f"bad parameters for codec {codec_id!r}: {exc}") from None

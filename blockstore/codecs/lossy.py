@@ -1,7 +1,8 @@
 """Lossy tiers for static tensors: per-block absmax quantization to int8, int4 or fp8 (e4m3).
 
-Each codec is a frozen dataclass registered in the codec table like the lossless ones, with its
-params (original dtype, block size) stored beside every chunk. A chunk's elements are cut into
+Each codec is a frozen dataclass behind the same interface as the lossless ones (`base.Codec`; its
+`tier` is its id), with its params (original dtype, block size, zstd level) stored beside every
+chunk; the `blockstore.codecs` package registers them with the rest. A chunk's elements are cut into
 blocks of `block_size`; each block keeps one float32 scale (absmax / the format's largest value) and
 its quantized values. Decoding returns the original dtype's bytes.
 
@@ -19,7 +20,8 @@ from typing import TYPE_CHECKING, ClassVar
 
 import msgpack
 
-from blockstore.codecs.lossless import CODECS, DecodeError, _check_level, _compressor, zstd_decompress_exact
+from blockstore.codecs.base import DecodeError
+from blockstore.codecs.lossless import _check_level, _compressor, zstd_decompress_exact
 from blockstore.errors import InvalidArgument
 
 if TYPE_CHECKING:
@@ -29,7 +31,8 @@ LOSSY_SOURCE_DTYPES = ("F32", "F16", "BF16")
 DEFAULT_BLOCK_SIZE = 64
 
 
-def _torch_dtype(dtype: str) -> torch.dtype:
+def torch_dtype(dtype: str) -> torch.dtype:
+    """The torch dtype of a lossy source dtype (a safetensors name)."""
     import torch
 
     return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[dtype]
@@ -47,6 +50,7 @@ class _BlockQuant:
     """Shared frame of the three formats: blocks, scales, validation; subclasses map values."""
 
     id: ClassVar[str]
+    tier: ClassVar[str]
     qmax: ClassVar[float]
     dtype: str = "F32"
     block_size: int = DEFAULT_BLOCK_SIZE
@@ -79,7 +83,7 @@ class _BlockQuant:
         keys the chunk by the decoded bytes and measures the error from them."""
         import torch
 
-        values = torch.frombuffer(bytearray(raw), dtype=_torch_dtype(self.dtype)).float()
+        values = torch.frombuffer(bytearray(raw), dtype=torch_dtype(self.dtype)).float()
         if not bool(torch.isfinite(values).all()):
             raise InvalidArgument(f"tier {self.id} needs finite values; this chunk holds inf or nan")
         padded = -(-values.numel() // self.block_size) * self.block_size
@@ -88,7 +92,7 @@ class _BlockQuant:
         scales = torch.where(scales > 0, scales, torch.ones_like(scales))
         stored = self._quantize(blocks / scales[:, None])
         frames = [_compressor(self.level).compress(t.numpy().tobytes()) for t in (scales, stored)]
-        decoded = torch.empty(values.numel(), dtype=_torch_dtype(self.dtype))
+        decoded = torch.empty(values.numel(), dtype=torch_dtype(self.dtype))
         self._reconstruct_into(stored, scales, decoded)
         return msgpack.packb(frames, use_bin_type=True), decoded
 
@@ -111,7 +115,13 @@ class _BlockQuant:
     def encode(self, raw: memoryview) -> bytes:
         return self.quantize(raw)[0]
 
-    def decode_into(self, data: bytes, out: memoryview) -> None:
+    def encode_with_decoded(self, raw: memoryview) -> tuple[bytes, bytes]:
+        import torch
+
+        payload, decoded = self.quantize(raw)
+        return payload, decoded.view(torch.uint8).numpy().tobytes()
+
+    def decode_into(self, data: bytes | memoryview, out: memoryview) -> None:
         import torch
 
         itemsize = 4 if self.dtype == "F32" else 2
@@ -128,7 +138,7 @@ class _BlockQuant:
         scales = _frame_tensor(scale_frame, 4 * blocks, torch.float32)
         stored = _frame_tensor(value_frame, self._stored_len(blocks * self.block_size), torch.uint8)
         if count:
-            self._reconstruct_into(stored, scales, torch.frombuffer(out, dtype=_torch_dtype(self.dtype)))
+            self._reconstruct_into(stored, scales, torch.frombuffer(out, dtype=torch_dtype(self.dtype)))
 
 
 @dataclass(frozen=True)
@@ -136,6 +146,7 @@ class Int8Block(_BlockQuant):
     """int8 in -127..127 per block: about 4x smaller than fp32, error ≤ scale / 2 per element."""
 
     id: ClassVar[str] = "int8"
+    tier: ClassVar[str] = "int8"
     qmax: ClassVar[float] = 127.0
 
     def _quantize(self, scaled: torch.Tensor) -> torch.Tensor:
@@ -154,6 +165,7 @@ class Int4Block(_BlockQuant):
     """int4 in -7..7 per block, two values per byte (low nibble first)."""
 
     id: ClassVar[str] = "int4"
+    tier: ClassVar[str] = "int4"
     qmax: ClassVar[float] = 7.0
 
     def _stored_len(self, padded: int) -> int:
@@ -177,6 +189,7 @@ class Fp8Block(_BlockQuant):
     """float8 e4m3 (largest finite 448) per block: relative precision instead of uniform steps."""
 
     id: ClassVar[str] = "fp8"
+    tier: ClassVar[str] = "fp8"
     qmax: ClassVar[float] = 448.0
 
     def _quantize(self, scaled: torch.Tensor) -> torch.Tensor:
@@ -191,9 +204,12 @@ class Fp8Block(_BlockQuant):
 
 
 LOSSY_CODECS: dict[str, type[_BlockQuant]] = {codec.id: codec for codec in (Int8Block, Int4Block, Fp8Block)}
-CODECS.update(LOSSY_CODECS)
+"""The codecs of this module by tier (the package registers them; this module registers nothing)."""
 
 
 def lossy_codec(tier: str, dtype: str, block_size: int, level: int = 3) -> _BlockQuant:
     """The codec for a lossy tier on a tensor of `dtype`."""
-    return LOSSY_CODECS[tier](dtype=dtype, block_size=block_size, level=level)
+    cls = LOSSY_CODECS.get(tier)
+    if cls is None:
+        raise InvalidArgument(f"{tier!r} is not a lossy tier; known: {', '.join(LOSSY_CODECS)}")
+    return cls(dtype=dtype, block_size=block_size, level=level)

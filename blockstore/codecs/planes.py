@@ -8,9 +8,8 @@ just under the exponent.
 
 Joining is on every load's path, so it is compiled (`blockstore.codecs._planes`, built at install): one
 pass that writes each item once, with the GIL released. Where that module could not be built,
-`join_numpy` gives the same bytes from numpy's whole-array shifts and masks. Per 4 MiB chunk on
-one core of the 2-core VM: bf16 0.12 ms compiled, 0.48 ms numpy; fp32 0.22 ms against 1.2 ms.
-Splitting runs only when packing and stays in numpy.
+`join_numpy` gives the same bytes from numpy's whole-array shifts and masks, several times
+slower (it makes a pass per plane). Splitting runs only when packing and stays in numpy.
 """
 
 from __future__ import annotations
@@ -35,10 +34,9 @@ ITEMSIZES = (1, 2, 4, 8)
 _local = threading.local()
 _BLOCK_BYTES = 1 << 20
 """Items are joined a block of this many bytes at a time, through a scratch buffer of the same size
-kept per thread. A fresh buffer per chunk cost a page fault per 4 KiB (and numpy asks for huge
-pages from 4 MB, which can stall on compaction): on the 2-core VM that doubled the time to join
-a chunk inside the runtime. A whole-chunk scratch, kept, cost 4 MiB per decoding thread for a
-gain of 4% over 1 MiB blocks."""
+kept per thread. A fresh buffer per chunk costs a page fault per 4 KiB (and numpy asks for huge
+pages from 4 MB, which can stall on compaction), which can double the time to join a chunk inside
+the runtime; a whole-chunk scratch, kept, would cost 4 MiB per decoding thread for little more."""
 
 
 def _scratch() -> memoryview:
@@ -55,8 +53,8 @@ def split(raw: memoryview, itemsize: int, split_sign: bool) -> list[np.ndarray]:
     """The `itemsize` byte planes of `raw`, lowest byte first (len(raw) is a whole number of items).
 
     Each plane is one shift of the words cast straight into it: no temporary the size of the chunk,
-    which numpy would ask huge pages for (a 4 MB bf16 chunk: 3 ms, the faults of its two new planes
-    included, against 9.8 ms with chained temporaries)."""
+    which numpy would ask huge pages for (chained temporaries made splitting about three times
+    slower)."""
     words = _words(raw, itemsize)
     planes = [np.empty(len(words), np.uint8) for _ in range(itemsize)]
     for index, plane in enumerate(planes):

@@ -7,16 +7,32 @@ They fall on whole elements, and on whole rows when a row fits, so a row lookup 
 Stored value of a chunk: codec id and codec params, then the encoded bytes, framed (see `framing`)
 so a reader takes the encoded bytes as a view of the value; decodable on its own. Earlier packs
 stored msgpack `[codec id, codec params, encoded bytes]`, which still decodes.
+
+Every tier takes the same path into a store (`prepare_chunk`): a chunk is keyed by the bytes its
+stored form decodes to, and only a chunk the store lacks needs its stored value. Decoding
+(`decode_chunk_into`) finds the codec in the registry the `blockstore.codecs` package fills when it
+is imported, as this module's import of it guarantees, so a lossy chunk decodes whatever else a
+program imported.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import msgpack
 
-from blockstore.codecs import framing
-from blockstore.codecs.lossless import Codec, DecodeError, Raw, codec_params, stored_codec
+from blockstore.codecs import (
+    Codec,
+    DecodeError,
+    LossyCodec,
+    Raw,
+    codec_params,
+    framing,
+    is_lossy,
+    stored_codec,
+)
 from blockstore.core.dtypes import byte_unit, nbytes_of
 from blockstore.core.hashing import ChunkKey, chunk_key
 from blockstore.errors import ChunkCorrupt, InvalidArgument
@@ -71,11 +87,44 @@ def _envelope(value: bytes | memoryview) -> tuple[str, dict[str, object], bytes 
 
 
 def encode_chunk(codec: Codec, raw: memoryview) -> bytes:
-    """Stored value for lossless `raw`: encoded with `codec`, or kept raw when that does not pay."""
+    """Stored value for `raw` encoded with `codec`; a lossless chunk is kept raw when encoding does
+    not pay (a lossy one cannot be: its key names its decoded bytes, not `raw`)."""
     encoded = codec.encode(raw)
-    if len(encoded) >= len(raw):
+    if len(encoded) >= len(raw) and not is_lossy(codec):
         codec, encoded = Raw(), bytes(raw)
     return chunk_value(codec, encoded)
+
+
+def raw_value_len(raw_len: int) -> int:
+    """Length of the stored value of a chunk of `raw_len` bytes kept raw (`encode_chunk`'s fallback):
+    from a manifest's stored length alone, it tells a chunk stored raw from one a codec shrank."""
+    return framing.framed_len([Raw.id, {}], [raw_len])
+
+
+@dataclass(frozen=True)
+class PreparedChunk:
+    """A chunk ready for the store: its key, the bytes it decodes to, and its stored value on demand.
+
+    A lossless chunk decodes to its raw bytes, so it is keyed before it is encoded, and only a chunk
+    the store lacks pays for encoding (`stored_value`, run on pack's thread pool). A lossy chunk is
+    keyed by its decoded bytes, so it was encoded to be keyed, and its stored value is already made.
+    """
+
+    key: ChunkKey
+    raw_len: int
+    decoded: bytes
+    """What the stored chunk decodes to: the raw bytes unless the codec is lossy."""
+    stored_value: Callable[[], bytes]
+
+
+def prepare_chunk(codec: Codec, raw: bytes) -> PreparedChunk:
+    """Encode (or arrange to encode) one chunk's raw bytes with `codec` and key it."""
+    if not is_lossy(codec):
+        return PreparedChunk(chunk_key(raw), len(raw), raw, lambda: encode_chunk(codec, memoryview(raw)))
+    lossy: LossyCodec = codec  # type: ignore[assignment]
+    payload, decoded = lossy.encode_with_decoded(memoryview(raw))
+    value = chunk_value(codec, payload)
+    return PreparedChunk(chunk_key(decoded), len(raw), decoded, lambda: value)
 
 
 def decode_chunk_into(key: ChunkKey, value: bytes | memoryview, out: memoryview) -> None:

@@ -1,4 +1,4 @@
-"""Static/dynamic classification of tensors and the precision tier each gets (DESIGN.md §4).
+"""Static/dynamic classification of tensors and the precision tier each gets.
 
 Static: big, rarely-updated blocks (embeddings, lm_head, MLP and expert weights) that may be
 materialized lazily, evicted, and stored at a lossy tier. Dynamic: the latency- and
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from blockstore.codecs.lossy import DEFAULT_BLOCK_SIZE, LOSSY_SOURCE_DTYPES, lossy_codec
+from blockstore.codecs import DEFAULT_BLOCK_SIZE, LOSSLESS, LOSSY_SOURCE_DTYPES, lossy_codec
 from blockstore.core.dtypes import INTEGER_DTYPES, nbytes_of
 from blockstore.errors import InvalidArgument
 
@@ -32,8 +32,8 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 STATIC = "static"
 DYNAMIC = "dynamic"
 SIDES = (STATIC, DYNAMIC)
-LOSSLESS = "lossless"
 LOSSY_TIERS = ("int8", "fp8", "int4")
+"""The lossy codecs' tiers (`blockstore.codecs.lossy_ids()`), loosest last."""
 TIERS = (LOSSLESS, *LOSSY_TIERS)
 LOSSY_DTYPES = frozenset(LOSSY_SOURCE_DTYPES)
 SMALL_TENSOR_BYTES = 64 << 10

@@ -1,31 +1,35 @@
 """`pack`: turn safetensors files into a snapshot of deduplicated, compressed chunks.
 
-All input headers are validated before anything is written. Chunks are hashed as they are read and
-encoded on a thread pool (zstd releases the GIL), committed in bounded batches, and only then is the
-snapshot written and the ref moved, so an interrupted pack leaves the store as it was plus, at worst,
-some unreferenced chunks.
+All input headers are validated and every tensor's codec chosen before anything is written. Every
+tier takes one chunk path: cut (`chunk_ranges`), encode and key (`prepare_chunk`: a lossless chunk
+is keyed by its raw bytes and encoded only if new, a lossy one is keyed by the bytes it decodes to),
+dedup against the store and this pack, store. A lossy tensor's error is measured beside that path
+(`ErrorMeter`), from the same decoded bytes. New chunks are encoded on a thread pool (zstd releases
+the GIL) and committed in bounded batches, and only then is the snapshot written and the ref moved,
+so an interrupted pack leaves the store as it was plus, at worst, some unreferenced chunks.
+
+What a caller asked for but could not get is said in `PackResult.notes`: a chunk already stored
+keeps the codec it was stored with, and chunks cut at another size than the store's never dedup.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections import Counter
+from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
-from blockstore.codecs.lossless import ByteGroupZstd, Codec, Raw, Zstd
-from blockstore.codecs.lossy import lossy_codec
-from blockstore.core.chunks import check_chunk_size, chunk_ranges, chunk_value, encode_chunk
+from blockstore.codecs import ByteGroupZstd, Codec, ErrorMeter, Raw, Zstd, is_lossy, lossy_codec
+from blockstore.core.chunks import PreparedChunk, check_chunk_size, chunk_ranges, prepare_chunk, raw_value_len
 from blockstore.core.dtypes import plane_count
-from blockstore.core.hashing import ChunkKey, chunk_key, new_digest
+from blockstore.core.hashing import ChunkKey, new_digest
 from blockstore.core.manifests import ChunkRef, Snapshot, SnapshotId, SourceFile, TensorEntry, TensorError
 from blockstore.core.policy import LOSSLESS, Decision, Policy
 from blockstore.core.source import ModelSource, SafetensorsFile, TensorInfo, discover, read_range
-from blockstore.errors import InvalidArgument
+from blockstore.errors import BlockstoreError, InvalidArgument
 from blockstore.progress import Progress, Silent
 from blockstore.repo import Repository, check_ref_name
 
@@ -34,9 +38,6 @@ DEFAULT_CODEC = "bytegroup+zstd"
 # Float dtypes whose sign bit is moved out of the exponent byte before byte grouping.
 SIGN_SPLIT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
 _BATCH_BYTES = 64 << 20
-
-if TYPE_CHECKING:
-    import torch
 
 
 @dataclass(frozen=True)
@@ -55,10 +56,36 @@ class PackResult:
     unchanged: bool
     decisions: dict[str, Decision] = field(default_factory=dict)
     groups: dict[str, GroupStats] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    """What the caller asked for that could not take effect, one sentence each."""
 
     @property
     def ratio(self) -> float:
         return self.stored_bytes / self.raw_bytes if self.raw_bytes else 1.0
+
+    def to_json(self, *, explain: bool = False) -> dict[str, object]:
+        """The result as `pack --json` prints it; `explain` adds each tensor's decision."""
+        summary: dict[str, object] = {
+            "snapshot": self.snapshot_id.hex(),
+            "ref": self.ref,
+            "unchanged": self.unchanged,
+            "tensors": self.tensors,
+            "raw_bytes": self.raw_bytes,
+            "stored_bytes": self.stored_bytes,
+            "ratio": round(self.ratio, 4),
+            "chunks": self.total_chunks,
+            "new_chunks": self.new_chunks,
+            "new_bytes": self.new_bytes,
+            "seconds": round(self.seconds, 3),
+            "mb_per_s": round(self.raw_bytes / 1e6 / self.seconds, 1) if self.seconds else None,
+            "groups": {
+                key: {**asdict(group), "ratio": round(group.ratio, 4)} for key, group in self.groups.items()
+            },
+        }
+        if explain:
+            summary["explain"] = {name: asdict(decision) for name, decision in self.decisions.items()}
+        summary["notes"] = list(self.notes)
+        return summary
 
 
 @dataclass(frozen=True)
@@ -114,31 +141,23 @@ class _ChunkWriter:
         self._pending_raw = 0
         self.new_chunks = 0
         self.new_bytes = 0
+        self.reused: dict[ChunkKey, str] = {}
+        """Chunks the store already held, each with the lossless codec this pack would have used."""
 
-    def _is_new(self, key: ChunkKey) -> bool:
-        if key in self.sizes or key in self._pending:
-            return False
-        existing = self._store.stored_sizes([key])
-        self.sizes.update(existing)
-        return not existing
-
-    def _queue(self, key: ChunkKey, value: Future[bytes], raw_len: int) -> None:
-        self._pending[key] = value
-        self._pending_raw += raw_len
+    def add(self, chunk: PreparedChunk, codec: Codec) -> None:
+        """Queue a chunk unless the store or this pack has it; its stored value is made on the pool."""
+        if chunk.key in self.sizes or chunk.key in self._pending:
+            return
+        existing = self._store.stored_sizes([chunk.key])
+        if existing:
+            self.sizes.update(existing)
+            if not is_lossy(codec):
+                self.reused[chunk.key] = codec.id
+            return
+        self._pending[chunk.key] = self._pool.submit(chunk.stored_value)
+        self._pending_raw += chunk.raw_len
         if self._pending_raw >= _BATCH_BYTES:
             self.flush()
-
-    def add(self, key: ChunkKey, codec: Codec, raw: bytes) -> None:
-        """Queue a lossless chunk: encoded on the pool unless the store or this pack has it."""
-        if self._is_new(key):
-            self._queue(key, self._pool.submit(encode_chunk, codec, memoryview(raw)), len(raw))
-
-    def add_value(self, key: ChunkKey, value: bytes, raw_len: int) -> None:
-        """Queue a chunk whose stored value is already made (a lossy tier keys by decoded bytes)."""
-        if self._is_new(key):
-            done: Future[bytes] = Future()
-            done.set_result(value)
-            self._queue(key, done, raw_len)
 
     def flush(self) -> None:
         encoded = [(key, future.result()) for key, future in self._pending.items()]
@@ -156,70 +175,33 @@ def _pack_tensor(
     handle: int,
     source: SafetensorsFile,
     tensor: TensorInfo,
+    codec: Codec,
     chunk_size: int,
-    store_chunk: Callable[[bytes], tuple[ChunkKey, bytes]],
+    writer: _ChunkWriter,
     progress: Progress,
-) -> tuple[list[tuple[ChunkKey, int]], bytes]:
-    """Read one tensor chunk by chunk and hand each to `store_chunk`, which queues it and returns
-    its key and the bytes it decodes to (the raw bytes when lossless); those are digested."""
+) -> tuple[list[tuple[ChunkKey, int]], bytes, TensorError | None]:
+    """Cut one tensor into chunks, encode and key each, and hand it to `writer`: (key and length of
+    each chunk, digest of the bytes the chunks decode to, the error of a lossy codec)."""
     hasher = new_digest()
+    meter = ErrorMeter(tensor.dtype) if is_lossy(codec) else None
     chunks = []
     for start, end in chunk_ranges(tensor.dtype, tensor.shape, tensor.nbytes, chunk_size):
         raw = read_range(handle, source.data_start + tensor.begin + start, end - start, source.path)
-        key, decoded = store_chunk(raw)
-        hasher.update(decoded)
-        chunks.append((key, len(raw)))
-        progress.advance(len(raw), tensor.name)
-    return chunks, hasher.digest()
-
-
-def _lossless_store(codec: Codec, writer: _ChunkWriter) -> Callable[[bytes], tuple[ChunkKey, bytes]]:
-    def store(raw: bytes) -> tuple[ChunkKey, bytes]:
-        key = chunk_key(raw)
-        writer.add(key, codec, raw)
-        return key, raw
-
-    return store
-
-
-class _ErrorMeter:
-    """Accumulates a lossy tensor's error over its chunks (float64 sums: no overflow on big ones)."""
-
-    def __init__(self) -> None:
-        self.max_abs = 0.0
-        self.error_sq = 0.0
-        self.original_sq = 0.0
-
-    def add(self, original: torch.Tensor, decoded: torch.Tensor) -> None:
-        difference = decoded.double() - original.double()
-        self.max_abs = max(self.max_abs, float(difference.abs().max()) if difference.numel() else 0.0)
-        self.error_sq += float(difference.square().sum())
-        self.original_sq += float(original.double().square().sum())
-
-    def result(self) -> TensorError:
-        if self.original_sq == 0:
-            return TensorError(self.max_abs, 0.0 if self.error_sq == 0 else math.inf)
-        return TensorError(self.max_abs, math.sqrt(self.error_sq / self.original_sq))
-
-
-def _lossy_store(
-    codec: Any, writer: _ChunkWriter, meter: _ErrorMeter, where: str
-) -> Callable[[bytes], tuple[ChunkKey, bytes]]:
-    """Quantize a chunk; it is keyed by its decoded bytes, and its error goes to `meter`."""
-    import torch
-
-    def store(raw: bytes) -> tuple[ChunkKey, bytes]:
         try:
-            payload, decoded = codec.quantize(memoryview(raw))
+            chunk = prepare_chunk(codec, raw)
         except InvalidArgument as exc:
-            raise InvalidArgument(f"{where}: {exc}") from None
-        decoded_bytes = decoded.view(torch.uint8).numpy().tobytes()
-        meter.add(torch.frombuffer(bytearray(raw), dtype=decoded.dtype).float(), decoded.float())
-        key = chunk_key(decoded_bytes)
-        writer.add_value(key, chunk_value(codec, payload), len(raw))
-        return key, decoded_bytes
-
-    return store
+            raise InvalidArgument(f"{source.path}: tensor {tensor.name!r}: {exc}") from None
+        if meter is not None:
+            meter.add(raw, chunk.decoded)
+        writer.add(chunk, codec)
+        hasher.update(chunk.decoded)
+        chunks.append((chunk.key, chunk.raw_len))
+        progress.advance(chunk.raw_len, tensor.name)
+    error = None
+    if meter is not None:
+        measured = meter.result()
+        error = TensorError(measured.max_abs, measured.rel_frobenius)
+    return chunks, hasher.digest(), error
 
 
 def plan(model: ModelSource, policy: Policy) -> dict[str, Decision]:
@@ -259,16 +241,15 @@ def pack(
     codec_for(codec, "F32", level)  # refuse a bad codec or level before reading anything
     model = discover(inputs)
     decisions = plan(model, options.policy)
-    lossy_codecs = {
-        name: lossy_codec(decision.tier, _dtype_of(model, name), options.policy.block_size, level)
-        for name, decision in decisions.items()
-        if decision.tier != LOSSLESS
+    codecs = {  # every tensor's codec, lossless or lossy, chosen (and checked) before any write
+        tensor.name: _codec_of(decisions[tensor.name], tensor.dtype, options)
+        for source in model.files
+        for tensor in source.tensors
     }
+    notes = [] if chunk_size is None else _chunk_size_notes(chunk_size, repo.chunk_size)
     with repo.writer_lease():
-        result = _pack_model(
-            repo, model, ref, message, options, decisions, lossy_codecs, progress or Silent()
-        )
-    return replace(result, seconds=time.perf_counter() - started)
+        result = _pack_model(repo, model, ref, message, options, decisions, codecs, progress or Silent())
+    return replace(result, seconds=time.perf_counter() - started, notes=notes + result.notes)
 
 
 @dataclass(frozen=True)
@@ -280,8 +261,11 @@ class _Options:
     policy: Policy
 
 
-def _dtype_of(model: ModelSource, name: str) -> str:
-    return next(t.dtype for source in model.files for t in source.tensors if t.name == name)
+def _codec_of(decision: Decision, dtype: str, options: _Options) -> Codec:
+    """The codec of a tensor: its tier's lossy codec, or the lossless one `--codec` names."""
+    if decision.tier == LOSSLESS:
+        return codec_for(options.codec, dtype, options.level)
+    return lossy_codec(decision.tier, dtype, options.policy.block_size, options.level)
 
 
 def _pack_model(
@@ -291,31 +275,24 @@ def _pack_model(
     message: str,
     options: _Options,
     decisions: dict[str, Decision],
-    lossy_codecs: dict[str, Any],
+    codecs: dict[str, Codec],
     progress: Progress,
 ) -> PackResult:
     expected = repo.store.get_ref(ref) if ref is not None else None
     progress.start("pack", sum(source.nbytes for source in model.files))
     writer = _ChunkWriter(repo, options.workers or os.cpu_count() or 1)
-    packed: dict[str, tuple[TensorInfo, str, list[tuple[ChunkKey, int]], bytes, TensorError | None]] = {}
+    packed: dict[str, tuple[TensorInfo, list[tuple[ChunkKey, int]], bytes, TensorError | None]] = {}
     try:
         for source in model.files:
             handle = os.open(source.path, os.O_RDONLY)
             try:
                 for tensor in source.tensors:
-                    lossy = lossy_codecs.get(tensor.name)
-                    meter = _ErrorMeter()
-                    if lossy is not None:
-                        where = f"{source.path}: tensor {tensor.name!r}"
-                        codec_id, store = lossy.id, _lossy_store(lossy, writer, meter, where)
-                    else:
-                        lossless = codec_for(options.codec, tensor.dtype, options.level)
-                        codec_id, store = lossless.id, _lossless_store(lossless, writer)
-                    chunks, tensor_digest = _pack_tensor(
-                        handle, source, tensor, options.chunk_size, store, progress
+                    packed[tensor.name] = (
+                        tensor,
+                        *_pack_tensor(
+                            handle, source, tensor, codecs[tensor.name], options.chunk_size, writer, progress
+                        ),
                     )
-                    error = meter.result() if lossy is not None else None
-                    packed[tensor.name] = (tensor, codec_id, chunks, tensor_digest, error)
             finally:
                 os.close(handle)
         writer.flush()
@@ -328,18 +305,19 @@ def _pack_model(
             shape=tensor.shape,
             side=decisions[name].side,
             tier=decisions[name].tier,
-            codec=codec_id,
+            codec=codecs[name].id,
             chunks=tuple(ChunkRef(key, raw_len, writer.sizes[key]) for key, raw_len in chunks),
             digest=tensor_digest,
             error=error,
         )
-        for name, (tensor, codec_id, chunks, tensor_digest, error) in packed.items()
+        for name, (tensor, chunks, tensor_digest, error) in packed.items()
     }
     files = tuple(
         SourceFile(source.path.name, source.header, tuple(t.name for t in source.tensors))
         for source in model.files
     )
     snapshot = Snapshot(files, entries, model.extras, expected, message, time.time_ns())
+    notes = _reuse_notes(repo, options.codec, writer.reused)  # before this snapshot is stored
     unchanged = expected is not None and _same_content(repo.snapshot(expected), snapshot)
     if unchanged:
         snapshot_id = expected
@@ -360,7 +338,62 @@ def _pack_model(
         unchanged=unchanged,
         decisions=decisions,
         groups=group_stats(entries.values()),
+        notes=notes,
     )
+
+
+def _chunk_size_notes(asked: int, store: int) -> list[str]:
+    if asked == store:
+        return []
+    return [
+        f"--chunk-size {asked} differs from the store's chunk size {store} (set at init): tensors cut "
+        f"into {asked}-byte chunks never dedup against chunks cut at {store} bytes, already stored or "
+        "packed later with the store's size"
+    ]
+
+
+def _reuse_notes(repo: Repository, codec: str, reused: dict[ChunkKey, str]) -> list[str]:
+    """A note when chunks this pack reused from the store are stored under another codec than the
+    one asked for: a chunk is stored once, so `--codec` reaches only chunks the store lacked. Chunks
+    stored raw are not counted (any lossless codec keeps a chunk raw when encoding does not pay)."""
+    if not reused:
+        return []
+    stored = _stored_codecs(repo, set(reused))
+    others = Counter(stored_as for key, stored_as in stored.items() if stored_as not in (reused[key], Raw.id))
+    if not others:
+        return []
+    kinds = ", ".join(f"{count} under {codec_id}" for codec_id, count in sorted(others.items()))
+    return [
+        f"--codec {codec} applies to new chunks only: {len(reused)} chunks were already in the store "
+        f"and were reused as stored, {kinds}"
+    ]
+
+
+def _stored_codecs(repo: Repository, wanted: set[ChunkKey]) -> dict[ChunkKey, str]:
+    """The codec each chunk in `wanted` is stored under, from the catalog, without reading a chunk.
+
+    A tensor's codec is the one its pack asked for, which chunks it reused need not have; the pack
+    that wrote a chunk is the oldest snapshot that references it, so snapshots are searched oldest
+    first. A chunk of a lossless tensor whose stored length is that of a raw chunk was kept raw.
+    """
+    found: dict[ChunkKey, str] = {}
+    try:
+        oldest_first = [info.id for info in repo.snapshots()]
+    except BlockstoreError:  # a damaged catalog is verify's to report, not pack's
+        return found
+    for snapshot_id in oldest_first:
+        try:
+            snapshot = repo.snapshot(snapshot_id)
+        except BlockstoreError:
+            continue
+        for entry in snapshot.tensors.values():
+            for chunk in entry.chunks:
+                if chunk.key in wanted and chunk.key not in found:
+                    kept_raw = entry.tier == LOSSLESS and chunk.stored_len == raw_value_len(chunk.raw_len)
+                    found[chunk.key] = Raw.id if kept_raw else entry.codec
+        if len(found) == len(wanted):
+            break
+    return found
 
 
 def _same_content(old: Snapshot, new: Snapshot) -> bool:
