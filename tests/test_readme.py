@@ -82,7 +82,7 @@ def test_readme_blocks_are_all_checked() -> None:
 def test_readme_shell_snippets_run(model_dir: Path, request: pytest.FixtureRequest) -> None:
     script = Path(sys.executable).parent / "blockstore"
     commands = [
-        words for _, body in readme_blocks() if _ in SHELL_LANGUAGES for words in shell_commands(body)
+        words for lang, body in readme_blocks() if lang in SHELL_LANGUAGES for words in shell_commands(body)
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     buckets = sorted({bucket for words in commands for word in words for bucket in _BUCKET.findall(word)})
