@@ -70,6 +70,18 @@ def model_dir(tmp_path: Path, minilm_path: Path, monkeypatch: pytest.MonkeyPatch
     return work
 
 
+def assert_exports_identical(work: Path) -> None:
+    """What the README promises of its exports: each `*.safetensors` it wrote is the model, byte
+    for byte (the fine-tuned copy a snippet makes on purpose excepted)."""
+    original = (work / "model.safetensors").read_bytes()
+    exported = [
+        p for p in work.glob("*.safetensors") if p.name not in ("model.safetensors", "finetuned.safetensors")
+    ]
+    assert exported, "no README snippet exported a file"
+    for path in exported:
+        assert path.read_bytes() == original, f"{path.name} differs from model.safetensors"
+
+
 def test_readme_blocks_are_all_checked() -> None:
     """A block in a language this test does not run would be an untested example."""
     blocks = readme_blocks()
@@ -102,6 +114,7 @@ def test_readme_shell_snippets_run(model_dir: Path, request: pytest.FixtureReque
         assert result.returncode == 0, f"{shlex.join(words)} exited {result.returncode}:\n{result.stderr}"
         ran += 1
     assert ran >= 10, f"only {ran} README commands ran"
+    assert_exports_identical(model_dir)
 
 
 @pytest.mark.xfail(
@@ -115,6 +128,7 @@ def test_readme_python_snippets_run(model_dir: Path) -> None:
     for index, (_, body) in enumerate(blocks):
         code = compile(body, f"README.md python block {index + 1}", "exec")
         exec(code, {"__name__": f"readme_block_{index + 1}"})
+    assert_exports_identical(model_dir)
 
 
 def test_readme_policy_files_load(tmp_path: Path) -> None:
