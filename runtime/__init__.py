@@ -1,4 +1,4 @@
-"""Lazy materialization and torch integration (DESIGN.md §5).
+"""Lazy materialization and torch integration (docs/design.md §6).
 
 `open(store, ref)` gives a read-only Mapping of lazy tensors; `load_model(store, ref, ...)` gives a
 working torch/transformers module whose weights are decoded when its forward first touches them.

@@ -1,4 +1,4 @@
-"""`LazyStateDict` and `LazyTensor`: a snapshot's tensors, decoded only when touched (DESIGN.md §5).
+"""`LazyStateDict` and `LazyTensor`: a snapshot's tensors, decoded only when touched (docs/design.md §6).
 
 Opening reads the snapshot alone. `materialize()` decodes a tensor's chunks in parallel (one zstd
 context per thread, see `blockstore.codecs.lossless`) straight into one preallocated buffer — pinned when the

@@ -1,4 +1,4 @@
-"""DESIGN.md §2: dependencies point down only (cli → benchmarks → runtime → patches → blockstore)."""
+"""docs/design.md §2: dependencies point down only (cli → benchmarks → runtime → patches → blockstore)."""
 
 from __future__ import annotations
 

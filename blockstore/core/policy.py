@@ -1,4 +1,4 @@
-"""Static/dynamic classification of tensors and the precision tier each gets.
+"""Static/dynamic classification of tensors and the precision tier each gets (docs/design.md §5).
 
 Static: big, rarely-updated blocks (embeddings, lm_head, MLP and expert weights) that may be
 materialized lazily, evicted, and stored at a lossy tier. Dynamic: the latency- and

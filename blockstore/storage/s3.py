@@ -1,4 +1,4 @@
-"""The store on an S3-compatible object store: many hosts, one store (DESIGN.md §12, FORMAT.md §5).
+"""The store on an S3-compatible object store: many hosts, one store (docs/design.md §10, FORMAT.md §5).
 
 Layout under `s3://bucket/prefix/`: create-only `meta/<name>`, `chunks/<key hex>` and
 `snapshots/<id hex>` (a create that finds the object there just means "already there"); one mutable
