@@ -1,4 +1,4 @@
-"""`LazyStateDict` and `LazyTensor`: a snapshot's tensors, decoded only when touched (DESIGN.md §5).
+"""`LazyStateDict` and `LazyTensor`: a snapshot's tensors, decoded only when touched.
 
 Opening reads the snapshot alone. `materialize()` decodes a tensor's chunks in parallel (one zstd
 context per thread, see `blockstore.codecs.lossless`) straight into one preallocated buffer — pinned when the
@@ -16,7 +16,9 @@ from __future__ import annotations
 import math
 import os
 import time
+import weakref
 from collections.abc import Iterable, Iterator, Mapping
+from contextlib import suppress
 from dataclasses import replace
 from itertools import accumulate
 from pathlib import Path
@@ -200,10 +202,14 @@ class LazyStateDict(Mapping[str, LazyTensor]):
         self._stats = RuntimeStats()
         self._cache = TensorCache(parse_size(budget), self._stats)
         self._pool = decode_pool(workers or min(8, os.cpu_count() or 1))
-        self._owner_pid = os.getpid()
         self._lease = lease
         self._tensors = {name: LazyTensor(self, entry) for name, entry in snapshot.tensors.items()}
         self._prefetcher = LayerPrefetcher(self, prefetch) if prefetch else None
+        # Registered last, once nothing here can fail (`open` releases on failure). The pin must not
+        # outlive this object: close() releases it, and a reader never closed releases it when it
+        # is collected or the interpreter exits; a stale lease would keep its snapshot from gc until
+        # a sweep of dead processes' leases. The callback holds the store, never `self`.
+        self._release = weakref.finalize(self, _release_quietly, repo, lease, os.getpid())
 
     # Mapping -----------------------------------------------------------------------------------------
 
@@ -236,16 +242,21 @@ class LazyStateDict(Mapping[str, LazyTensor]):
         if self._prefetcher:
             self._prefetcher.wait()
 
+    @property
+    def closed(self) -> bool:
+        """Whether `close()` ran (or the pin was released otherwise): the store is no longer read."""
+        return not self._release.alive
+
     def close(self) -> None:
         """Stop prefetching, unpin the snapshot and close the store; tensors already returned stay
-        valid. In a forked child the pin stays: it is the parent's. The decode threads are the
-        process's (`decode_pool`) and stay for the next open."""
+        valid, and closing twice is harmless. In a forked child the pin stays: it is the parent's.
+        The decode threads are the process's (`decode_pool`) and stay for the next open."""
         if self._prefetcher:
             self._prefetcher.close()
-        if os.getpid() == self._owner_pid:
-            self.repo.unpin(self._lease)
+        pending = self._release.detach()  # None once released: close() twice, or after exit began
         self._lease = None
-        self.repo.close()
+        if pending is not None:
+            _release(*pending[2])
 
     def __enter__(self) -> LazyStateDict:
         return self
@@ -373,6 +384,24 @@ class LazyStateDict(Mapping[str, LazyTensor]):
             self._stats.bytes_decoded += sum(buffer.numel() for buffer in decoded)
             self._stats.decode_seconds += time.perf_counter() - started
         return decoded
+
+
+def _release(repo: Repository, lease: bytes | None, owner_pid: int) -> None:
+    """Unpin a reader's snapshot and close its store, in the process that pinned it only: a forked
+    child inherits the parent's objects, and its exit must not drop the parent's pin."""
+    if os.getpid() != owner_pid:
+        return
+    try:
+        repo.unpin(lease)
+    finally:
+        repo.close()
+
+
+def _release_quietly(repo: Repository, lease: bytes | None, owner_pid: int) -> None:
+    """`_release` for a reader nobody closed (collected, or the interpreter is exiting): nothing is
+    left to report to, and a lease that cannot be removed now is stale and swept by the next gc."""
+    with suppress(Exception):
+        _release(repo, lease, owner_pid)
 
 
 def open(
