@@ -6,7 +6,9 @@ Every function takes either an open `Repository` (kept open: the caller owns it)
 call and closes again. Paths may be `str` or `Path` throughout. Results are the operations' own
 result objects; each has `to_json()`.
 
-The lazy runtime (which needs torch) is `blockstore.runtime`, imported only when first named.
+Packing and patches are imported by the calls that use them, and the lazy runtime (which needs
+torch) is `blockstore.runtime`, imported only when first named: a program that only exports or
+verifies loads none of them.
 """
 
 from __future__ import annotations
@@ -19,13 +21,7 @@ from typing import TYPE_CHECKING
 
 from blockstore.core.chunks import DEFAULT_CHUNK_SIZE
 from blockstore.ops.export import export as _export
-from blockstore.ops.pack import DEFAULT_CODEC
-from blockstore.ops.pack import pack as _pack
 from blockstore.ops.verify import verify as _verify
-from blockstore.patches.apply import apply as _apply
-from blockstore.patches.bundle import read_key
-from blockstore.patches.diff import diff as _diff
-from blockstore.patches.rollback import rollback as _rollback
 from blockstore.repo import DEFAULT_REF, Repository
 from blockstore.sizes import parse_size
 
@@ -83,6 +79,8 @@ def _key(key: bytes | PathLike | None) -> bytes | None:
     """A bundle MAC key: bytes as given, or the path of a key file (hashed as the CLI's --key is)."""
     if key is None or isinstance(key, bytes):
         return key
+    from blockstore.patches.bundle import read_key
+
     return read_key(Path(key))
 
 
@@ -116,7 +114,7 @@ def pack(
     *,
     ref: str | None = DEFAULT_REF,
     message: str = "",
-    codec: str = DEFAULT_CODEC,
+    codec: str | None = None,
     level: int = 3,
     chunk_size: int | None = None,
     workers: int | None = None,
@@ -133,6 +131,9 @@ def pack(
     lossless. `codec` and `level` choose the lossless codec; `chunk_size` defaults to the store's.
     Returns a `PackResult` (`snapshot_id`, sizes, `ratio`, `to_json()`).
     """
+    from blockstore.ops.pack import DEFAULT_CODEC
+    from blockstore.ops.pack import pack as _pack
+
     paths = [Path(inputs)] if isinstance(inputs, (str, os.PathLike)) else [Path(path) for path in inputs]
     with _repository(repo) as opened:
         return _pack(
@@ -140,7 +141,7 @@ def pack(
             paths,
             ref=ref,
             message=message,
-            codec=codec,
+            codec=codec or DEFAULT_CODEC,
             level=level,
             chunk_size=chunk_size,
             workers=workers,
@@ -197,6 +198,8 @@ def diff(
     bundle holds only the chunks `new` has and `old` lacks. `key` (bytes, or the path of a key
     file) adds a MAC that `apply` checks with the same key.
     """
+    from blockstore.patches.diff import diff as _diff
+
     with _repository(repo, reading=True) as opened:
         return _diff(opened, _version(old), _version(new), Path(out), key=_key(key))
 
@@ -214,6 +217,8 @@ def apply(
     readable. `ref` must point at the bundle's base version unless `force_base` (the base's tensors
     must then still match). Applying a bundle twice is a no-op. `key` as for `diff`.
     """
+    from blockstore.patches.apply import apply as _apply
+
     with _repository(repo) as opened:
         return _apply(opened, Path(bundle), ref=ref, key=_key(key), force_base=force_base)
 
@@ -225,5 +230,7 @@ def rollback(
     along the ref's history. Nothing is deleted; the move is recorded in the ref's log, so it can
     be undone with another rollback.
     """
+    from blockstore.patches.rollback import rollback as _rollback
+
     with _repository(repo) as opened:
         return _rollback(opened, ref=ref, to=_spec(to), steps=steps)
