@@ -13,8 +13,10 @@ a snapshot checked against its blake2b id; the whole-tensor blake2b digest is le
 
 from __future__ import annotations
 
+import atexit
 import math
 import os
+import threading
 import time
 import weakref
 from collections.abc import Iterable, Iterator, Mapping
@@ -209,7 +211,8 @@ class LazyStateDict(Mapping[str, LazyTensor]):
         # outlive this object: close() releases it, and a reader never closed releases it when it
         # is collected or the interpreter exits; a stale lease would keep its snapshot from gc until
         # a sweep of dead processes' leases. The callback holds the store, never `self`.
-        self._release = weakref.finalize(self, _release_quietly, repo, lease, os.getpid())
+        self._release = weakref.finalize(self, _release_unclosed, repo, lease, os.getpid())
+        _watch_for_exit()
 
     # Mapping -----------------------------------------------------------------------------------------
 
@@ -398,10 +401,45 @@ def _release(repo: Repository, lease: bytes | None, owner_pid: int) -> None:
 
 
 def _release_quietly(repo: Repository, lease: bytes | None, owner_pid: int) -> None:
-    """`_release` for a reader nobody closed (collected, or the interpreter is exiting): nothing is
-    left to report to, and a lease that cannot be removed now is stale and swept by the next gc."""
+    """`_release` for a reader nobody closed: nothing is left to report to, and a lease that cannot
+    be removed now is a dead process's once this one exits, which the next gc sweeps."""
     with suppress(Exception):
         _release(repo, lease, owner_pid)
+
+
+_exiting = False
+_watching_for_exit = False
+
+
+def _note_exit() -> None:
+    global _exiting
+    _exiting = True
+
+
+def _watch_for_exit() -> None:
+    """Note when the interpreter starts exiting, before weakref runs its finalizers at exit: this
+    registers after weakref's own exit hook (which the first `weakref.finalize` registered), and
+    exit hooks run last-registered first."""
+    global _watching_for_exit
+    if not _watching_for_exit:
+        atexit.register(_note_exit)
+        _watching_for_exit = True
+
+
+def _release_unclosed(repo: Repository, lease: bytes | None, owner_pid: int) -> None:
+    """A reader nobody closed is released here: at exit, right away; when it is garbage collected,
+    on a thread of its own, because collection can run inside one of this thread's store write
+    transactions (anything that allocates can trigger it), where another write would wait for itself.
+    The thread is not a daemon, so the interpreter finishes it before it exits."""
+    if os.getpid() != owner_pid:
+        return
+    if not _exiting:
+        args = (repo, lease, owner_pid)
+        thread = threading.Thread(target=_release_quietly, args=args, name="blockstore-unpin")
+        with suppress(RuntimeError):  # no new threads once the interpreter is shutting down
+            thread.start()
+            return
+    _release_quietly(repo, lease, owner_pid)
 
 
 def open(
