@@ -189,6 +189,10 @@ class Repository:
                 return matches[0]
             if len(matches) > 1:
                 raise AmbiguousSnapshotId(spec, len(matches), self.path)
+        if 0 < len(spec) < MIN_ID_PREFIX and all(c in string.hexdigits for c in spec):
+            # A short hex string was most likely meant as an id prefix: say why it was not one.
+            hint = f"snapshot id prefixes need at least {MIN_ID_PREFIX} hex digits"
+            raise RefNotFound(spec, f"{self.path} ({hint})")
         raise RefNotFound(spec, self.path)
 
     def refs(self) -> dict[str, SnapshotId]:

@@ -1,4 +1,4 @@
-"""`LazyStateDict` and `LazyTensor`: a snapshot's tensors, decoded only when touched (docs/design.md §6).
+"""`LazyStateDict` and `LazyTensor`: a snapshot's tensors, decoded only when touched.
 
 Opening reads the snapshot alone. `materialize()` decodes a tensor's chunks in parallel (one zstd
 context per thread, see `blockstore.codecs.lossless`) straight into one preallocated buffer — pinned when the
@@ -13,10 +13,14 @@ a snapshot checked against its blake2b id; the whole-tensor blake2b digest is le
 
 from __future__ import annotations
 
+import atexit
 import math
 import os
+import threading
 import time
+import weakref
 from collections.abc import Iterable, Iterator, Mapping
+from contextlib import suppress
 from dataclasses import replace
 from itertools import accumulate
 from pathlib import Path
@@ -200,10 +204,15 @@ class LazyStateDict(Mapping[str, LazyTensor]):
         self._stats = RuntimeStats()
         self._cache = TensorCache(parse_size(budget), self._stats)
         self._pool = decode_pool(workers or min(8, os.cpu_count() or 1))
-        self._owner_pid = os.getpid()
         self._lease = lease
         self._tensors = {name: LazyTensor(self, entry) for name, entry in snapshot.tensors.items()}
         self._prefetcher = LayerPrefetcher(self, prefetch) if prefetch else None
+        # Registered last, once nothing here can fail (`open` releases on failure). The pin must not
+        # outlive this object: close() releases it, and a reader never closed releases it when it
+        # is collected or the interpreter exits; a stale lease would keep its snapshot from gc until
+        # a sweep of dead processes' leases. The callback holds the store, never `self`.
+        self._release = weakref.finalize(self, _release_unclosed, repo, lease, os.getpid())
+        _watch_for_exit()
 
     # Mapping -----------------------------------------------------------------------------------------
 
@@ -236,16 +245,21 @@ class LazyStateDict(Mapping[str, LazyTensor]):
         if self._prefetcher:
             self._prefetcher.wait()
 
+    @property
+    def closed(self) -> bool:
+        """Whether `close()` ran (or the pin was released otherwise): the store is no longer read."""
+        return not self._release.alive
+
     def close(self) -> None:
         """Stop prefetching, unpin the snapshot and close the store; tensors already returned stay
-        valid. In a forked child the pin stays: it is the parent's. The decode threads are the
-        process's (`decode_pool`) and stay for the next open."""
+        valid, and closing twice is harmless. In a forked child the pin stays: it is the parent's.
+        The decode threads are the process's (`decode_pool`) and stay for the next open."""
         if self._prefetcher:
             self._prefetcher.close()
-        if os.getpid() == self._owner_pid:
-            self.repo.unpin(self._lease)
+        pending = self._release.detach()  # None once released: close() twice, or after exit began
         self._lease = None
-        self.repo.close()
+        if pending is not None:
+            _release(*pending[2])
 
     def __enter__(self) -> LazyStateDict:
         return self
@@ -373,6 +387,59 @@ class LazyStateDict(Mapping[str, LazyTensor]):
             self._stats.bytes_decoded += sum(buffer.numel() for buffer in decoded)
             self._stats.decode_seconds += time.perf_counter() - started
         return decoded
+
+
+def _release(repo: Repository, lease: bytes | None, owner_pid: int) -> None:
+    """Unpin a reader's snapshot and close its store, in the process that pinned it only: a forked
+    child inherits the parent's objects, and its exit must not drop the parent's pin."""
+    if os.getpid() != owner_pid:
+        return
+    try:
+        repo.unpin(lease)
+    finally:
+        repo.close()
+
+
+def _release_quietly(repo: Repository, lease: bytes | None, owner_pid: int) -> None:
+    """`_release` for a reader nobody closed: nothing is left to report to, and a lease that cannot
+    be removed now is a dead process's once this one exits, which the next gc sweeps."""
+    with suppress(Exception):
+        _release(repo, lease, owner_pid)
+
+
+_exiting = False
+_watching_for_exit = False
+
+
+def _note_exit() -> None:
+    global _exiting
+    _exiting = True
+
+
+def _watch_for_exit() -> None:
+    """Note when the interpreter starts exiting, before weakref runs its finalizers at exit: this
+    registers after weakref's own exit hook (which the first `weakref.finalize` registered), and
+    exit hooks run last-registered first."""
+    global _watching_for_exit
+    if not _watching_for_exit:
+        atexit.register(_note_exit)
+        _watching_for_exit = True
+
+
+def _release_unclosed(repo: Repository, lease: bytes | None, owner_pid: int) -> None:
+    """A reader nobody closed is released here: at exit, right away; when it is garbage collected,
+    on a thread of its own, because collection can run inside one of this thread's store write
+    transactions (anything that allocates can trigger it), where another write would wait for itself.
+    The thread is not a daemon, so the interpreter finishes it before it exits."""
+    if os.getpid() != owner_pid:
+        return
+    if not _exiting:
+        args = (repo, lease, owner_pid)
+        thread = threading.Thread(target=_release_quietly, args=args, name="blockstore-unpin")
+        with suppress(RuntimeError):  # no new threads once the interpreter is shutting down
+            thread.start()
+            return
+    _release_quietly(repo, lease, owner_pid)
 
 
 def open(

@@ -20,10 +20,11 @@ between forwards, which breaks `model.device`, `generate()` and weights shared a
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -156,22 +157,52 @@ def _is_transformers_class(model: Any) -> bool:
     return isinstance(model, type) and hasattr(model, "config_class") and hasattr(model, "base_model_prefix")
 
 
-def _construct(model: Any, config: Any, state: LazyStateDict | None) -> nn.Module:
-    """Build the model skeleton: transformers from a config (or a class + config), or any callable."""
+def _construct(model: Any, config: Any, state: LazyStateDict | None, stored: Mapping[str, Any]) -> nn.Module:
+    """Build the model skeleton (parameters on `meta`): transformers from a config (or a class +
+    config), or any callable. `stored` holds the stored tensors' names, which pick the head when the
+    config names no architecture."""
     is_config = type(model).__name__.endswith("Config") and hasattr(model, "to_dict")
     if model is None or is_config or _is_transformers_class(model):
         transformers = _transformers()
         hf_config = _transformers_config(model if is_config else config, state)
         if _is_transformers_class(model):
-            built = model(hf_config)
-        else:
-            architectures = getattr(hf_config, "architectures", None) or []
-            cls = getattr(transformers, architectures[0], None) if architectures else None
-            built = cls(hf_config) if cls is not None else transformers.AutoModel.from_config(hf_config)
-        return built
+            return _on_meta(lambda: model(hf_config))
+        architectures = getattr(hf_config, "architectures", None) or []
+        cls = getattr(transformers, architectures[0], None) if architectures else None
+        if cls is not None:
+            return _on_meta(lambda: cls(hf_config))
+        return _implied_by_tensors(transformers, hf_config, stored)
     if not callable(model):
         raise InvalidArgument(f"model {model!r} is neither a config, a module class nor a factory")
-    return model(config) if config is not None else model()
+    return _on_meta(lambda: model(config) if config is not None else model())
+
+
+def _implied_by_tensors(transformers: Any, hf_config: Any, stored: Mapping[str, Any]) -> nn.Module:
+    """The model for a config that names no architecture (SmolLM2's config.json names none): the
+    causal-LM class when the stored tensors give it everything, its head included (an `lm_head`
+    stored, or tied to the stored embeddings); else the bare model, which has no head to lose.
+    A stored `lm_head.weight` that no causal-LM class takes is refused: building the bare model
+    would silently drop the head and return no logits."""
+    try:
+        causal = _on_meta(lambda: transformers.AutoModelForCausalLM.from_config(hf_config))
+    except ValueError:  # this model type has no causal-LM class
+        causal = None
+    if causal is not None:
+        _tie(causal)
+        if not _unstored_parameters(causal, stored):
+            return causal
+    if "lm_head.weight" in stored:
+        raise InvalidArgument(
+            f"config.json names no architectures and no causal-LM class of model_type "
+            f"{hf_config.model_type!r} matches the stored tensors: pass model= (a transformers class)"
+        )
+    return _on_meta(lambda: transformers.AutoModel.from_config(hf_config))
+
+
+def _on_meta(build: Callable[[], nn.Module]) -> nn.Module:
+    """`build()` with its parameters on `meta` (no memory) and its own buffers real."""
+    with _empty_weights():
+        return build()
 
 
 def _empty_weights() -> Any:
@@ -206,6 +237,17 @@ def _model_tensors(model: nn.Module) -> dict[int, list[tuple[str, nn.Module, str
             if buffer is not None and attr not in module._non_persistent_buffers_set:
                 groups.setdefault(id(buffer), []).append((prefix + attr, module, attr, False))
     return groups
+
+
+def _unstored_parameters(model: nn.Module, stored: Mapping[str, Any]) -> list[str]:
+    """The model's parameters (one name per tied group) that `stored` holds under no name."""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    return [
+        group[0][0]
+        for group in _model_tensors(model).values()
+        if any(is_param for *_, is_param in group)
+        and not any(_stored_name(name, stored, prefix) for name, *_ in group)
+    ]
 
 
 def bind(model: nn.Module, state: LazyStateDict) -> list[str]:
@@ -247,12 +289,6 @@ def bind(model: nn.Module, state: LazyStateDict) -> list[str]:
     return sorted(set(state) - used)
 
 
-def _skeleton(model: Any, config: Any, state: LazyStateDict | None) -> nn.Module:
-    """The model with parameters on `meta` and its own buffers real, not yet tied."""
-    with _empty_weights():
-        return _construct(model, config, state)
-
-
 def _tie(module: nn.Module) -> None:
     if hasattr(module, "tie_weights"):
         # transformers ties lm_head to the embeddings when loading, not when constructing; and
@@ -263,7 +299,7 @@ def _tie(module: nn.Module) -> None:
 def eager_model(tensors: Mapping[str, torch.Tensor], model: Any = None, *, config: Any = None) -> nn.Module:
     """The same kind of model as `load_model` builds, with `tensors` assigned (no copy): the eager
     reference that drift checks and benchmarks compare against."""
-    module = _skeleton(model, config, None)
+    module = _construct(model, config, None, tensors)
     prefix = getattr(module, "base_model_prefix", "") or ""
     wanted = [*(name for name, _ in module.named_parameters()), *module.state_dict()]
     found = {name: stored for name in wanted if (stored := _stored_name(name, tensors, prefix))}
@@ -293,12 +329,18 @@ def load_model(
 
     `model`: None (a transformers model from the snapshot's config.json or `config`), a transformers
     config, a transformers model class, or any class/factory building an `nn.Module` (called with
-    `config` when given). The returned module is in eval mode; `model.blockstore` is its
-    `LazyStateDict` (for `stats()` and `close()`). `store` and `cache` are as for `open`.
+    `config` when given; a config that names no `architectures` gets the causal-LM class when the
+    stored tensors include its head, an `lm_head` or tied embeddings). The returned module is in
+    eval mode; `model.blockstore` is its `LazyStateDict` (for `stats()`). `store` and `cache` are as
+    for `open`.
+
+    The model pins its snapshot against `gc` until `close(model)` (or the end of a
+    `with closing(model):` block); one never closed is unpinned when it is garbage collected or the
+    process exits.
     """
     state = open(store, ref, device=device, budget=budget, prefetch=prefetch, workers=workers, cache=cache)
     try:
-        module = _skeleton(model, config, state)
+        module = _construct(model, config, state, state)
         _tie(module)
         unused = bind(module, state)
     except BaseException:
@@ -308,3 +350,25 @@ def load_model(
     module.blockstore = state
     module.blockstore_unused = unused
     return module
+
+
+def close(target: nn.Module | LazyStateDict) -> None:
+    """Release what `load_model` (or `open`) holds: the snapshot's pin against gc and the store.
+    Weights already materialized stay usable; a weight first touched after this raises. Closing
+    twice is harmless."""
+    state = target if isinstance(target, LazyStateDict) else getattr(target, "blockstore", None)
+    if not isinstance(state, LazyStateDict):
+        raise InvalidArgument(f"{type(target).__name__} was not loaded by blockstore.runtime.load_model")
+    state.close()
+
+
+_Loaded = TypeVar("_Loaded", bound="nn.Module | LazyStateDict")
+
+
+@contextmanager
+def closing(target: _Loaded) -> Iterator[_Loaded]:
+    """`with closing(load_model(store)) as model:` — the model, closed (`close`) when the block ends."""
+    try:
+        yield target
+    finally:
+        close(target)
