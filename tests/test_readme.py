@@ -27,7 +27,6 @@ from pathlib import Path
 
 import pytest
 
-import blockstore
 from blockstore.core.policy import load_policy
 
 from .s3servers import CREDENTIALS, create_bucket
@@ -117,11 +116,6 @@ def test_readme_shell_snippets_run(model_dir: Path, request: pytest.FixtureReque
     assert_exports_identical(model_dir)
 
 
-@pytest.mark.xfail(
-    not hasattr(blockstore, "open"),
-    reason="the public front (blockstore.open, ...) is not built yet",
-    strict=False,
-)
 def test_readme_python_snippets_run(model_dir: Path) -> None:
     blocks = readme_blocks("python")
     assert blocks
