@@ -19,6 +19,7 @@ from blockstore.ops.pack import pack
 from blockstore.ops.verify import verify
 from blockstore.patches.bundle import BundleChunk, read_bundle, read_key, write_bundle
 from blockstore.repo import Repository
+from blockstore.storage.lmdb import short_id
 
 from .helpers import assert_one_line_error, cli, random_tensor, sha256, write_safetensors
 
@@ -285,7 +286,7 @@ def test_gc_deletes_nothing_if_a_reader_pins_a_doomed_snapshot_meanwhile(
             plain_collect(store_self, snapshot_ids, chunk_keys, fingerprint)
 
         monkeypatch.setattr(type(repo.store), "collect", reader_pins_first)
-        with pytest.raises(WriterActive, match=f"reader of {applied.hex()[:12]}"):
+        with pytest.raises(WriterActive, match=f"reader of {short_id(applied)}"):
             gc(repo, keep=0)
         assert repo.store.get_snapshot_bytes(applied) is not None
         monkeypatch.undo()
