@@ -94,6 +94,26 @@ def test_one_tensor_bundle_is_close_to_that_tensors_compressed_size(
     assert result.bundle_bytes <= tensor_stored * 1.05 + 64 * 1024
 
 
+def test_diff_from_a_file_says_which_snapshot_it_stored(tmp_path: Path) -> None:
+    old = write_safetensors(tmp_path / "old.safetensors", {"a": random_tensor("F32", (64, 64), 1)})
+    new = write_safetensors(tmp_path / "new.safetensors", {"a": random_tensor("F32", (64, 64), 2)})
+    with Repository.init(tmp_path / "store", chunk_size=4096) as repo:
+        pack(repo, [new])
+        by_ref = patches.diff(repo, "main", "main", tmp_path / "none.bsp")
+        assert by_ref.notes == [] and by_ref.to_json()["notes"] == []
+
+        result = patches.diff(repo, str(old), "main", tmp_path / "update.bsp")
+        [note] = result.notes
+        assert note == (
+            f"packed {old} into the store as snapshot {short_id(result.base)} "
+            "(no ref points at it, so the next gc removes it)"
+        )
+        assert result.to_json()["notes"] == [note] and result.to_json()["base"] == result.base.hex()
+        assert repo.has_snapshot(result.base) and result.base not in repo.refs().values()
+        assert gc(repo).deleted_snapshots == (result.base.hex(),)  # as the note says
+        assert not repo.has_snapshot(result.base)
+
+
 # --- refusals ----------------------------------------------------------------------------------------
 
 
