@@ -3,9 +3,8 @@
 Opening reads the snapshot alone. `materialize()` decodes a tensor's chunks in parallel (one zstd
 context per thread, see `blockstore.codecs.lossless`) through `Repository.decode_chunk_into`, straight
 from the store's copy into one preallocated buffer — pinned when the target is a GPU, so the
-host→device copy is asynchronous. Row lookups on a static table decode only
-the chunks that hold those rows (chunk boundaries fall on whole rows), which is what an embedding
-lookup needs.
+host→device copy is asynchronous. Row lookups on a static table decode only the chunks that hold
+those rows (chunk boundaries fall on whole rows), which is what an embedding lookup needs.
 
 Integrity: every chunk is checked against its xxh3-128 key as it is decoded, and the keys come from
 a snapshot checked against its blake2b id; the whole-tensor blake2b digest is left to `verify` and
