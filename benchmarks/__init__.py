@@ -1,1 +1,1 @@
-"""Benchmarks, evidence packs and the regression gate (docs/design.md §9)."""
+"""Benchmarks, evidence packs and the regression gate."""

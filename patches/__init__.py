@@ -1,9 +1,15 @@
 """Patch bundles: ship a model update as only the chunks a store lacks, apply it, roll it back.
 
+from pathlib import Path
+
 from blockstore import patches
-patches.diff(repo, "v1", "v2", Path("update.bsp"))
-patches.apply(other_repo, Path("update.bsp"))
-patches.rollback(other_repo)
+from blockstore.repo import Repository
+
+with Repository.open("store") as repo:  # where tag v1 is the version the other store holds
+    patches.diff(repo, "v1", "main", Path("update.bsp"))
+with Repository.open("other-store") as other:
+    patches.apply(other, Path("update.bsp"))  # main: v1 -> the new version
+    patches.rollback(other)  # and back
 """
 
 from .apply import ApplyResult, apply

@@ -21,10 +21,9 @@ from blockstore.core.hashing import ChunkKey, digest, new_digest
 from blockstore.core.manifests import ChunkRef, ManifestError, Snapshot, SnapshotId
 from blockstore.errors import BlockstoreError, BundleRejected, WrongBase
 from blockstore.repo import DEFAULT_REF, Repository, check_ref_name
+from blockstore.storage.lmdb import short_id
 
 from .bundle import Bundle, BundleChunk, read_bundle
-
-_BATCH_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -34,6 +33,15 @@ class ApplyResult:
     new: SnapshotId
     chunks_added: int
     bytes_added: int
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "ref": self.ref,
+            "old": self.old.hex() if self.old else None,
+            "new": self.new.hex(),
+            "chunks_added": self.chunks_added,
+            "bytes_added": self.bytes_added,
+        }
 
 
 def _check_base(
@@ -45,14 +53,10 @@ def _check_base(
         return
     if current is not None and bundle.base_content == repo.snapshot(current).content_id:
         return
-    if force_base and bundle.base is not None and repo.store.get_snapshot_bytes(bundle.base) is not None:
+    if force_base and bundle.base is not None and repo.has_snapshot(bundle.base):
         return
-    raise WrongBase(
-        bundle.path.name,
-        bundle.base.hex()[:12] if bundle.base else "(none)",
-        ref,
-        current.hex()[:12] if current else "(nothing)",
-    )
+    base = short_id(bundle.base) if bundle.base else "(none)"
+    raise WrongBase(bundle.path.name, base, ref, short_id(current))
 
 
 def _verified_shipment(repo: Repository, bundle: Bundle, target: Snapshot) -> list[BundleChunk]:
@@ -60,7 +64,7 @@ def _verified_shipment(repo: Repository, bundle: Bundle, target: Snapshot) -> li
     chunks the store lacks. Raises BundleRejected naming the first problem."""
     shipped = {chunk.key: chunk for chunk in bundle.chunks}
     needed = target.chunk_keys()
-    present = repo.store.contains(needed | shipped.keys())
+    present = repo.has_chunks(needed | shipped.keys())
     absent = needed - shipped.keys() - present
     if absent:
         raise BundleRejected(
@@ -94,11 +98,11 @@ def _decoded(
 ) -> bytearray:
     """A target chunk's raw bytes, from the bundle if shipped, else from the store."""
     if chunk.key not in shipped:
-        return decode_chunk(chunk.key, repo.store.get(chunk.key), chunk.raw_len)
+        return repo.read_chunk(chunk)
     handle.seek(shipped[chunk.key].offset)
     raw = decode_chunk(chunk.key, handle.read(shipped[chunk.key].stored_len), chunk.raw_len)
     if chunk.key in present:
-        held = decode_chunk(chunk.key, repo.store.get(chunk.key), chunk.raw_len)
+        held = repo.read_chunk(chunk)
         if digest(held) != digest(raw):
             raise BundleRejected(
                 bundle.path, f"chunk {chunk.key.hex()} collides with a stored chunk of other bytes"
@@ -106,20 +110,10 @@ def _decoded(
     return raw
 
 
-def _batches(bundle: Bundle, chunks: list[BundleChunk]) -> Iterator[list[tuple[ChunkKey, bytes]]]:
-    """(key, stored value) of `chunks` read from the bundle, in batches of bounded size."""
-    batch: list[tuple[ChunkKey, bytes]] = []
-    batch_bytes = 0
+def _shipped_values(bundle: Bundle, chunks: list[BundleChunk]) -> Iterator[tuple[ChunkKey, bytes]]:
+    """(key, stored value) of `chunks`, read from the bundle in file order."""
     wanted = {chunk.key for chunk in chunks}
-    for chunk, value in bundle.chunk_values():
-        if chunk.key not in wanted:
-            continue
-        batch.append((chunk.key, value))
-        batch_bytes += len(value)
-        if batch_bytes >= _BATCH_BYTES:
-            yield batch
-            batch, batch_bytes = [], 0
-    yield batch
+    return ((chunk.key, value) for chunk, value in bundle.chunk_values() if chunk.key in wanted)
 
 
 def apply(
@@ -133,7 +127,7 @@ def apply(
     """Apply a bundle to `ref`; raises (and changes nothing readable) unless every check passes."""
     check_ref_name(ref)
     bundle = read_bundle(bundle_path, key)
-    current = repo.store.get_ref(ref)
+    current = repo.ref(ref)
     if current == bundle.target:  # applied already (e.g. re-run after a crash): nothing to do
         return ApplyResult(ref, current, bundle.target, 0, 0)
     _check_base(repo, bundle, ref, current, force_base)
@@ -143,7 +137,7 @@ def apply(
         raise BundleRejected(bundle_path, f"target snapshot: {exc}") from None
     with repo.writer_lease():
         new_chunks = _verified_shipment(repo, bundle, target)
-        added = sum(repo.store.put_batch(batch) for batch in _batches(bundle, new_chunks))
-        repo.store.put_snapshot(bundle.target, bundle.snapshot)
-        repo.store.move_ref(ref, bundle.target, current, "apply", target.message)
+        added = repo.put_chunks(_shipped_values(bundle, new_chunks))
+        repo.store_snapshot_bytes(bundle.snapshot)  # read_bundle checked it hashes to bundle.target
+        repo.move_ref(ref, bundle.target, current, "apply", target.message)
     return ApplyResult(ref, current, bundle.target, len(new_chunks), added)

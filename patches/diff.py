@@ -2,17 +2,20 @@
 
 It ships only the chunks OLD's snapshot does not reference, plus NEW's snapshot record. OLD and NEW
 may be refs, snapshot ids (unique prefixes accepted) or safetensors files/model directories, which
-are packed into the store on the fly (no ref moves).
+are packed into the store on the fly as snapshots no ref points at (no ref moves); the result's
+notes say which snapshot each became, since it stays in the store until a gc removes it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from blockstore.core.manifests import Snapshot, SnapshotId
+from blockstore.ops.gc import reachable_snapshots
 from blockstore.ops.pack import pack
 from blockstore.repo import Repository
+from blockstore.storage.lmdb import short_id
 
 from .bundle import BundleChunk, write_bundle
 
@@ -37,6 +40,22 @@ class DiffResult:
     bundle_bytes: int
     model_stored_bytes: int
     model_raw_bytes: int
+    notes: list[str] = field(default_factory=list)
+    """What the user should be told: a file given as OLD or NEW was packed into the store."""
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "base": self.base.hex(),
+            "target": self.target.hex(),
+            "changed": list(self.changes.changed),
+            "added": list(self.changes.added),
+            "removed": list(self.changes.removed),
+            "chunks_shipped": self.chunks_shipped,
+            "bundle_bytes": self.bundle_bytes,
+            "model_stored_bytes": self.model_stored_bytes,
+            "model_raw_bytes": self.model_raw_bytes,
+            "notes": list(self.notes),
+        }
 
 
 def tensor_changes(old: Snapshot, new: Snapshot) -> TensorChanges:
@@ -54,17 +73,27 @@ def tensor_changes(old: Snapshot, new: Snapshot) -> TensorChanges:
     )
 
 
-def resolve_version(repo: Repository, spec: str) -> SnapshotId:
-    """A ref, an id (prefix), or a path to a model that is packed on the fly."""
+def resolve_version(repo: Repository, spec: str, notes: list[str] | None = None) -> SnapshotId:
+    """A ref, an id (prefix), or a path to a model that is packed on the fly. Packing stores a
+    snapshot the user never asked for, so it appends a line to `notes` naming that snapshot."""
     path = Path(spec)
-    if path.suffix == ".safetensors" or path.is_dir():
-        return pack(repo, [path], ref=None, message=f"packed by diff from {path.name}").snapshot_id
-    return repo.resolve(spec)
+    if not (path.suffix == ".safetensors" or path.is_dir()):
+        return repo.resolve(spec)
+    snapshot_id = pack(repo, [path], ref=None, message=f"packed by diff from {path.name}").snapshot_id
+    if notes is not None:
+        fate = (
+            "it stays while a ref or reader reaches it"
+            if snapshot_id in reachable_snapshots(repo, None)
+            else "no ref points at it, so the next gc removes it"
+        )
+        notes.append(f"packed {path} into the store as snapshot {short_id(snapshot_id)} ({fate})")
+    return snapshot_id
 
 
 def diff(repo: Repository, old: str, new: str, out: Path, *, key: bytes | None = None) -> DiffResult:
     """Write the bundle that upgrades OLD to NEW; returns what it holds."""
-    base_id, target_id = resolve_version(repo, old), resolve_version(repo, new)
+    notes: list[str] = []
+    base_id, target_id = resolve_version(repo, old, notes), resolve_version(repo, new, notes)
     base, target = repo.snapshot(base_id), repo.snapshot(target_id)
     have = base.chunk_keys()
     shipped: dict[bytes, BundleChunk] = {}
@@ -72,8 +101,9 @@ def diff(repo: Repository, old: str, new: str, out: Path, *, key: bytes | None =
         for chunk in entry.chunks:
             if chunk.key not in have and chunk.key not in shipped:
                 shipped[chunk.key] = BundleChunk(chunk.key, chunk.raw_len, chunk.stored_len)
-    values = ((chunk, repo.store.get(chunk.key)) for chunk in shipped.values())
-    snapshot_bytes = repo.store.get_snapshot_bytes(target_id) or b""  # repo.snapshot checked it exists
+    # Stored values go out unchecked: `apply` decodes and checks every one before it writes.
+    values = zip(shipped.values(), repo.stored_values(shipped), strict=True)
+    snapshot_bytes = repo.snapshot_bytes(target_id)
     size = write_bundle(out, base_id, base.content_id, target_id, snapshot_bytes, values, key)
     return DiffResult(
         base=base_id,
@@ -83,4 +113,5 @@ def diff(repo: Repository, old: str, new: str, out: Path, *, key: bytes | None =
         bundle_bytes=size,
         model_stored_bytes=target.stored_bytes,
         model_raw_bytes=target.nbytes,
+        notes=notes,
     )

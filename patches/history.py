@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime, timezone
 
 from blockstore.core.manifests import SnapshotId
-from blockstore.errors import BlockstoreError, RefNotFound
+from blockstore.errors import BlockstoreError
 from blockstore.repo import Repository
 
 from .diff import tensor_changes
@@ -23,13 +24,22 @@ class LogEntry:
     tensors_changed: int | None
     """None when one side's snapshot is gone (collected by gc)."""
 
+    def to_json(self) -> dict[str, object]:
+        moved = datetime.fromtimestamp(self.time_ns / 1e9, tz=timezone.utc)
+        return {
+            "time": moved.isoformat(timespec="seconds"),
+            "old": self.old.hex() if self.old else None,
+            "new": self.new.hex(),
+            "op": self.op,
+            "message": self.message,
+            "tensors_changed": self.tensors_changed,
+        }
+
 
 def log(repo: Repository, ref: str) -> list[LogEntry]:
     """Every move of `ref`, oldest first, with how many tensors each move changed."""
-    if repo.store.get_ref(ref) is None:
-        raise RefNotFound(ref, repo.path)
     entries = []
-    for entry in repo.store.reflog(ref):
+    for entry in repo.log(ref):  # raises RefNotFound for a ref that does not exist
         try:
             new = repo.snapshot(entry.new)
             changed = (
@@ -48,7 +58,7 @@ def version_stack(repo: Repository, ref: str) -> list[SnapshotId]:
     step twice goes back two versions instead of undoing the first rollback.
     """
     stack: list[SnapshotId] = []
-    for entry in repo.store.reflog(ref):
+    for entry in repo.log(ref):
         if entry.op == ROLLBACK and entry.new in stack:
             del stack[stack.index(entry.new) + 1 :]
         else:

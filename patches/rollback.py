@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from blockstore.core.manifests import SnapshotId
 from blockstore.errors import InvalidArgument, RefNotFound
 from blockstore.repo import DEFAULT_REF, Repository, check_ref_name
+from blockstore.storage.lmdb import short_id
 
 from .history import ROLLBACK, version_stack
 
@@ -17,13 +18,16 @@ class RollbackResult:
     old: SnapshotId
     new: SnapshotId
 
+    def to_json(self) -> dict[str, object]:
+        return {"ref": self.ref, "old": self.old.hex(), "new": self.new.hex()}
+
 
 def rollback(
     repo: Repository, *, ref: str = DEFAULT_REF, to: str | None = None, steps: int = 1
 ) -> RollbackResult:
     """Point `ref` at `to` (a ref or id), or `steps` versions back along its history."""
     check_ref_name(ref)
-    current = repo.store.get_ref(ref)
+    current = repo.ref(ref)
     if current is None:
         raise RefNotFound(ref, repo.path)
     if to is not None:
@@ -40,7 +44,6 @@ def rollback(
     snapshot = repo.snapshot(target)  # refuse a target gc already collected
     if target == current:  # there already (e.g. `--to X` re-run after a crash): no reflog entry
         return RollbackResult(ref, current, target)
-    repo.store.move_ref(
-        ref, target, current, ROLLBACK, f"rollback to {target.hex()[:12]} {snapshot.message}".strip()
-    )
+    message = f"rollback to {short_id(target)} {snapshot.message}".strip()
+    repo.move_ref(ref, target, current, ROLLBACK, message)
     return RollbackResult(ref, current, target)

@@ -1,4 +1,4 @@
-"""End-to-end drift of a packed model against its original weights (docs/design.md §5).
+"""End-to-end drift of a packed model against its original weights: what `check-drift` gates on.
 
 The packed model (loaded lazily) and the original (the same architecture with the reference
 weights) run the same fixed inputs. Encoders are compared by the cosine similarity of mean-pooled

@@ -1,10 +1,10 @@
 """`LazyStateDict` and `LazyTensor`: a snapshot's tensors, decoded only when touched.
 
 Opening reads the snapshot alone. `materialize()` decodes a tensor's chunks in parallel (one zstd
-context per thread, see `blockstore.codecs.lossless`) straight into one preallocated buffer — pinned when the
-target is a GPU, so the host→device copy is asynchronous. Row lookups on a static table decode only
-the chunks that hold those rows (chunk boundaries fall on whole rows), which is what an embedding
-lookup needs.
+context per thread, see `blockstore.codecs.lossless`) through `Repository.decode_chunk_into`, straight
+from the store's copy into one preallocated buffer — pinned when the target is a GPU, so the
+host→device copy is asynchronous. Row lookups on a static table decode only the chunks that hold
+those rows (chunk boundaries fall on whole rows), which is what an embedding lookup needs.
 
 Integrity: every chunk is checked against its xxh3-128 key as it is decoded, and the keys come from
 a snapshot checked against its blake2b id; the whole-tensor blake2b digest is left to `verify` and
@@ -28,13 +28,13 @@ from typing import Any
 
 import torch
 
-from blockstore.core.chunks import decode_chunk_into
 from blockstore.core.dtypes import nbytes_of
-from blockstore.core.manifests import ChunkRef, Snapshot, SnapshotId, TensorEntry
+from blockstore.core.manifests import Snapshot, SnapshotId, TensorEntry
 from blockstore.core.policy import STATIC
-from blockstore.errors import ChunkCorrupt, ChunkMissing, InvalidArgument, TensorCorrupt, UnsupportedInput
+from blockstore.errors import InvalidArgument, UnsupportedInput
 from blockstore.repo import DEFAULT_REF, Repository
 from blockstore.sizes import parse_size
+from blockstore.storage.lmdb import short_id
 
 from .cache import RuntimeStats, TensorCache
 from .prefetch import LayerPrefetcher
@@ -220,7 +220,7 @@ class LazyStateDict(Mapping[str, LazyTensor]):
         try:
             return self._tensors[name]
         except KeyError:
-            raise KeyError(f"tensor {name!r} is not in snapshot {self.snapshot_id.hex()[:12]}") from None
+            raise KeyError(f"tensor {name!r} is not in snapshot {short_id(self.snapshot_id)}") from None
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._tensors)
@@ -350,30 +350,22 @@ class LazyStateDict(Mapping[str, LazyTensor]):
         A buffer filled by one chunk (most tensors) is allocated by the thread that decodes it, so
         allocation overlaps decoding instead of running ahead of it on the caller's thread."""
         buffers: list[torch.Tensor | None] = []
-        jobs: list[tuple[int, TensorEntry, ChunkRef, int]] = []
+        jobs: list[tuple[int, TensorEntry, int, int, int]] = []  # slot, entry, chunk index, offset, length
         for slot, (entry, indices) in enumerate(wanted):
             offsets = [0, *accumulate(entry.chunks[i].raw_len for i in indices)]
             shared = len(indices) > 1  # by several chunks; an empty tensor's stays None, no job fills it
             buffers.append(torch.empty(offsets[-1], dtype=torch.uint8, pin_memory=pinned) if shared else None)
-            jobs += [(slot, entry, entry.chunks[i], offsets[n]) for n, i in enumerate(indices)]
-        jobs.sort(key=lambda job: job[2].raw_len, reverse=True)
+            jobs += [(slot, entry, i, offsets[n], entry.chunks[i].raw_len) for n, i in enumerate(indices)]
+        jobs.sort(key=lambda job: job[4], reverse=True)
         stored: list[int] = []
 
-        def decode_one(job: tuple[int, TensorEntry, ChunkRef, int]) -> None:
-            slot, entry, chunk, start = job
+        def decode_one(job: tuple[int, TensorEntry, int, int, int]) -> None:
+            slot, entry, index, start, length = job
             buffer = buffers[slot]
             if buffer is None:  # this chunk is the whole buffer: no other job touches the slot
-                buffer = buffers[slot] = torch.empty(chunk.raw_len, dtype=torch.uint8, pin_memory=pinned)
-            target = memoryview(buffer.numpy())[start : start + chunk.raw_len]
-
-            def decode(value: bytes | memoryview) -> None:
-                decode_chunk_into(chunk.key, value, target)
-                stored.append(len(value))
-
-            try:
-                self.repo.store.with_value(chunk.key, decode)
-            except (ChunkCorrupt, ChunkMissing) as exc:
-                raise TensorCorrupt(entry.name, self.snapshot_id.hex()[:12], exc) from None
+                buffer = buffers[slot] = torch.empty(length, dtype=torch.uint8, pin_memory=pinned)
+            target = memoryview(buffer.numpy())[start : start + length]
+            stored.append(self.repo.decode_chunk_into(self.snapshot_id, entry, index, target))
 
         started = time.perf_counter()
         run_shared(self._pool, jobs, decode_one)

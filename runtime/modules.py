@@ -33,6 +33,7 @@ from torch.utils._pytree import tree_map_only
 from blockstore.core.policy import STATIC
 from blockstore.errors import InvalidArgument, UnsupportedInput
 from blockstore.repo import DEFAULT_REF
+from blockstore.storage.lmdb import short_id
 
 from .lazy import LazyStateDict, LazyTensor, open
 
@@ -118,9 +119,9 @@ def _config_values(config: Any, state: LazyStateDict | None) -> tuple[dict[str, 
         return dict(config), "config"
     if config is None:
         if state is None or state.config is None:
-            where = f"snapshot {state.snapshot_id.hex()[:12]}" if state else "the model"
+            where = f"snapshot {short_id(state.snapshot_id)}" if state else "the model"
             raise InvalidArgument(f"{where} has no config.json: pass config= or model=")
-        text, origin = state.config, f"config.json of snapshot {state.snapshot_id.hex()[:12]}"
+        text, origin = state.config, f"config.json of snapshot {short_id(state.snapshot_id)}"
     elif isinstance(config, (str, Path)):
         origin = str(config)
         try:
@@ -280,7 +281,7 @@ def bind(model: nn.Module, state: LazyStateDict) -> list[str]:
         shown = ", ".join(repr(name) for name in missing[:3])
         raise InvalidArgument(
             f"{len(missing)} parameter(s) of {type(model).__name__} are not in snapshot "
-            f"{state.snapshot_id.hex()[:12]}: {shown}{' ...' if len(missing) > 3 else ''}"
+            f"{short_id(state.snapshot_id)}: {shown}{' ...' if len(missing) > 3 else ''}"
         )
     for module in model.modules():  # buffers the model computed itself (rotary inv_freq, position_ids)
         for attr, buffer in module._buffers.items():

@@ -19,6 +19,7 @@ from blockstore.ops.pack import pack
 from blockstore.ops.verify import verify
 from blockstore.patches.bundle import BundleChunk, read_bundle, read_key, write_bundle
 from blockstore.repo import Repository
+from blockstore.storage.lmdb import short_id
 
 from .helpers import assert_one_line_error, cli, random_tensor, sha256, write_safetensors
 
@@ -91,6 +92,26 @@ def test_one_tensor_bundle_is_close_to_that_tensors_compressed_size(
         tensor_stored = repo.snapshot(result.target).tensors[MLP].stored_bytes
     assert result.changes.changed == (MLP,) and not result.changes.added and not result.changes.removed
     assert result.bundle_bytes <= tensor_stored * 1.05 + 64 * 1024
+
+
+def test_diff_from_a_file_says_which_snapshot_it_stored(tmp_path: Path) -> None:
+    old = write_safetensors(tmp_path / "old.safetensors", {"a": random_tensor("F32", (64, 64), 1)})
+    new = write_safetensors(tmp_path / "new.safetensors", {"a": random_tensor("F32", (64, 64), 2)})
+    with Repository.init(tmp_path / "store", chunk_size=4096) as repo:
+        pack(repo, [new])
+        by_ref = patches.diff(repo, "main", "main", tmp_path / "none.bsp")
+        assert by_ref.notes == [] and by_ref.to_json()["notes"] == []
+
+        result = patches.diff(repo, str(old), "main", tmp_path / "update.bsp")
+        [note] = result.notes
+        assert note == (
+            f"packed {old} into the store as snapshot {short_id(result.base)} "
+            "(no ref points at it, so the next gc removes it)"
+        )
+        assert result.to_json()["notes"] == [note] and result.to_json()["base"] == result.base.hex()
+        assert repo.has_snapshot(result.base) and result.base not in repo.refs().values()
+        assert gc(repo).deleted_snapshots == (result.base.hex(),)  # as the note says
+        assert not repo.has_snapshot(result.base)
 
 
 # --- refusals ----------------------------------------------------------------------------------------
@@ -285,7 +306,7 @@ def test_gc_deletes_nothing_if_a_reader_pins_a_doomed_snapshot_meanwhile(
             plain_collect(store_self, snapshot_ids, chunk_keys, fingerprint)
 
         monkeypatch.setattr(type(repo.store), "collect", reader_pins_first)
-        with pytest.raises(WriterActive, match=f"reader of {applied.hex()[:12]}"):
+        with pytest.raises(WriterActive, match=f"reader of {short_id(applied)}"):
             gc(repo, keep=0)
         assert repo.store.get_snapshot_bytes(applied) is not None
         monkeypatch.undo()

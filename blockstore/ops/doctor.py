@@ -23,6 +23,15 @@ class LeaseInfo:
     age_s: float
     stale: bool
 
+    def to_json(self) -> dict[str, object]:
+        return {
+            "role": self.role,
+            "pid": self.pid,
+            "host": self.host,
+            "age_s": self.age_s,
+            "stale": self.stale,
+        }
+
 
 @dataclass(frozen=True)
 class DoctorReport:
@@ -36,21 +45,34 @@ class DoctorReport:
     reclaimable: GcReport
     """What `gc` (keeping the whole reflog) would delete now."""
 
+    def to_json(self) -> dict[str, object]:
+        return {
+            "stale_readers_cleared": self.stale_readers_cleared,
+            "reader_slots": self.reader_slots,
+            "max_readers": self.max_readers,
+            "map_size": self.map_size,
+            "map_used": self.map_used,
+            "file_bytes": self.file_bytes,
+            "leases": [lease.to_json() for lease in self.leases],
+            "reclaimable": self.reclaimable.to_json(),
+        }
+
 
 def doctor(repo: Repository) -> DoctorReport:
-    store = repo.store
-    usage = store.usage()
+    """The store's operational health; reads only, and deletes nothing (gc runs as a dry run)."""
+    usage = repo.usage()
     now = time.time_ns()
     leases = tuple(
         LeaseInfo(lease.role, lease.pid, lease.host, (now - lease.time_ns) / 1e9, lease.stale)
-        for lease in store.leases()
+        for lease in repo.leases()
     )
     return DoctorReport(
-        stale_readers_cleared=store.stale_readers_cleared,
-        reader_slots=usage["reader_slots"],
-        max_readers=usage["max_readers"],
-        map_size=usage["map_size"],
-        map_used=usage["map_used"],
+        stale_readers_cleared=repo.stale_readers_cleared,
+        # A backend without a memory map or reader slots (an object store) reports none of them.
+        reader_slots=usage.get("reader_slots", 0),
+        max_readers=usage.get("max_readers", 0),
+        map_size=usage.get("map_size", 0),
+        map_used=usage.get("map_used", usage["file_bytes"]),
         file_bytes=usage["file_bytes"],
         leases=leases,
         reclaimable=gc(repo, dry_run=True),

@@ -11,13 +11,14 @@ import os
 import struct
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from blockstore.core.manifests import Snapshot, SnapshotId, SourceFile
 from blockstore.errors import InvalidArgument
 from blockstore.progress import Progress, Silent
 from blockstore.repo import Repository
+from blockstore.storage.lmdb import short_id
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,17 @@ class ExportResult:
     paths: tuple[Path, ...]
     bytes_written: int
     seconds: float
+    notes: list[str] = field(default_factory=list)
+    """What the user should be told, e.g. that a file-like target became a directory."""
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "snapshot": self.snapshot_id.hex(),
+            "paths": [str(path) for path in self.paths],
+            "bytes": self.bytes_written,
+            "seconds": round(self.seconds, 3),
+            "notes": list(self.notes),
+        }
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -77,10 +89,16 @@ def export(
     progress = progress or Silent()
     snapshot = repo.snapshot(snapshot_id)
     progress.start("export", snapshot.nbytes)
+    notes = []
     if len(snapshot.files) == 1 and not out.is_dir():
         targets = {snapshot.files[0]: out}
         extras: dict[str, bytes] = {}
     else:
+        if out.suffix == ".safetensors" and not out.is_dir():
+            notes.append(
+                f"snapshot {short_id(snapshot_id)} holds {len(snapshot.files)} files, "
+                f"so {out} is written as a directory holding them"
+            )
         out.mkdir(parents=True, exist_ok=True)
         targets = {source: out / source.name for source in snapshot.files}
         extras = dict(snapshot.extras)
@@ -90,4 +108,4 @@ def export(
     for name, blob in extras.items():
         written += write_atomically(out / name, [blob])
     paths = (*targets.values(), *(out / name for name in extras))
-    return ExportResult(snapshot_id, paths, written, time.perf_counter() - started)
+    return ExportResult(snapshot_id, paths, written, time.perf_counter() - started, notes)

@@ -24,14 +24,23 @@ class GcReport:
     freed_bytes: int
     dry_run: bool
 
+    def to_json(self) -> dict[str, object]:
+        return {
+            "kept_snapshots": self.kept_snapshots,
+            "deleted_snapshots": list(self.deleted_snapshots),
+            "deleted_chunks": self.deleted_chunks,
+            "freed_bytes": self.freed_bytes,
+            "dry_run": self.dry_run,
+        }
+
 
 def reachable_snapshots(repo: Repository, keep: int | None) -> set[SnapshotId]:
     """Every ref's target, the targets of its last `keep` reflog entries (all when None), and the
     snapshots live readers have pinned (a lazy model reading an old version keeps it)."""
-    refs = repo.store.refs()
-    roots = set(refs.values()) | repo.store.pinned_snapshots()
+    refs = repo.refs()
+    roots = set(refs.values()) | repo.pinned_snapshots()
     for ref in refs:
-        entries = repo.store.reflog(ref)
+        entries = repo.log(ref)
         kept = entries if keep is None else entries[-keep:] if keep > 0 else []
         roots.update(entry.new for entry in kept)
     return roots
@@ -41,15 +50,15 @@ def gc(repo: Repository, *, keep: int | None = None, dry_run: bool = False) -> G
     """Collect garbage; `keep` limits how many reflog positions per ref stay restorable."""
     if keep is not None and keep < 0:
         raise InvalidArgument(f"--keep must be 0 or more, got {keep}")
-    fingerprint = repo.store.roots_fingerprint()
-    existing = set(repo.store.snapshot_ids())
+    fingerprint = repo.roots_fingerprint()
+    existing = set(repo.snapshot_ids())
     live = reachable_snapshots(repo, keep) & existing
     referenced: set[ChunkKey] = set()
     for snapshot_id in live:
         referenced |= repo.snapshot(snapshot_id).chunk_keys()
     dead_snapshots = sorted(existing - live)
-    dead_chunks = [key for key in repo.store.iter_keys() if key not in referenced]
-    freed = sum(repo.store.stored_sizes(dead_chunks).values())
+    dead_chunks = [key for key in repo.chunk_keys() if key not in referenced]
+    freed = sum(repo.stored_sizes(dead_chunks).values())
     if not dry_run:
-        repo.store.collect(dead_snapshots, dead_chunks, fingerprint)
+        repo.collect(dead_snapshots, dead_chunks, fingerprint)
     return GcReport(len(live), tuple(s.hex() for s in dead_snapshots), len(dead_chunks), freed, dry_run)

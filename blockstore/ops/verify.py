@@ -16,12 +16,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from blockstore.core.chunks import decode_chunk
 from blockstore.core.hashing import ChunkKey, new_digest
 from blockstore.core.manifests import Snapshot, SnapshotId, TensorEntry
 from blockstore.errors import BlockstoreError, ChunkCorrupt, ChunkMissing
 from blockstore.progress import Progress, Silent
-from blockstore.repo import Repository
+from blockstore.repo import CHUNK_DAMAGE, Repository
 
 MISSING = "missing"
 CORRUPT = "corrupt"
@@ -39,6 +38,15 @@ class Damage:
     detail: str
     tensor: str | None = None
     chunk: str | None = None
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "kind": self.kind,
+            "snapshot": self.snapshot,
+            "detail": self.detail,
+            "tensor": self.tensor,
+            "chunk": self.chunk,
+        }
 
     def line(self) -> str:
         where = f"snapshot {self.snapshot[:12]}"
@@ -62,32 +70,38 @@ class VerifyReport:
     def clean(self) -> bool:
         return not self.damages
 
+    def to_json(self) -> dict[str, object]:
+        return {
+            "clean": self.clean,
+            "deep": self.deep,
+            "snapshots": self.snapshots,
+            "tensors": self.tensors,
+            "chunks": self.chunks,
+            "bytes_checked": self.bytes_checked,
+            "damages": [damage.to_json() for damage in self.damages],
+            "orphans": list(self.orphans),
+        }
 
-def _chunk_problem(repo: Repository, key: ChunkKey, raw_len: int) -> tuple[str, str, bytearray | None]:
-    """(kind, detail, raw) for one chunk; kind is empty when the chunk is sound."""
-    try:
-        return "", "", decode_chunk(key, repo.store.get(key), raw_len)
-    except ChunkMissing:
-        return MISSING, "is missing", None
-    except ChunkCorrupt as exc:
-        return CORRUPT, f"is corrupt ({str(exc).split(': ', 1)[-1]})", None
+
+def _problem(damage: ChunkCorrupt | ChunkMissing) -> tuple[str, str]:
+    """(kind, detail) of one damaged chunk, the detail worded to follow "chunk N of M (key K)"."""
+    if isinstance(damage, ChunkMissing):
+        return MISSING, "is missing"
+    return CORRUPT, f"is corrupt ({str(damage).split(': ', 1)[-1]})"
 
 
 def _check_tensor(repo: Repository, snapshot_id: SnapshotId, entry: TensorEntry, deep: bool) -> Damage | None:
     hasher = new_digest()
     problems = []
     if deep:
-        # Fetched and decoded ahead on the store's threads (an object store's round trips overlap).
-        checked = repo.store.map_ordered(
-            lambda chunk: _chunk_problem(repo, chunk.key, chunk.raw_len), entry.chunks
-        )
-        for (index, chunk), (kind, detail, raw) in zip(enumerate(entry.chunks), checked, strict=True):
-            if raw is None:
-                problems.append((index, chunk.key, kind, detail))
+        decoded = repo.checked_chunks(entry.chunks)
+        for index, (chunk, raw) in enumerate(zip(entry.chunks, decoded, strict=True)):
+            if isinstance(raw, CHUNK_DAMAGE):
+                problems.append((index, chunk.key, *_problem(raw)))
             else:
                 hasher.update(raw)
     else:
-        present = repo.store.stored_sizes(chunk.key for chunk in entry.chunks)
+        present = repo.has_chunks(chunk.key for chunk in entry.chunks)
         problems = [
             (index, chunk.key, MISSING, "is missing")
             for index, chunk in enumerate(entry.chunks)
@@ -114,9 +128,9 @@ def verify(
     report = VerifyReport(deep=deep)
     whole_store = spec is None
     if whole_store:
-        targets = repo.store.snapshot_ids()
+        targets = repo.snapshot_ids()
         known = set(targets)
-        for ref, target in sorted(repo.store.refs().items()):
+        for ref, target in sorted(repo.refs().items()):
             if target not in known:
                 report.damages.append(
                     Damage(REF, target.hex(), f"ref {ref!r} points at a snapshot that is missing")
@@ -150,5 +164,5 @@ def verify(
             report.tensors += 1
             progress.advance(entry.nbytes, entry.name)
     if whole_store and not any(d.kind == SNAPSHOT for d in report.damages):
-        report.orphans = sorted(key.hex() for key in repo.store.iter_keys() if key not in referenced)
+        report.orphans = sorted(key.hex() for key in repo.chunk_keys() if key not in referenced)
     return report
