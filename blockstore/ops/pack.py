@@ -31,13 +31,12 @@ from blockstore.core.policy import LOSSLESS, Decision, Policy
 from blockstore.core.source import ModelSource, SafetensorsFile, TensorInfo, discover, read_range
 from blockstore.errors import BlockstoreError, InvalidArgument
 from blockstore.progress import Progress, Silent
-from blockstore.repo import Repository, check_ref_name
+from blockstore.repo import BATCH_BYTES, Repository, check_ref_name
 
 CODEC_CHOICES = ("bytegroup+zstd", "zstd", "raw")
 DEFAULT_CODEC = "bytegroup+zstd"
 # Float dtypes whose sign bit is moved out of the exponent byte before byte grouping.
 SIGN_SPLIT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
-_BATCH_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -134,7 +133,7 @@ class _ChunkWriter:
     """Dedups chunks against the store and this pack, encodes new ones in parallel, commits batches."""
 
     def __init__(self, repo: Repository, workers: int) -> None:
-        self._store = repo.store
+        self._repo = repo
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="blockstore-encode")
         self.sizes: dict[ChunkKey, int] = {}
         self._pending: dict[ChunkKey, Future[bytes]] = {}
@@ -148,7 +147,7 @@ class _ChunkWriter:
         """Queue a chunk unless the store or this pack has it; its stored value is made on the pool."""
         if chunk.key in self.sizes or chunk.key in self._pending:
             return
-        existing = self._store.stored_sizes([chunk.key])
+        existing = self._repo.stored_sizes([chunk.key])
         if existing:
             self.sizes.update(existing)
             if not is_lossy(codec):
@@ -156,12 +155,12 @@ class _ChunkWriter:
             return
         self._pending[chunk.key] = self._pool.submit(chunk.stored_value)
         self._pending_raw += chunk.raw_len
-        if self._pending_raw >= _BATCH_BYTES:
+        if self._pending_raw >= BATCH_BYTES:
             self.flush()
 
     def flush(self) -> None:
         encoded = [(key, future.result()) for key, future in self._pending.items()]
-        self.new_bytes += self._store.put_batch(encoded)
+        self.new_bytes += self._repo.put_chunks(encoded, limit=BATCH_BYTES)
         self.new_chunks += len(encoded)
         self.sizes.update((key, len(value)) for key, value in encoded)
         self._pending.clear()
@@ -278,7 +277,7 @@ def _pack_model(
     codecs: dict[str, Codec],
     progress: Progress,
 ) -> PackResult:
-    expected = repo.store.get_ref(ref) if ref is not None else None
+    expected = repo.ref(ref) if ref is not None else None
     progress.start("pack", sum(source.nbytes for source in model.files))
     writer = _ChunkWriter(repo, options.workers or os.cpu_count() or 1)
     packed: dict[str, tuple[TensorInfo, list[tuple[ChunkKey, int]], bytes, TensorError | None]] = {}
