@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Union
 
 from blockstore.core.chunks import DEFAULT_CHUNK_SIZE, check_chunk_size, decode_chunk
 from blockstore.core.hashing import digest, new_digest
@@ -30,12 +29,8 @@ from blockstore.errors import (
     StoreCorrupt,
     TensorCorrupt,
 )
-from blockstore.sizes import parse_size
-from blockstore.storage.cache import CACHE_ENV, CACHE_SIZE_ENV, DEFAULT_CACHE_BYTES, ReadThroughCache
-from blockstore.storage.lmdb import LmdbStore, ReflogEntry, short_id
-
-if TYPE_CHECKING:
-    from blockstore.storage.s3 import ObjectStore
+from blockstore.storage import Location, Store, create_store, is_url, open_store  # also re-exported
+from blockstore.storage.base import ReflogEntry, short_id
 
 DEFAULT_REF = "main"
 MIN_ID_PREFIX = 4
@@ -47,37 +42,6 @@ def check_ref_name(name: str) -> str:
     if not _REF_NAME.fullmatch(name) or ".." in name:
         raise InvalidArgument(f"invalid ref name {name!r}: use letters, digits and . _ / - (max 200)")
     return name
-
-
-Location = str | Path
-"""Where a store lives: an LMDB directory, or an object store URL `s3://bucket/prefix`."""
-Store = Union[LmdbStore, "ObjectStore", ReadThroughCache]
-
-
-def is_url(location: object) -> bool:
-    """Whether a store location names an object store rather than an LMDB directory."""
-    return isinstance(location, str) and location.startswith("s3://")
-
-
-def open_store(location: Location, *, readonly: bool = False, cache: Location | None = None) -> Store:
-    """The store at `location`. An object store gets a local read-through cache when `cache` (or
-    the BLOCKSTORE_CACHE environment variable) names a directory; BLOCKSTORE_S3_CONCURRENCY sets how
-    many requests it keeps in flight for batch operations (the runtime's decode threads add theirs)."""
-    if not is_url(location):
-        return LmdbStore(Path(location), readonly=readonly)
-    from blockstore.storage.s3 import (  # obstore only when used
-        CONCURRENCY_ENV,
-        DEFAULT_CONCURRENCY,
-        ObjectStore,
-    )
-
-    concurrency = int(os.environ.get(CONCURRENCY_ENV) or DEFAULT_CONCURRENCY)
-    remote = ObjectStore(str(location), readonly=readonly, concurrency=concurrency)
-    cache = cache or (Path(os.environ[CACHE_ENV]) if os.environ.get(CACHE_ENV) else None)
-    if cache is None:
-        return remote
-    budget = parse_size(os.environ.get(CACHE_SIZE_ENV), CACHE_SIZE_ENV) or DEFAULT_CACHE_BYTES
-    return ReadThroughCache(remote, Path(cache), budget)
 
 
 @dataclass(frozen=True)
@@ -129,12 +93,7 @@ class Repository:
         """Create a store; its chunk size is kept so every later pack cuts tensors the same way
         (chunks cut differently never dedup)."""
         check_chunk_size(chunk_size)
-        params = {"chunk_size": chunk_size}
-        if is_url(location):
-            from blockstore.storage.s3 import ObjectStore
-
-            return cls(ObjectStore.create(str(location), params))
-        return cls(LmdbStore.create(Path(location), params))
+        return cls(create_store(location, {"chunk_size": chunk_size}))
 
     @property
     def chunk_size(self) -> int:

@@ -27,6 +27,7 @@ from blockstore.storage import s3 as objectstore_module
 from blockstore.storage.cache import ReadThroughCache
 from blockstore.storage.faults import CRASH_ENV, CRASH_EXIT_CODE
 from blockstore.storage.s3 import ObjectStore
+from blockstore.testing.store import StoreSuite
 
 from .faults import (
     RUN_CLI,
@@ -40,13 +41,21 @@ from .faults import (
     write_version,
 )
 from .helpers import assert_one_line_error, cli, sha256
-from .store_suite import CatalogSuite, ChunkStoreSuite
 
 
-class TestObjectStore(ChunkStoreSuite, CatalogSuite):
+class TestObjectStore(StoreSuite):
     @pytest.fixture
     def store(self, s3_url: str):
         with ObjectStore.create(s3_url) as opened:
+            yield opened
+
+
+class TestReadThroughCache(StoreSuite):
+    """The cache in front of an object store (moto) is the same store to its callers."""
+
+    @pytest.fixture
+    def store(self, moto_url: str, tmp_path: Path):
+        with ReadThroughCache(ObjectStore.create(moto_url), tmp_path / "cache") as opened:
             yield opened
 
 
