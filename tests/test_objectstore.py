@@ -12,7 +12,9 @@ import subprocess
 import sys
 import threading
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -41,12 +43,13 @@ from .faults import (
     write_version,
 )
 from .helpers import assert_one_line_error, cli, sha256
+from .s3servers import CREDENTIALS
 
 
 class TestObjectStore(StoreSuite):
     @pytest.fixture
-    def store(self, s3_url: str):
-        with ObjectStore.create(s3_url) as opened:
+    def store(self, s3_prefix_url: str):
+        with ObjectStore.create(s3_prefix_url) as opened:
             yield opened
 
 
@@ -54,8 +57,8 @@ class TestReadThroughCache(StoreSuite):
     """The cache in front of an object store (moto) is the same store to its callers."""
 
     @pytest.fixture
-    def store(self, moto_url: str, tmp_path: Path):
-        with ReadThroughCache(ObjectStore.create(moto_url), tmp_path / "cache") as opened:
+    def store(self, moto_prefix_url: str, tmp_path: Path):
+        with ReadThroughCache(ObjectStore.create(moto_prefix_url), tmp_path / "cache") as opened:
             yield opened
 
 
@@ -318,3 +321,55 @@ def test_read_only_credentials_still_read(
     with runtime.open(moto_url) as state:
         assert state.repo.store.readonly
         assert state["embeddings.word_embeddings.weight"].materialize().shape[0] == 30522
+
+
+class _Refuses(BaseHTTPRequestHandler):
+    """Stands in for the EC2 instance-metadata service on a host that is not on EC2."""
+
+    def _refuse(self) -> None:
+        self.send_response(403)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_GET = do_PUT = _refuse
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def no_aws_setup(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """A host with no AWS variables set, whose instance-metadata service refuses (a local server:
+    no test reaches a non-local address)."""
+    for name in (*CREDENTIALS, "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Refuses)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    monkeypatch.setenv("AWS_METADATA_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
+    try:
+        yield
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_no_credentials_and_no_endpoint_say_what_to_set(no_aws_setup: None) -> None:
+    for args in (["ls", "s3://some-bucket/models"], ["init", "s3://some-bucket/models"]):
+        assert_one_line_error(
+            cli(*args), "no credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"
+        )
+
+
+def test_no_credentials_with_an_endpoint_names_only_the_credentials(
+    no_aws_setup: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    result = cli("ls", "s3://some-bucket/models")
+    assert_one_line_error(result, "no credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
+    assert "AWS_ENDPOINT_URL" not in result.stderr
+
+
+def test_a_key_id_without_its_secret_says_so(no_aws_setup: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "someone")
+    assert_one_line_error(cli("ls", "s3://some-bucket/models"), "SecretAccessKey", "AWS_SECRET_ACCESS_KEY")
