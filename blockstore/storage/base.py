@@ -132,9 +132,15 @@ class Store(Protocol):
     """Every member `Repository` uses on a store. Writes are ordered chunks → snapshot → ref by
     the callers, so a crash leaves at worst unreferenced chunks, never a ref to something missing."""
 
-    path: Location
-    readonly: bool
-    """Opened without write access: no leases can be taken (readers are then unpinned)."""
+    @property
+    def path(self) -> Location:
+        """Where the store lives (shown in messages)."""
+        ...
+
+    @property
+    def readonly(self) -> bool:
+        """Opened without write access: no leases can be taken (readers are then unpinned)."""
+        ...
 
     @property
     def capabilities(self) -> Capabilities: ...
