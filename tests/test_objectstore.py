@@ -373,3 +373,14 @@ def test_no_credentials_with_an_endpoint_names_only_the_credentials(
 def test_a_key_id_without_its_secret_says_so(no_aws_setup: None, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "someone")
     assert_one_line_error(cli("ls", "s3://some-bucket/models"), "SecretAccessKey", "AWS_SECRET_ACCESS_KEY")
+
+
+def test_doctor_on_s3_reports_no_memory_map(moto_url: str) -> None:
+    """An object store has no map and no reader slots: doctor says what it stores, fakes nothing."""
+    assert cli("init", moto_url).exit_code == 0
+    report = cli("doctor", moto_url, "--json").json()
+    assert report["file_bytes"] > 0 and report["leases"] == []
+    assert all(report[name] is None for name in ("map_size", "map_used", "reader_slots", "max_readers"))
+    assert report["stale_readers_cleared"] is None
+    text = cli("doctor", moto_url).stdout
+    assert "objects:" in text and "readers:" not in text
