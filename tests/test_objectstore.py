@@ -384,3 +384,26 @@ def test_doctor_on_s3_reports_no_memory_map(moto_url: str) -> None:
     assert report["stale_readers_cleared"] is None
     text = cli("doctor", moto_url).stdout
     assert "objects:" in text and "readers:" not in text
+
+
+def test_a_cold_cache_whose_map_must_grow_serves_eight_decode_workers(
+    moto_url: str, minilm_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The runtime's decode threads (more than this machine's cores) fill an empty read-through
+    cache whose map starts at 1 MiB: it grows many times mid-load, beside open read transactions,
+    and every tensor still comes back bit-identical (before the resize gate: mdb_put EINVAL)."""
+    import blockstore.storage.lmdb as lmdb_module
+
+    Repository.init(moto_url, chunk_size=65536).close()
+    with Repository.open(moto_url) as repo:
+        pack(repo, [minilm_path])
+    monkeypatch.setattr(lmdb_module, "INITIAL_MAP_SIZE", 1 << 20)
+    expected = load_file(str(minilm_path))
+    with runtime.open(moto_url, cache=tmp_path / "cache", workers=max(8, 2 * (os.cpu_count() or 1))) as state:
+        loaded = state.load_all()
+        cache = state.repo.store
+        assert isinstance(cache, ReadThroughCache) and cache.misses > 100
+        assert cache.local.usage()["map_size"] > 16 << 20
+    assert loaded.keys() == expected.keys()
+    for name, tensor in loaded.items():
+        assert tensor.numpy().tobytes() == expected[name].tobytes(), name
