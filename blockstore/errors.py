@@ -106,6 +106,12 @@ class ObjectStoreDenied(ObjectStoreFailed):
     """The credentials may not do this (read-only credentials opening a store to write, say)."""
 
 
+class ObjectStoreNotConfigured(BlockstoreError):
+    """No credentials (or no endpoint) for an object store: what to set, not what failed."""
+
+    template = "object store {}: {}"
+
+
 class ConditionalWritesIgnored(BlockstoreError):
     """An object store that accepted a create-only put over an existing object, or a put with a
     stale If-Match: compare-and-set on refs cannot work there."""

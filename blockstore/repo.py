@@ -17,7 +17,6 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Union
 
 from blockstore.core.chunks import DEFAULT_CHUNK_SIZE, check_chunk_size, decode_chunk, decode_chunk_into
 from blockstore.core.hashing import ChunkKey, digest, new_digest
@@ -32,12 +31,8 @@ from blockstore.errors import (
     StoreCorrupt,
     TensorCorrupt,
 )
-from blockstore.sizes import parse_size
-from blockstore.storage.cache import CACHE_ENV, CACHE_SIZE_ENV, DEFAULT_CACHE_BYTES, ReadThroughCache
-from blockstore.storage.lmdb import Lease, LmdbStore, ReflogEntry, short_id
-
-if TYPE_CHECKING:
-    from blockstore.storage.s3 import ObjectStore
+from blockstore.storage import Location, Store, create_store, is_url, open_store  # also re-exported
+from blockstore.storage.base import Fingerprint, Lease, ReflogEntry, short_id
 
 DEFAULT_REF = "main"
 MIN_ID_PREFIX = 4
@@ -80,39 +75,6 @@ def check_ref_name(name: str) -> str:
     if not _REF_NAME.fullmatch(name) or ".." in name:
         raise InvalidArgument(f"invalid ref name {name!r}: use letters, digits and . _ / - (max 200)")
     return name
-
-
-Location = str | Path
-"""Where a store lives: an LMDB directory, or an object store URL `s3://bucket/prefix`."""
-Store = Union[LmdbStore, "ObjectStore", ReadThroughCache]
-RootsFingerprint = tuple[dict[str, SnapshotId], int]
-"""Refs and the reflog's length as gc saw them when it planned (see `Repository.roots_fingerprint`)."""
-
-
-def is_url(location: object) -> bool:
-    """Whether a store location names an object store rather than an LMDB directory."""
-    return isinstance(location, str) and location.startswith("s3://")
-
-
-def open_store(location: Location, *, readonly: bool = False, cache: Location | None = None) -> Store:
-    """The store at `location`. An object store gets a local read-through cache when `cache` (or
-    the BLOCKSTORE_CACHE environment variable) names a directory; BLOCKSTORE_S3_CONCURRENCY sets how
-    many requests it keeps in flight for batch operations (the runtime's decode threads add theirs)."""
-    if not is_url(location):
-        return LmdbStore(Path(location), readonly=readonly)
-    from blockstore.storage.s3 import (  # obstore only when used
-        CONCURRENCY_ENV,
-        DEFAULT_CONCURRENCY,
-        ObjectStore,
-    )
-
-    concurrency = int(os.environ.get(CONCURRENCY_ENV) or DEFAULT_CONCURRENCY)
-    remote = ObjectStore(str(location), readonly=readonly, concurrency=concurrency)
-    cache = cache or (Path(os.environ[CACHE_ENV]) if os.environ.get(CACHE_ENV) else None)
-    if cache is None:
-        return remote
-    budget = parse_size(os.environ.get(CACHE_SIZE_ENV), CACHE_SIZE_ENV) or DEFAULT_CACHE_BYTES
-    return ReadThroughCache(remote, Path(cache), budget)
 
 
 @dataclass(frozen=True)
@@ -164,12 +126,7 @@ class Repository:
         """Create a store; its chunk size is kept so every later pack cuts tensors the same way
         (chunks cut differently never dedup)."""
         check_chunk_size(chunk_size)
-        params = {"chunk_size": chunk_size}
-        if is_url(location):
-            from blockstore.storage.s3 import ObjectStore
-
-            return cls(ObjectStore.create(str(location), params))
-        return cls(LmdbStore.create(Path(location), params))
+        return cls(create_store(location, {"chunk_size": chunk_size}))
 
     @property
     def chunk_size(self) -> int:
@@ -472,13 +429,13 @@ class Repository:
         """Snapshots live readers have pinned: roots for gc, like refs."""
         return self.store.pinned_snapshots()
 
-    def roots_fingerprint(self) -> RootsFingerprint:
+    def roots_fingerprint(self) -> Fingerprint:
         """A value that changes whenever a ref moves or the reflog grows: gc takes one before it
         plans and hands it to `collect`, which deletes nothing if the roots changed meanwhile."""
         return self.store.roots_fingerprint()
 
     def collect(
-        self, snapshot_ids: list[SnapshotId], chunk_keys: list[ChunkKey], fingerprint: RootsFingerprint
+        self, snapshot_ids: list[SnapshotId], chunk_keys: list[ChunkKey], fingerprint: Fingerprint
     ) -> None:
         """Delete unreachable snapshots and chunks as one step, unless a writer holds a lease, a
         reader pinned a doomed snapshot, or the roots changed since `fingerprint` (those raise
@@ -489,12 +446,6 @@ class Repository:
         """How full the store is, for `doctor`: `file_bytes` always; for LMDB also `map_size`,
         `map_used`, `reader_slots` and `max_readers`."""
         return self.store.usage()
-
-    @property
-    def stale_readers_cleared(self) -> int:
-        """LMDB reader slots of dead processes cleared when this store was opened (0 where a
-        backend has no reader slots): left alone they stop LMDB from reusing freed pages."""
-        return int(getattr(self.store, "stale_readers_cleared", 0))
 
     def request_counts(self) -> dict[str, int]:
         """Requests sent per verb (GET, PUT, ...) by an object store, through its cache if it has

@@ -598,17 +598,17 @@ def doctor(store: StoreArgument, as_json: JsonOption = False):
     if as_json:
         _print_json(asdict(report))
         return
-    if report.map_size:
+    if report.map_size and report.map_used is not None:
         typer.echo(
             f"map: {_mib(report.map_used)} used of {_mib(report.map_size)} mapped "
             f"({report.map_used / report.map_size:.0%}); data file {_mib(report.file_bytes)}"
         )
+        typer.echo(
+            f"readers: {report.reader_slots} of {report.max_readers} slots in use; "
+            f"{report.stale_readers_cleared} stale slots of dead processes cleared"
+        )
     else:  # an object store: no map, no reader slots
         typer.echo(f"objects: {_mib(report.file_bytes)} stored")
-    typer.echo(
-        f"readers: {report.reader_slots} of {report.max_readers} slots in use; "
-        f"{report.stale_readers_cleared} stale slots of dead processes cleared"
-    )
     for lease in report.leases:
         state = "stale: process gone, the next gc removes it" if lease.stale else "live"
         typer.echo(f"lease: {lease.role}, pid {lease.pid} on {lease.host}, {lease.age_s:.0f} s old ({state})")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -88,3 +89,34 @@ def moto_url(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
     """Like `s3_url`, on moto only (the fast server) for the heavier end-to-end tests."""
     s3_environment(monkeypatch, moto_endpoint)
     return f"s3://{create_bucket(moto_endpoint)}/models"
+
+
+@pytest.fixture(scope="session")
+def _suite_buckets() -> dict[str, str]:
+    """One bucket per server for the store suite's many small stores (endpoint → bucket)."""
+    return {}
+
+
+def _fresh_prefix(endpoint: str, monkeypatch: pytest.MonkeyPatch, buckets: dict[str, str]) -> str:
+    s3_environment(monkeypatch, endpoint)
+    if endpoint not in buckets:
+        buckets[endpoint] = create_bucket(endpoint)
+    return f"s3://{buckets[endpoint]}/{uuid.uuid4().hex[:16]}"
+
+
+@pytest.fixture(params=["moto", "seaweedfs"])
+def s3_prefix_url(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, _suite_buckets: dict[str, str]
+) -> str:
+    """An empty new prefix in a bucket shared by the session, on each server in turn: SeaweedFS
+    gives every bucket volumes of its own, and a bucket per test would exhaust them."""
+    endpoint = request.getfixturevalue(f"{request.param}_endpoint")
+    return _fresh_prefix(endpoint, monkeypatch, _suite_buckets)
+
+
+@pytest.fixture
+def moto_prefix_url(
+    moto_endpoint: str, monkeypatch: pytest.MonkeyPatch, _suite_buckets: dict[str, str]
+) -> str:
+    """Like `s3_prefix_url`, on moto only."""
+    return _fresh_prefix(moto_endpoint, monkeypatch, _suite_buckets)

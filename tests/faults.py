@@ -84,7 +84,7 @@ def check_survivor(store: Path, operation: Operation, tally: Tally) -> None:
     """After a death: the store opens, every ref resolves to a readable snapshot holding the old or
     the new model (nothing in between), and a deep verify is clean (orphans allowed)."""
     with Repository.open(store) as repo:
-        tally.stale_readers_cleared += repo.store.stale_readers_cleared
+        tally.stale_readers_cleared += repo.store.usage().get("stale_readers_cleared", 0)  # LMDB only
         for target in repo.store.refs().values():
             repo.snapshot(target)  # raises if missing or damaged
         main = repo.snapshot(repo.resolve("main")).content_id

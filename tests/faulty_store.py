@@ -1,15 +1,17 @@
-"""A ChunkStore wrapper that damages what chosen chunks read back as (borg's and zarr's habit of
-testing the layers above storage with a store that lies)."""
+"""A store wrapper that damages what chosen chunks read back as (borg's and zarr's habit of
+testing the layers above storage with a store that lies). With no faults it is the store it wraps
+(the shared store suite checks that, in test_faulty_store.py)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TypeVar
 
 from blockstore.core.hashing import ChunkKey
 from blockstore.errors import ChunkMissing
-from blockstore.storage.lmdb import LmdbStore
+from blockstore.storage import Store
+from blockstore.storage.wrapper import StoreWrapper
 
 _T = TypeVar("_T")
 FLIP = "flip"
@@ -37,12 +39,12 @@ class Fault:
         return bytes(damaged)
 
 
-@dataclass
-class FaultyStore:
+class FaultyStore(StoreWrapper):
     """Every read of a key in `faults` comes back damaged; everything else is the real store's."""
 
-    inner: LmdbStore
-    faults: dict[ChunkKey, Fault] = field(default_factory=dict)
+    def __init__(self, inner: Store, faults: dict[ChunkKey, Fault] | None = None) -> None:
+        super().__init__(inner)
+        self.faults = dict(faults or {})
 
     def get(self, key: ChunkKey) -> bytes:
         value = self.inner.get(key)
@@ -55,9 +57,3 @@ class FaultyStore:
     def stored_sizes(self, keys: Iterable[ChunkKey]) -> dict[ChunkKey, int]:
         sizes = self.inner.stored_sizes(keys)
         return {key: size for key, size in sizes.items() if self.faults.get(key, Fault("")).kind != MISSING}
-
-    def contains(self, keys: Iterable[ChunkKey]) -> set[ChunkKey]:
-        return set(self.stored_sizes(keys))
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self.inner, name)

@@ -15,10 +15,20 @@ from blockstore.ops.verify import verify
 from blockstore.repo import Repository
 from blockstore.runtime.lazy import LazyStateDict
 from blockstore.storage.lmdb import LmdbStore
+from blockstore.testing.store import StoreSuite
 
 from .faults import float_tensor
 from .faulty_store import FAULT_KINDS, MISSING, Fault, FaultyStore
 from .helpers import FUZZ_EXAMPLES, RawTensor, random_tensor, write_safetensors
+
+
+class TestFaultyStoreWithoutFaults(StoreSuite):
+    """With no faults, the fault-injecting wrapper is exactly the store it wraps."""
+
+    @pytest.fixture
+    def store(self, tmp_path):
+        with FaultyStore(LmdbStore.create(tmp_path / "store")) as opened:
+            yield opened
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,9 @@ import subprocess
 import sys
 import threading
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -27,6 +29,7 @@ from blockstore.storage import s3 as objectstore_module
 from blockstore.storage.cache import ReadThroughCache
 from blockstore.storage.faults import CRASH_ENV, CRASH_EXIT_CODE
 from blockstore.storage.s3 import ObjectStore
+from blockstore.testing.store import StoreSuite
 
 from .faults import (
     RUN_CLI,
@@ -40,13 +43,22 @@ from .faults import (
     write_version,
 )
 from .helpers import assert_one_line_error, cli, sha256
-from .store_suite import CatalogSuite, ChunkStoreSuite
+from .s3servers import CREDENTIALS
 
 
-class TestObjectStore(ChunkStoreSuite, CatalogSuite):
+class TestObjectStore(StoreSuite):
     @pytest.fixture
-    def store(self, s3_url: str):
-        with ObjectStore.create(s3_url) as opened:
+    def store(self, s3_prefix_url: str):
+        with ObjectStore.create(s3_prefix_url) as opened:
+            yield opened
+
+
+class TestReadThroughCache(StoreSuite):
+    """The cache in front of an object store (moto) is the same store to its callers."""
+
+    @pytest.fixture
+    def store(self, moto_prefix_url: str, tmp_path: Path):
+        with ReadThroughCache(ObjectStore.create(moto_prefix_url), tmp_path / "cache") as opened:
             yield opened
 
 
@@ -311,3 +323,89 @@ def test_read_only_credentials_still_read(
     with runtime.open(moto_url) as state:
         assert state.repo.store.readonly
         assert state["embeddings.word_embeddings.weight"].materialize().shape[0] == 30522
+
+
+class _Refuses(BaseHTTPRequestHandler):
+    """Stands in for the EC2 instance-metadata service on a host that is not on EC2."""
+
+    def _refuse(self) -> None:
+        self.send_response(403)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_GET = do_PUT = _refuse
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def no_aws_setup(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """A host with no AWS variables set, whose instance-metadata service refuses (a local server:
+    no test reaches a non-local address)."""
+    for name in (*CREDENTIALS, "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Refuses)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    monkeypatch.setenv("AWS_METADATA_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
+    try:
+        yield
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_no_credentials_and_no_endpoint_say_what_to_set(no_aws_setup: None) -> None:
+    for args in (["ls", "s3://some-bucket/models"], ["init", "s3://some-bucket/models"]):
+        assert_one_line_error(
+            cli(*args), "no credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"
+        )
+
+
+def test_no_credentials_with_an_endpoint_names_only_the_credentials(
+    no_aws_setup: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    result = cli("ls", "s3://some-bucket/models")
+    assert_one_line_error(result, "no credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
+    assert "AWS_ENDPOINT_URL" not in result.stderr
+
+
+def test_a_key_id_without_its_secret_says_so(no_aws_setup: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "someone")
+    assert_one_line_error(cli("ls", "s3://some-bucket/models"), "SecretAccessKey", "AWS_SECRET_ACCESS_KEY")
+
+
+def test_doctor_on_s3_reports_no_memory_map(moto_url: str) -> None:
+    """An object store has no map and no reader slots: doctor says what it stores, fakes nothing."""
+    assert cli("init", moto_url).exit_code == 0
+    report = cli("doctor", moto_url, "--json").json()
+    assert report["file_bytes"] > 0 and report["leases"] == []
+    assert all(report[name] is None for name in ("map_size", "map_used", "reader_slots", "max_readers"))
+    assert report["stale_readers_cleared"] is None
+    text = cli("doctor", moto_url).stdout
+    assert "objects:" in text and "readers:" not in text
+
+
+def test_a_cold_cache_whose_map_must_grow_serves_eight_decode_workers(
+    moto_url: str, minilm_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The runtime's decode threads (more than this machine's cores) fill an empty read-through
+    cache whose map starts at 1 MiB: it grows many times mid-load, beside open read transactions,
+    and every tensor still comes back bit-identical (before the resize gate: mdb_put EINVAL)."""
+    import blockstore.storage.lmdb as lmdb_module
+
+    Repository.init(moto_url, chunk_size=65536).close()
+    with Repository.open(moto_url) as repo:
+        pack(repo, [minilm_path])
+    monkeypatch.setattr(lmdb_module, "INITIAL_MAP_SIZE", 1 << 20)
+    expected = load_file(str(minilm_path))
+    with runtime.open(moto_url, cache=tmp_path / "cache", workers=max(8, 2 * (os.cpu_count() or 1))) as state:
+        loaded = state.load_all()
+        cache = state.repo.store
+        assert isinstance(cache, ReadThroughCache) and cache.misses > 100
+        assert cache.local.usage()["map_size"] > 16 << 20
+    assert loaded.keys() == expected.keys()
+    for name, tensor in loaded.items():
+        assert tensor.numpy().tobytes() == expected[name].tobytes(), name

@@ -35,11 +35,14 @@ class LeaseInfo:
 
 @dataclass(frozen=True)
 class DoctorReport:
-    stale_readers_cleared: int
-    reader_slots: int
-    max_readers: int
-    map_size: int
-    map_used: int
+    """The memory-map and reader-slot fields are None on a store that has none (an object store:
+    `Capabilities.memory_map`)."""
+
+    stale_readers_cleared: int | None
+    reader_slots: int | None
+    max_readers: int | None
+    map_size: int | None
+    map_used: int | None
     file_bytes: int
     leases: tuple[LeaseInfo, ...]
     reclaimable: GcReport
@@ -67,12 +70,11 @@ def doctor(repo: Repository) -> DoctorReport:
         for lease in repo.leases()
     )
     return DoctorReport(
-        stale_readers_cleared=repo.stale_readers_cleared,
-        # A backend without a memory map or reader slots (an object store) reports none of them.
-        reader_slots=usage.get("reader_slots", 0),
-        max_readers=usage.get("max_readers", 0),
-        map_size=usage.get("map_size", 0),
-        map_used=usage.get("map_used", usage["file_bytes"]),
+        stale_readers_cleared=usage.get("stale_readers_cleared"),
+        reader_slots=usage.get("reader_slots"),
+        max_readers=usage.get("max_readers"),
+        map_size=usage.get("map_size"),
+        map_used=usage.get("map_used"),
         file_bytes=usage["file_bytes"],
         leases=leases,
         reclaimable=gc(repo, dry_run=True),

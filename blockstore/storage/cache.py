@@ -1,8 +1,9 @@
 """A local read-through cache in front of an object store: each host fetches a chunk once.
 
 The cache is an ordinary LMDB store directory holding chunk values only. A chunk read goes to the
-cache first and to the object store on a miss, and is kept; every other call (snapshots, refs,
-writes) goes straight to the object store, so the cache never decides what a ref points at.
+cache first and to the object store on a miss, and is kept; every other member of the contract
+(snapshots, refs, writes, leases) is `StoreWrapper`'s, forwarded straight to the object store, so
+the cache never decides what a ref points at.
 Cached values get the same checks as remote ones (each decoded chunk must hash to its key), so a
 damaged cache entry is reported like damaged storage. The cache stays under `budget` bytes of chunk
 values by evicting arbitrary entries (keys are hashes, so LMDB key order is effectively random).
@@ -10,17 +11,17 @@ values by evicting arbitrary entries (keys are hashes, so LMDB key order is effe
 
 from __future__ import annotations
 
+import dataclasses
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TypeVar
 
 from blockstore.core.hashing import ChunkKey
 from blockstore.errors import ChunkMissing
+from blockstore.storage.base import Capabilities, Store
 from blockstore.storage.lmdb import LmdbStore
-
-if TYPE_CHECKING:
-    from blockstore.storage.s3 import ObjectStore
+from blockstore.storage.wrapper import StoreWrapper
 
 _T = TypeVar("_T")
 CACHE_ENV = "BLOCKSTORE_CACHE"
@@ -28,11 +29,12 @@ CACHE_SIZE_ENV = "BLOCKSTORE_CACHE_SIZE"
 DEFAULT_CACHE_BYTES = 20 << 30
 
 
-class ReadThroughCache:
-    """An `ObjectStore` whose chunk reads are served from a local LMDB cache when possible."""
+class ReadThroughCache(StoreWrapper):
+    """A store (an `ObjectStore`, usually) whose chunk reads are served from a local LMDB cache
+    when possible."""
 
-    def __init__(self, remote: ObjectStore, directory: Path, budget: int = DEFAULT_CACHE_BYTES) -> None:
-        self.remote = remote
+    def __init__(self, remote: Store, directory: Path, budget: int = DEFAULT_CACHE_BYTES) -> None:
+        super().__init__(remote)
         if not (directory / "data.mdb").exists():
             LmdbStore.create(directory).close()
         self.local = LmdbStore(directory)
@@ -41,6 +43,16 @@ class ReadThroughCache:
         self.misses = 0
         self._lock = threading.Lock()
         self._cached_bytes = sum(self.local.stored_sizes(self.local.iter_keys()).values())
+
+    @property
+    def remote(self) -> Store:
+        """The store behind the cache (the one every write and catalog read goes to)."""
+        return self.inner
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """The remote's, except that a cached value is a view of the cache's memory map."""
+        return dataclasses.replace(self.inner.capabilities, zero_copy_values=True)
 
     def get(self, key: ChunkKey) -> bytes:
         return self.with_value(key, bytes)
@@ -58,10 +70,6 @@ class ReadThroughCache:
         with self._lock:
             self.hits += 1
         return result
-
-    def get_many(self, keys: Iterable[ChunkKey]) -> Iterator[bytes]:
-        """As the object store's, each key through the cache."""
-        return self.remote.map_ordered(self.get, keys)
 
     def _keep(self, key: ChunkKey, value: bytes) -> None:
         added = self.local.put_batch([(key, value)])
@@ -88,6 +96,3 @@ class ReadThroughCache:
     def close(self) -> None:
         self.local.close()
         self.remote.close()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.remote, name)

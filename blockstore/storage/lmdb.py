@@ -6,7 +6,10 @@ Each batch of writes is one transaction. Callers write chunks, then the snapshot
 with compare-and-set (the ref and its reflog entry in one transaction), so a crash leaves at worst
 unreferenced chunks, never a ref that points at something missing.
 
-`map_size` is set explicitly and doubled between transactions when a write fills it.
+`map_size` is set explicitly and doubled when a write fills it. LMDB allows changing it only while
+no transaction of this process is open, and a process may have many threads reading one store (the
+runtime's decode threads through a read-through cache): every transaction therefore passes a
+per-environment `_ResizeGate`, and the map is grown only once every open transaction has ended.
 
 Leases (in `meta`) tell `gc` who is using the store: a writer's lease (pack, apply) stops gc
 altogether, since its chunks are not referenced yet; a reader's lease *pins* the one snapshot it
@@ -17,17 +20,16 @@ stale: ignored, reported by `doctor`, and removed by the next gc.
 from __future__ import annotations
 
 import os
-import socket
 import struct
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import lmdb
-import msgpack
 
 from blockstore.core.hashing import ChunkKey
 from blockstore.errors import (
@@ -40,6 +42,15 @@ from blockstore.errors import (
     StoreFormatMismatch,
     StoreNotFound,
     WriterActive,
+)
+from blockstore.storage.base import (  # Lease, ReflogEntry, short_id: re-exported for older imports
+    Capabilities,
+    Fingerprint,
+    Lease,
+    ReflogEntry,
+    StoreBase,
+    blocking_leases,
+    short_id,
 )
 from blockstore.storage.faults import crash_point
 
@@ -54,83 +65,58 @@ _LEASE_PREFIX = b"lease/"
 _T = TypeVar("_T")
 
 
-class ChunkStore(Protocol):
-    """The storage protocol every chunk backend implements (one shared test suite checks it)."""
+class _ResizeGate:
+    """Transactions share the gate; a map resize takes it alone, once every transaction open in
+    this process has ended (LMDB forbids `mdb_env_set_mapsize` beside a live transaction: a write
+    then fails with EINVAL, reads may see unmapped pages).
 
-    def get(self, key: ChunkKey) -> bytes: ...
+    A waiting resize holds back new transactions, so a stream of overlapping reads cannot starve
+    it; a thread already inside a transaction may open another (nesting never deadlocks)."""
 
-    def with_value(self, key: ChunkKey, use: Callable[[bytes | memoryview], _T]) -> _T: ...
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._open = 0
+        self._resizing = False
+        self._waiting = 0
+        self._depth = threading.local()
 
-    def get_many(self, keys: Iterable[ChunkKey]) -> Iterator[bytes]: ...
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        depth = getattr(self._depth, "value", 0)
+        if depth == 0:
+            with self._condition:
+                while self._resizing or self._waiting:
+                    self._condition.wait()
+                self._open += 1
+        self._depth.value = depth + 1
+        try:
+            yield
+        finally:
+            self._depth.value = depth
+            if depth == 0:
+                with self._condition:
+                    self._open -= 1
+                    if self._open == 0:
+                        self._condition.notify_all()
 
-    def map_ordered(self, function: Callable[[Any], _T], items: Iterable[Any]) -> Iterator[_T]: ...
-
-    def stored_sizes(self, keys: Iterable[ChunkKey]) -> dict[ChunkKey, int]: ...
-
-    def contains(self, keys: Iterable[ChunkKey]) -> set[ChunkKey]: ...
-
-    def put_batch(self, items: Iterable[tuple[ChunkKey, bytes]]) -> int: ...
-
-    def delete_batch(self, keys: Iterable[ChunkKey]) -> int: ...
-
-    def iter_keys(self) -> Iterator[ChunkKey]: ...
-
-
-@dataclass(frozen=True)
-class ReflogEntry:
-    """One move of a ref: when, from where to where, by which operation, and why."""
-
-    time_ns: int
-    old: bytes | None
-    new: bytes
-    op: str
-    message: str
-
-    def to_bytes(self) -> bytes:
-        return msgpack.packb([self.time_ns, self.old, self.new, self.op, self.message], use_bin_type=True)
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> ReflogEntry:
-        time_ns, old, new, op, message = msgpack.unpackb(data, raw=False)
-        return cls(int(time_ns), old, bytes(new), str(op), str(message))
-
-
-@dataclass(frozen=True)
-class Lease:
-    """Someone using the store: a writer (no `pin`) or a reader of snapshot `pin`."""
-
-    lease_id: bytes
-    pid: int
-    host: str
-    time_ns: int
-    pin: bytes | None
-
-    @property
-    def stale(self) -> bool:
-        """The process is gone (only decidable for processes on this host)."""
-        return self.host == socket.gethostname() and not process_alive(self.pid)
-
-    @property
-    def role(self) -> str:
-        return f"reader of {self.pin.hex()[:12]}" if self.pin else "writer"
-
-    def describe(self) -> str:
-        return f"{self.role}, pid {self.pid} on {self.host}"
-
-    @classmethod
-    def from_record(cls, lease_id: bytes, record: bytes) -> Lease:
-        """A stored lease record: msgpack [pid, host, time_ns, pin] (writers before pins: 3 fields)."""
-        pid, host, time_ns, *pin = msgpack.unpackb(record, raw=False)
-        return cls(lease_id, pid, host, time_ns, pin[0] if pin else None)
-
-    @staticmethod
-    def record(pin: bytes | None) -> bytes:
-        return msgpack.packb([os.getpid(), socket.gethostname(), time.time_ns(), pin])
-
-
-def blocking_leases(leases: list[Lease], doomed: set[bytes]) -> list[Lease]:
-    """Live leases that forbid deleting `doomed` snapshots: any writer, and readers pinning one."""
-    return [lease for lease in leases if not lease.stale and (lease.pin is None or lease.pin in doomed)]
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        if getattr(self._depth, "value", 0):
+            raise RuntimeError("an LMDB map cannot be resized from inside a transaction")
+        with self._condition:
+            self._waiting += 1
+            try:
+                while self._open or self._resizing:
+                    self._condition.wait()
+            finally:
+                self._waiting -= 1
+            self._resizing = True
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._resizing = False
+                self._condition.notify_all()
 
 
 @dataclass
@@ -142,6 +128,7 @@ class _SharedEnv:
     readonly: bool
     stale_readers_cleared: int
     users: int = 0
+    gate: _ResizeGate = field(default_factory=_ResizeGate)
 
 
 _SHARED: dict[tuple[int, str], _SharedEnv] = {}
@@ -166,8 +153,12 @@ def _forget_parent_environments() -> None:
 os.register_at_fork(after_in_child=_forget_parent_environments)
 
 
-class LmdbStore:
+class LmdbStore(StoreBase):
     """A blockstore on one LMDB environment (a directory holding data.mdb and lock.mdb)."""
+
+    capabilities = Capabilities(
+        zero_copy_values=True, memory_map=True, conditional_writes=True, concurrency=1
+    )
 
     def __init__(self, path: Path, *, readonly: bool = False) -> None:
         self.path = path
@@ -216,7 +207,7 @@ class LmdbStore:
             elif shared.readonly and not self.readonly:
                 raise InvalidArgument(f"store {self.path} is already open read-only in this process")
             shared.users += 1
-        self._env, self._dbs, self._key = shared.env, shared.dbs, key
+        self._env, self._dbs, self._key, self._gate = shared.env, shared.dbs, key, shared.gate
         self._pid = os.getpid()
 
     def _open_lmdb(self) -> tuple[lmdb.Environment, dict[str, object], bool, int]:
@@ -273,18 +264,33 @@ class LmdbStore:
             self._open_env()
         return self._env
 
+    @contextmanager
     def _begin(
         self, db: str | None = None, *, write: bool = False, buffers: bool = False
-    ) -> lmdb.Transaction:
-        """A transaction, adopting a map another process has grown meanwhile (a long-lived reader
-        such as the lazy runtime would otherwise fail on its next read after a writer's pack)."""
+    ) -> Iterator[lmdb.Transaction]:
+        """A transaction (committed when the block ends normally, aborted otherwise), inside this
+        environment's resize gate. Adopts a map another process has grown meanwhile (a long-lived
+        reader such as the lazy runtime would otherwise fail on its next read after a pack)."""
         env = self.env  # first: after a fork it reopens, and the database handles with it
         handle = self._dbs[db] if db else None
-        try:
-            return env.begin(db=handle, write=write, buffers=buffers)
-        except lmdb.MapResizedError:
-            env.set_mapsize(0)
-            return env.begin(db=handle, write=write, buffers=buffers)
+        while True:
+            with self._gate.transaction():
+                try:
+                    txn = env.begin(db=handle, write=write, buffers=buffers)
+                except lmdb.MapResizedError:
+                    txn = None
+                if txn is not None:
+                    with txn:
+                        yield txn
+                    return
+            self._resize(0)
+
+    def _resize(self, size: int, *, seen: int | None = None) -> None:
+        """Set the map size (0: adopt the size another process set) once no transaction of this
+        process is open; `seen`: skip it if the map already grew past that meanwhile."""
+        with self._gate.exclusive():
+            if seen is None or self.env.info()["map_size"] <= seen:
+                self.env.set_mapsize(size)
 
     def close(self) -> None:
         """Leave the shared environment; the last user of it in this process closes it."""
@@ -299,22 +305,17 @@ class LmdbStore:
                     shared.env.close()
         self._key = None
 
-    def __enter__(self) -> LmdbStore:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def _write(self, step: str, body: Callable[[lmdb.Transaction], _T]) -> _T:
         """Run `body` in one write transaction, doubling map_size and retrying when it fills.
         `step` names the transaction's crash points (see `blockstore.storage.faults`)."""
         while True:
+            seen = self.env.info()["map_size"]
             try:
                 with self._begin(write=True) as txn:
                     result = body(txn)
                     crash_point(f"{step}.before-commit")
             except lmdb.MapFullError:
-                self.env.set_mapsize(self.env.info()["map_size"] * 2)
+                self._resize(2 * seen, seen=seen)
                 continue
             crash_point(f"{step}.committed")
             return result
@@ -333,10 +334,6 @@ class LmdbStore:
                 raise ChunkMissing(key.hex())
             return use(value)
 
-    def get_many(self, keys: Iterable[ChunkKey]) -> Iterator[bytes]:
-        """Chunk values in order (a local map: one at a time is as fast as it gets)."""
-        return self.map_ordered(self.get, keys)
-
     def map_ordered(self, function: Callable[[Any], _T], items: Iterable[Any]) -> Iterator[_T]:
         """`function` over `items`, lazily and in order (the object store overlaps them)."""
         return (function(item) for item in items)
@@ -349,9 +346,6 @@ class LmdbStore:
                 if value is not None:
                     sizes[key] = len(value)
         return sizes
-
-    def contains(self, keys: Iterable[ChunkKey]) -> set[ChunkKey]:
-        return set(self.stored_sizes(keys))
 
     def put_batch(self, items: Iterable[tuple[ChunkKey, bytes]]) -> int:
         """Insert chunks that are not there yet, in one transaction; returns bytes newly written."""
@@ -474,20 +468,16 @@ class LmdbStore:
         with self._begin() as txn:
             return self._leases_in(txn)
 
-    def pinned_snapshots(self) -> set[bytes]:
-        """Snapshots that live readers have pinned: roots for gc, like refs."""
-        return {lease.pin for lease in self.leases() if lease.pin and not lease.stale}
-
-    def _fingerprint_in(self, txn: lmdb.Transaction) -> tuple[dict[str, bytes], int]:
+    def _fingerprint_in(self, txn: lmdb.Transaction) -> Fingerprint:
         return self._refs_in(txn), txn.stat(self._dbs["reflog"])["entries"]
 
-    def roots_fingerprint(self) -> tuple[dict[str, bytes], int]:
+    def roots_fingerprint(self) -> Fingerprint:
         """Refs and the reflog's length: if either changes, a gc plan made before is stale."""
         with self._begin() as txn:
             return self._fingerprint_in(txn)
 
     def collect(
-        self, snapshot_ids: list[bytes], chunk_keys: list[ChunkKey], fingerprint: tuple[dict[str, bytes], int]
+        self, snapshot_ids: list[bytes], chunk_keys: list[ChunkKey], fingerprint: Fingerprint
     ) -> None:
         """Delete unreachable snapshots and chunks in one transaction, unless a writer is active,
         the refs moved since the plan was made, or a reader pinned a doomed snapshot meanwhile (all
@@ -512,7 +502,8 @@ class LmdbStore:
         self._write("gc", body)
 
     def usage(self) -> dict[str, int]:
-        """How full the map is and how many LMDB reader slots are taken (for `doctor`)."""
+        """How full the map is and how many LMDB reader slots are taken (for `doctor`); slots of
+        dead processes are cleared when the environment is opened (`stale_readers_cleared`)."""
         env = self.env
         info, page_size = env.info(), env.stat()["psize"]
         # One line per reader slot held by a live process, after a header line (or a "no" line).
@@ -523,6 +514,7 @@ class LmdbStore:
             "file_bytes": (self.path / "data.mdb").stat().st_size,
             "reader_slots": len(slots),
             "max_readers": info["max_readers"],
+            "stale_readers_cleared": self.stale_readers_cleared,
         }
 
     def stat(self) -> dict[str, int]:
@@ -531,16 +523,6 @@ class LmdbStore:
             counts = {name: txn.stat(db)["entries"] for name, db in self._dbs.items()}
         counts["file_bytes"] = (self.path / "data.mdb").stat().st_size
         return counts
-
-
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _last_with_prefix(txn: lmdb.Transaction, db: object, prefix: bytes) -> bytes | None:
@@ -552,7 +534,3 @@ def _last_with_prefix(txn: lmdb.Transaction, db: object, prefix: bytes) -> bytes
         return None
     key = cursor.key()
     return key if key.startswith(prefix) else None
-
-
-def short_id(snapshot_id: bytes | None) -> str:
-    return snapshot_id.hex()[:12] if snapshot_id else "(nothing)"

@@ -44,11 +44,13 @@ from obstore.exceptions import (
 
 from blockstore.core.hashing import ChunkKey
 from blockstore.errors import (
+    BlockstoreError,
     ChunkMissing,
     ConditionalWritesIgnored,
     InvalidArgument,
     ObjectStoreDenied,
     ObjectStoreFailed,
+    ObjectStoreNotConfigured,
     RefConflict,
     SnapshotNotFound,
     StoreCorrupt,
@@ -57,8 +59,17 @@ from blockstore.errors import (
     StoreNotFound,
     WriterActive,
 )
+from blockstore.storage.base import (
+    Capabilities,
+    Fingerprint,
+    Lease,
+    ReflogEntry,
+    StoreBase,
+    blocking_leases,
+    process_alive,
+    short_id,
+)
 from blockstore.storage.faults import crash_point
-from blockstore.storage.lmdb import Lease, ReflogEntry, blocking_leases, process_alive, short_id
 
 OBJECT_FORMAT = "blockstore-s3/2"
 READABLE_OBJECT_FORMATS = ("blockstore-s3/1", OBJECT_FORMAT)
@@ -76,24 +87,64 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
 
 
+_CREDENTIAL_ENV = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+)
+"""Where obstore finds credentials before it falls back to the EC2 instance-metadata service."""
+_METADATA_SIGNS = ("169.254.169.254", "/latest/api/token", "instance metadata", "credential")
+
+
+def _endpoint(endpoint_url: str | None) -> str | None:
+    return endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+
+def _failure(url: str, verb: str, key: str, exc: BaseException, *, endpoint_known: bool) -> BlockstoreError:
+    """One line for a failed request. Without credentials in the environment obstore asks the EC2
+    instance-metadata service for them, and its error says only that this failed: say instead
+    what to set. Without an endpoint the request went to AWS S3; say so (a forgotten endpoint for
+    MinIO or SeaweedFS otherwise reads as a credentials or network error)."""
+    detail = _first_line(exc)
+    no_credentials = not any(os.environ.get(name) for name in _CREDENTIAL_ENV)
+    if no_credentials and any(sign in detail.lower() for sign in _METADATA_SIGNS):
+        return ObjectStoreNotConfigured(
+            url,
+            "no credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+            + ("" if endpoint_known else " (and AWS_ENDPOINT_URL for a server other than AWS S3)"),
+        )
+    if not endpoint_known:
+        detail += " (no AWS_ENDPOINT_URL is set, so this went to AWS S3)"
+    if isinstance(exc, PermissionDeniedError | UnauthenticatedError):
+        return ObjectStoreDenied(url, verb, key, detail)
+    return ObjectStoreFailed(url, verb, key, detail)
+
+
 def _s3_client(url: str, endpoint_url: str | None) -> obstore.store.S3Store:
     parsed = urlparse(url)
     if not parsed.netloc:
         raise InvalidArgument(f"{url}: an object store URL is s3://BUCKET[/PREFIX]")
-    endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    endpoint = _endpoint(endpoint_url)
     options: dict[str, Any] = {}
     if endpoint:
         options["endpoint"] = endpoint
         if endpoint.startswith("http://"):
             options["client_options"] = {"allow_http": True}
     # Credentials and region come from the usual AWS environment variables (obstore reads them).
-    return obstore.store.S3Store(parsed.netloc, prefix=parsed.path.strip("/") or None, **options)
+    try:
+        return obstore.store.S3Store(parsed.netloc, prefix=parsed.path.strip("/") or None, **options)
+    except BaseError as exc:  # half-set credentials (a key id without its secret), say
+        raise ObjectStoreNotConfigured(
+            url,
+            f"{_first_line(exc).removeprefix('Generic S3 error: ')}: set AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY"
+            + ("" if endpoint else " (and AWS_ENDPOINT_URL for a server other than AWS S3)"),
+        ) from None
 
 
-class ObjectStore:
-    """A blockstore on an S3-compatible bucket/prefix; the same interface as `LmdbStore`."""
-
-    stale_readers_cleared = 0
+class ObjectStore(StoreBase):
+    """A blockstore on an S3-compatible bucket/prefix; the same contract as `LmdbStore`."""
 
     def __init__(
         self,
@@ -107,6 +158,7 @@ class ObjectStore:
         self.path = url
         self.readonly = readonly
         self.client = client if client is not None else _s3_client(url, endpoint_url)
+        self._endpoint_known = client is not None or _endpoint(endpoint_url) is not None
         self.requests: dict[str, int] = {"GET": 0, "PUT": 0, "HEAD": 0, "DELETE": 0, "LIST": 0}
         self._count_lock = threading.Lock()
         self.concurrency = concurrency
@@ -134,6 +186,7 @@ class ObjectStore:
         client: Any = None,
     ) -> ObjectStore:
         """Create an empty store at `url` with creation `params`; refuses a prefix that has one."""
+        client_given = client is not None
         client = client if client is not None else _s3_client(url, endpoint_url)
         try:
             try:  # refuse before writing anything: an existing store's parameters must not change
@@ -147,7 +200,8 @@ class ObjectStore:
         except AlreadyExistsError:
             raise StoreExists(url) from None
         except BaseError as exc:
-            raise ObjectStoreFailed(url, "PUT", "meta/", _first_line(exc)) from None
+            known = client_given or _endpoint(endpoint_url) is not None
+            raise _failure(url, "PUT", "meta/", exc, endpoint_known=known) from None
         return cls(url, endpoint_url=endpoint_url, client=client)
 
     # object primitives (counted, so tests and benchmarks can see what went over the wire) ---------
@@ -160,10 +214,9 @@ class ObjectStore:
             return function(self.client, *args, **kwargs)
         except (*_NOT_FOUND, AlreadyExistsError, PreconditionError):
             raise
-        except (PermissionDeniedError, UnauthenticatedError) as exc:
-            raise ObjectStoreDenied(self.path, verb, args[0] if args else "", _first_line(exc)) from None
         except BaseError as exc:
-            raise ObjectStoreFailed(self.path, verb, args[0] if args else "", _first_line(exc)) from None
+            key = args[0] if args else ""
+            raise _failure(self.path, verb, key, exc, endpoint_known=self._endpoint_known) from None
 
     def _get_or_none(self, key: str) -> bytes | None:
         found = self._get_with_etag(key)
@@ -234,18 +287,21 @@ class ObjectStore:
         if not self.conditional_writes:
             raise ConditionalWritesIgnored(self.path)
 
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(
+            zero_copy_values=False,
+            memory_map=False,
+            conditional_writes=self.conditional_writes,
+            concurrency=self.concurrency,
+        )
+
     def meta_int(self, name: str) -> int | None:
         value = self._get_or_none(f"meta/{name}")
         return int(value) if value is not None else None
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
-
-    def __enter__(self) -> ObjectStore:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # chunks ------------------------------------------------------------------------------------------
 
@@ -258,14 +314,11 @@ class ObjectStore:
     def with_value(self, key: ChunkKey, use: Callable[[bytes | memoryview], _T]) -> _T:
         return use(self.get(key))
 
-    def get_many(self, keys: Iterable[ChunkKey]) -> Iterator[bytes]:
-        """Chunk values in order, with up to `concurrency` GETs in flight (export, verify, push:
-        readers that go through a tensor front to back would otherwise wait out every round trip)."""
-        return self.map_ordered(self.get, keys)
-
     def map_ordered(self, function: Callable[[Any], _T], items: Iterable[Any]) -> Iterator[_T]:
         """`function` over `items` on this store's threads, results in order, at most `concurrency`
-        in flight (so a long tensor is never held in memory whole, unlike `pool.map`)."""
+        in flight (so a long tensor is never held in memory whole, unlike `pool.map`). `get_many`
+        goes through here: export, verify and push, which read a tensor front to back, would
+        otherwise wait out every round trip."""
         pending: deque[Future[_T]] = deque()
         for item in items:
             pending.append(self._pool.submit(function, item))
@@ -278,9 +331,6 @@ class ObjectStore:
         keys = list(dict.fromkeys(keys))
         sizes = self._parallel(lambda key: self._size(f"chunks/{key.hex()}"), keys)
         return {key: size for key, size in zip(keys, sizes, strict=True) if size is not None}
-
-    def contains(self, keys: Iterable[ChunkKey]) -> set[ChunkKey]:
-        return set(self.stored_sizes(keys))
 
     def put_batch(self, items: Iterable[tuple[ChunkKey, bytes]]) -> int:
         """Create chunks that are not there yet, in parallel; returns bytes newly written."""
@@ -415,10 +465,7 @@ class ObjectStore:
             if record is not None  # released between the listing and the read
         ]
 
-    def pinned_snapshots(self) -> set[bytes]:
-        return {lease.pin for lease in self.leases() if lease.pin and not lease.stale}
-
-    def roots_fingerprint(self) -> tuple[dict[str, bytes], int]:
+    def roots_fingerprint(self) -> Fingerprint:
         """Refs and the reflog's length, which is the sum of the refs' generations (one entry per
         move; `reflog` supplies a last entry a crash left unwritten), so no reflog is read."""
         reads = self._read_refs()
@@ -432,7 +479,7 @@ class ObjectStore:
         return host != socket.gethostname() or process_alive(pid)
 
     def collect(
-        self, snapshot_ids: list[bytes], chunk_keys: list[ChunkKey], fingerprint: tuple[dict[str, bytes], int]
+        self, snapshot_ids: list[bytes], chunk_keys: list[ChunkKey], fingerprint: Fingerprint
     ) -> None:
         """Delete unreachable snapshots, then chunks, under `locks/gc` (see the module docstring)."""
         self._require_conditional_writes()
@@ -465,9 +512,8 @@ class ObjectStore:
             raise WriterActive(self.path, "; ".join(lease.describe() for lease in blocking))
 
     def usage(self) -> dict[str, int]:
-        """Bytes stored (no map or reader slots on an object store)."""
-        stored = sum(size for _, size in self._list(""))
-        return {"map_size": 0, "map_used": stored, "file_bytes": stored, "reader_slots": 0, "max_readers": 0}
+        """Bytes stored (an object store has no map or reader slots: `capabilities.memory_map`)."""
+        return {"file_bytes": sum(size for _, size in self._list(""))}
 
     def stat(self) -> dict[str, int]:
         """Objects per kind and bytes stored, from one listing."""
