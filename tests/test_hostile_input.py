@@ -390,3 +390,36 @@ def test_a_killed_exports_partial_is_cleaned_by_the_cli(tmp_path: Path, store_pa
 
 def test_cleaning_a_missing_directory_removes_nothing(tmp_path: Path) -> None:
     assert remove_stale_partials(tmp_path / "absent") == []
+
+
+def test_a_bundle_whose_target_has_an_escape_in_an_extras_name_is_rejected(tmp_path: Path) -> None:
+    """The issue's case: a valid, re-sealed bundle ships a snapshot whose extras name carries a
+    terminal escape; apply refuses it, so it never reaches the store or, later, a file name."""
+    from blockstore.core.hashing import digest
+
+    from .test_fuzz import _sealed, _sections
+
+    v1 = write_safetensors(tmp_path / "v1.safetensors", {"w": random_tensor("F32", (16, 16), seed=1)})
+    v2 = write_safetensors(tmp_path / "v2.safetensors", {"w": random_tensor("F32", (16, 16), seed=2)})
+    publisher, consumer = tmp_path / "publisher", tmp_path / "consumer"
+    for store, versions in ((publisher, (v1, v2)), (consumer, (v1,))):
+        assert cli("init", store).exit_code == 0
+        for version in versions:
+            assert cli("pack", version, "--store", store).exit_code == 0
+    with Repository.open(publisher) as repo:
+        first = repo.log("main")[0].new.hex()
+    bundle = tmp_path / "update.bsp"
+    assert cli("diff", publisher, first, "main", "-o", bundle).exit_code == 0
+    preamble, header, snapshot, values = _sections(bundle.read_bytes())
+    fields = msgpack.unpackb(snapshot, raw=False)
+    fields[3] = [*fields[3], ["evil\x1b[2Jname", b"payload"]]
+    forged = msgpack.packb(fields, use_bin_type=True)
+    header["target"], header["snapshot_len"] = digest(forged), len(forged)
+    bundle.write_bytes(_sealed(preamble, header, forged, values))
+    with Repository.open(consumer) as repo:
+        before = repo.refs()
+    result = cli("apply", consumer, bundle)
+    assert_one_line_error(result, "bundle rejected", "is not a plain file name", exit_code=4)
+    assert "\x1b" not in result.stderr
+    with Repository.open(consumer) as repo:
+        assert repo.refs() == before
