@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,48 @@ def control_character(name: str) -> str | None:
     `show`, `verify` and errors; a name carrying terminal escapes could rewrite what users see."""
     found = _CONTROL.search(name)
     return f"U+{ord(found.group()):04X}" if found else None
+
+
+_UNSAFE_CATEGORIES = {"Cc": "control character", "Cf": "format character", "Cs": "lone surrogate"}
+
+
+def unsafe_character(name: str) -> str | None:
+    """What makes a name unsafe to print or to use as a file name, e.g. "format character (U+202E)",
+    or None. Refused: control characters (Cc: terminal escapes), format characters (Cf: bidi
+    overrides such as U+202E and invisible characters, which make a name read as another) and
+    lone surrogates (Cs: not encodable as UTF-8, so such a name cannot be stored or printed).
+
+    Names are almost always ASCII, where only Cc can occur, so the regex decides those; other names
+    are checked character by character against this Python's Unicode tables."""
+    found = control_character(name)
+    if found:
+        return f"control character ({found})"
+    if name.isascii():
+        return None
+    for character in name:
+        kind = _UNSAFE_CATEGORIES.get(unicodedata.category(character))
+        if kind:
+            return f"{kind} (U+{ord(character):04X})"
+    return None
+
+
+INT64_MAX = 2**63 - 1
+
+
+def shape_problem(shape: object) -> str | None:
+    """Why `shape` cannot describe a tensor, or None. Every dimension, and the product of the
+    non-zero ones, must fit in int64: that is what torch and numpy index with, and a zero dimension
+    would otherwise let any other dimension through the byte-count check (0 * 2**64 == 0)."""
+    if not isinstance(shape, (list, tuple)) or not all(map(is_count, shape)):
+        return "not a list of non-negative integers"
+    extent = 1
+    for dimension in shape:
+        if dimension > INT64_MAX:
+            return f"dimension {dimension} exceeds int64"
+        extent *= dimension or 1
+        if extent > INT64_MAX:
+            return "the product of its non-zero dimensions exceeds int64"
+    return None
 
 
 @dataclass(frozen=True)
@@ -197,11 +240,11 @@ def _entry_from_fields(fields: list[Any]) -> TensorEntry:
     error = TensorError(float(rest[0][0]), float(rest[0][1])) if rest and rest[0] is not None else None
     if not isinstance(tensor_digest, bytes) or len(tensor_digest) != DIGEST_SIZE:
         raise ManifestError(f"tensor {name!r} has a malformed digest")
-    if not isinstance(name, str) or control_character(name):
-        raise ManifestError(f"tensor name {name!r} is not a string without control characters")
+    if not isinstance(name, str) or unsafe_character(name):
+        raise ManifestError(f"tensor name {name!r} is not a string without control or format characters")
     if dtype not in DTYPE_BITS:
         raise ManifestError(f"tensor {name!r} has unknown dtype {dtype!r}")
-    if not isinstance(shape, list) or not all(is_count(d) for d in shape):
+    if not isinstance(shape, list) or shape_problem(shape):
         raise ManifestError(f"tensor {name!r} has an invalid shape")
     refs = tuple(ChunkRef(bytes(key), int(raw_len), int(stored_len)) for key, raw_len, stored_len in chunks)
     # Bounds before anything allocates by these numbers: a reader sizes its buffers from them.
@@ -224,8 +267,15 @@ def _entry_from_fields(fields: list[Any]) -> TensorEntry:
 
 
 def _is_plain_file_name(name: str) -> bool:
-    """Names a snapshot may write on export: no directories, no hidden or special names."""
-    return bool(name) and Path(name).name == name and not name.startswith(".") and "\\" not in name
+    """Names a snapshot may write on export: no directories, no hidden or special names, and
+    nothing a terminal would act on when `ls` prints the exported directory."""
+    return (
+        bool(name)
+        and Path(name).name == name
+        and not name.startswith(".")
+        and "\\" not in name
+        and unsafe_character(name) is None
+    )
 
 
 def is_count(value: object) -> bool:

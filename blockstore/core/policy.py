@@ -22,6 +22,7 @@ from typing import Any
 
 from blockstore.codecs import DEFAULT_BLOCK_SIZE, LOSSLESS, LOSSY_SOURCE_DTYPES, lossy_codec
 from blockstore.core.dtypes import INTEGER_DTYPES, nbytes_of
+from blockstore.core.source import read_regular_file
 from blockstore.errors import InvalidArgument
 
 if sys.version_info >= (3, 11):
@@ -37,6 +38,14 @@ LOSSY_TIERS = ("int8", "fp8", "int4")
 TIERS = (LOSSLESS, *LOSSY_TIERS)
 LOSSY_DTYPES = frozenset(LOSSY_SOURCE_DTYPES)
 SMALL_TENSOR_BYTES = 64 << 10
+MAX_POLICY_BYTES = 1 << 20
+"""A policy is a few dozen lines; the cap keeps a hostile file from costing minutes and gigabytes."""
+MAX_RULES = 1000
+"""Every rule is tried against every tensor, so their number multiplies pack's classification work."""
+MAX_GLOB_CHARS = 1000
+MAX_GLOB_WILDCARDS = 64
+"""Bounds on one glob: tensor names are a few hundred characters at most, so a longer pattern
+matches nothing useful, and compiling a glob costs time and memory in proportion to its length."""
 DRIFT_BOUNDS = ("min_cosine", "min_top1", "max_logit_diff", "max_ppl_increase")
 # Default end-to-end bounds by the loosest tier in a snapshot: mean-pooled cosine similarity of
 # hidden states, top-1 agreement of next-token predictions, relative perplexity increase.
@@ -77,12 +86,40 @@ def default_side(name: str, dtype: str, shape: tuple[int, ...]) -> tuple[str, st
 
 @dataclass(frozen=True)
 class Rule:
-    """An override: tensors matching `pattern` (a glob) go to `side` and/or get `tier`."""
+    """An override: tensors matching `pattern` (a glob) go to `side` and/or get `tier`.
+
+    The glob is bounded and compiled once, here: fnmatch's translation puts each `*` in an atomic
+    group, so matching is linear in the name and a pattern cannot backtrack exponentially."""
 
     pattern: str
     side: str | None = None
     tier: str | None = None
     origin: str = "policy"
+    regex: re.Pattern[str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "regex", compile_glob(self.pattern, self.origin))
+
+    def matches(self, name: str) -> bool:
+        return self.regex.match(name) is not None
+
+
+def compile_glob(pattern: str, where: str) -> re.Pattern[str]:
+    """An anchored regex for a glob (fnmatch's case-sensitive rules), refusing pathological globs."""
+    shown = repr(pattern[:40]) + ("..." if len(pattern) > 40 else "")
+    if len(pattern) > MAX_GLOB_CHARS:
+        raise InvalidArgument(
+            f"{where}: glob {shown} is {len(pattern)} characters, more than the {MAX_GLOB_CHARS} allowed"
+        )
+    wildcards = sum(pattern.count(symbol) for symbol in "*?[")
+    if wildcards > MAX_GLOB_WILDCARDS:
+        raise InvalidArgument(
+            f"{where}: glob {shown} has {wildcards} wildcards, more than the {MAX_GLOB_WILDCARDS} allowed"
+        )
+    try:
+        return re.compile(fnmatch.translate(pattern))
+    except (re.error, RecursionError) as exc:  # not expected from fnmatch's output; kept one line
+        raise InvalidArgument(f"{where}: glob {shown} cannot be compiled ({exc})") from None
 
 
 @dataclass(frozen=True)
@@ -105,6 +142,14 @@ class Policy:
     drift: dict[str, dict[str, float]] = field(default_factory=dict)
     source: str = "defaults"
 
+    def __post_init__(self) -> None:
+        # A NaN bound fails every comparison, so check-drift would pass anything: the gate off.
+        for tier, bounds in self.drift.items():
+            for key, value in bounds.items():
+                if not math.isfinite(value):
+                    where = "[drift]" if tier == "*" else f"[drift.{tier}]"
+                    raise InvalidArgument(f"{self.source} {where}: {key} = {value} is not a finite number")
+
     def drift_bounds(self, tier: str) -> dict[str, float]:
         """Bounds for a snapshot whose loosest tier is `tier`: defaults, then the policy's
         [drift] values, then its [drift.TIER] values."""
@@ -115,7 +160,7 @@ class Policy:
         side, reason = default_side(name, dtype, shape)
         asked: Rule | None = None
         for rule in self.rules:
-            if fnmatch.fnmatchcase(name, rule.pattern):
+            if rule.matches(name):
                 if rule.side:
                     side, reason = rule.side, f"{rule.origin} {rule.pattern!r}"
                 if rule.tier:
@@ -156,14 +201,16 @@ def _check_keys(table: dict[str, Any], allowed: set[str], where: str) -> None:
         raise InvalidArgument(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(allowed))})")
 
 
-def read_toml(path: Path) -> dict[str, Any]:
-    """A TOML file's tables; an unreadable or invalid file is one error naming it."""
+def read_toml(path: Path, limit: int = MAX_POLICY_BYTES) -> dict[str, Any]:
+    """A TOML file's tables; an unreadable, oversized, non-regular or invalid file is one error
+    naming it (a FIFO is refused, not waited on)."""
+    data = read_regular_file(path, limit, "TOML file")
     try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise InvalidArgument(f"{path}: {exc.strerror}") from None
+        return tomllib.loads(data.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise InvalidArgument(f"{path}: not valid TOML ({exc})") from None
+    except RecursionError:
+        raise InvalidArgument(f"{path}: not valid TOML (nested too deeply)") from None
 
 
 def load_policy(path: Path) -> Policy:
@@ -201,6 +248,8 @@ def load_policy(path: Path) -> Policy:
     raw_rules = document.get("rule", [])
     if not isinstance(raw_rules, list):
         raise InvalidArgument(f"{where}: rule must be an array of tables ([[rule]])")
+    if len(raw_rules) > MAX_RULES:
+        raise InvalidArgument(f"{where}: {len(raw_rules)} rules, more than the {MAX_RULES} allowed")
     for index, rule in enumerate(raw_rules, 1):
         rule_where = f"{where} rule {index}"
         if not isinstance(rule, dict) or not isinstance(rule.get("match"), str):
@@ -210,6 +259,7 @@ def load_policy(path: Path) -> Policy:
         if side is not None and side not in SIDES:
             raise InvalidArgument(f"{rule_where}: side {side!r} is not static or dynamic")
         tier = _check_tier(rule["tier"], rule_where) if "tier" in rule else None
+        compile_glob(rule["match"], rule_where)  # the error names the file's path, not just its name
         rules.append(Rule(rule["match"], side, tier, origin=f"{path.name} rule {index}"))
     drift = _drift_bounds(_table(document, "drift", where), where)
     return Policy(
@@ -237,7 +287,11 @@ def _drift_numbers(table: dict[str, Any], where: str) -> dict[str, float]:
     _check_keys(table, set(DRIFT_BOUNDS), where)
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in table.values()):
         raise InvalidArgument(f"{where}: bounds must be numbers")
-    return {key: float(value) for key, value in table.items()}
+    bounds = {key: float(value) for key, value in table.items()}
+    for key, value in bounds.items():
+        if not math.isfinite(value):
+            raise InvalidArgument(f"{where}: {key} = {value} is not a finite number")
+    return bounds
 
 
 def _table(document: dict[str, Any], name: str, where: str) -> dict[str, Any]:

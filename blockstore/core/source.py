@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from blockstore.core.dtypes import DTYPE_BITS, nbytes_of
-from blockstore.core.manifests import control_character, is_count
+from blockstore.core.manifests import is_count, shape_problem, unsafe_character
 from blockstore.errors import InvalidArgument, InvalidSafetensors, UnsupportedInput
 
 MAX_HEADER_BYTES = 100_000_000
@@ -28,6 +29,8 @@ INDEX_NAME = "model.safetensors.index.json"
 SIDE_FILES = ("config.json", "generation_config.json")
 """Small files kept verbatim in a snapshot next to the weights (the runtime builds models from them)."""
 MAX_SIDE_FILE_BYTES = 16 << 20
+MAX_INDEX_BYTES = 64 << 20
+"""A shard index lists one line per tensor; even a 100,000-tensor model's index is a few MB."""
 PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"})
 _PICKLE_MAGIC = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
 _TENSOR_KEYS = frozenset({"dtype", "shape", "data_offsets"})
@@ -73,6 +76,56 @@ class ModelSource:
     extras: dict[str, bytes] = field(default_factory=dict)
 
 
+_FILE_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
+
+
+def _file_kind(mode: int) -> str:
+    return next((kind for test, kind in _FILE_KINDS if test(mode)), "not a regular file")
+
+
+def open_regular(path: Path) -> int:
+    """A read-only descriptor of `path`, refused unless it is a regular file (after symlinks).
+
+    Opened non-blocking, so a FIFO whose writer never comes cannot hang the open; the kind is then
+    read from the open descriptor itself, so nothing can swap the file between check and read."""
+    try:
+        handle = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise InvalidArgument(f"{path}: cannot read ({exc.strerror})") from None
+    mode = os.fstat(handle).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(handle)
+        raise UnsupportedInput(
+            path, f"is {_file_kind(mode)}, not a regular file; only regular files are read"
+        )
+    os.set_blocking(handle, True)
+    return handle
+
+
+def read_regular_file(path: Path, limit: int, what: str) -> bytes:
+    """The whole of a small regular file, refused (one line naming it) when larger than `limit`."""
+    handle = open_regular(path)
+    try:
+        size = os.fstat(handle).st_size
+        if size > limit:
+            raise InvalidArgument(f"{path}: {what} is {size} bytes, more than the {limit}-byte limit")
+        with os.fdopen(handle, "rb", closefd=False) as stream:
+            data = stream.read(limit + 1)
+    except OSError as exc:
+        raise InvalidArgument(f"{path}: cannot read ({exc.strerror})") from None
+    finally:
+        os.close(handle)
+    if len(data) > limit:  # grew since fstat
+        raise InvalidArgument(f"{path}: {what} is more than the {limit}-byte limit")
+    return data
+
+
 def _refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     result: dict[str, Any] = {}
     for key, value in pairs:
@@ -86,15 +139,17 @@ def _parse_tensor(path: Path, name: str, info: object) -> TensorInfo:
     def bad(reason: str) -> InvalidSafetensors:
         return InvalidSafetensors(path, f"tensor {name!r} {reason}")
 
-    if control_character(name):
-        raise bad(f"has a control character ({control_character(name)}) in its name")
+    problem = unsafe_character(name)
+    if problem:
+        raise bad(f"has a {problem} in its name")
     if not isinstance(info, dict) or set(info) != _TENSOR_KEYS:
         raise bad("must have exactly the keys dtype, shape, data_offsets")
     dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
     if dtype not in DTYPE_BITS:
         raise bad(f"has unknown dtype {dtype!r}")
-    if not isinstance(shape, list) or not all(map(is_count, shape)):
-        raise bad(f"has an invalid shape {shape!r}")
+    shape_error = shape_problem(shape) if isinstance(shape, list) else "not a list"
+    if shape_error:
+        raise bad(f"has an invalid shape {shape!r} ({shape_error})")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(is_count, offsets))):
         raise bad(f"has invalid data_offsets {offsets!r}")
     begin, end = offsets
@@ -127,7 +182,7 @@ def read_safetensors(path: Path) -> SafetensorsFile:
 
 def _validate(path: Path) -> SafetensorsFile:
     try:
-        with open(path, "rb") as handle:
+        with os.fdopen(open_regular(path), "rb") as handle:
             size = os.fstat(handle.fileno()).st_size
             prefix = handle.read(8)
             if len(prefix) < 8:
@@ -201,19 +256,17 @@ def read_range(handle: int, offset: int, length: int, path: Path) -> bytes:
 
 
 def _read_side_file(path: Path) -> bytes:
-    if path.stat().st_size > MAX_SIDE_FILE_BYTES:
-        raise InvalidArgument(f"{path}: side file larger than {MAX_SIDE_FILE_BYTES} bytes")
-    return path.read_bytes()
+    return read_regular_file(path, MAX_SIDE_FILE_BYTES, "side file")
 
 
 def _shards_from_index(index_path: Path) -> list[Path]:
     try:
-        weight_map = json.loads(index_path.read_bytes())["weight_map"]
+        weight_map = json.loads(read_regular_file(index_path, MAX_INDEX_BYTES, "shard index"))["weight_map"]
         names = sorted(set(weight_map.values()))
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
         raise InvalidArgument(f"{index_path}: not a valid safetensors index ({exc})") from None
     for name in names:
-        if not isinstance(name, str) or Path(name).name != name:
+        if not isinstance(name, str) or Path(name).name != name or unsafe_character(name):
             raise InvalidArgument(f"{index_path}: shard name {name!r} must be a plain file name")
     return [index_path.parent / name for name in names]
 
@@ -240,14 +293,18 @@ def discover(inputs: Iterable[Path]) -> ModelSource:
     for path in inputs:
         if path.is_dir():
             weights, sides = _files_in_directory(path)
-        elif path.is_file():
-            weights = [path]
+        elif path.exists():
+            weights = [path]  # read_safetensors refuses anything but a regular file
             sides = [path.parent / name for name in SIDE_FILES if (path.parent / name).is_file()]
         else:
             raise InvalidArgument(f"{path}: no such file or directory")
         weight_paths += weights
         side_paths += [side for side in sides if side not in side_paths]
     names = [path.name for path in weight_paths]
+    for path in weight_paths:
+        problem = unsafe_character(path.name)
+        if problem:  # the name is stored in the snapshot and written back on export
+            raise InvalidArgument(f"{path.parent}: file name {path.name!r} has a {problem}")
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
         raise InvalidArgument(

@@ -2,12 +2,17 @@
 
 Each file is written to a temporary name beside its target, fsynced, and renamed over it, so a
 crash or a damaged chunk never leaves a half-written file under the real name. Every chunk is
-checked against its key and every tensor against its digest on the way out.
+checked against its key and every tensor against its digest on the way out. A killed export
+cannot remove its temporary file, so each export first removes the ones dead exports left behind.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import re
+import stat
 import struct
 import time
 from collections.abc import Iterable, Iterator
@@ -18,7 +23,11 @@ from blockstore.core.manifests import Snapshot, SnapshotId, SourceFile
 from blockstore.errors import InvalidArgument
 from blockstore.progress import Progress, Silent
 from blockstore.repo import Repository
-from blockstore.storage.lmdb import short_id
+from blockstore.storage.base import process_alive, short_id
+
+_PARTIAL_NAME = re.compile(r"\.(?P<target>.+)\.partial-(?P<pid>[1-9][0-9]{0,9})")
+"""Exactly the temporary names `write_atomically` makes: `.NAME.partial-PID`."""
+_MAX_PID = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -56,6 +65,7 @@ def write_atomically(path: Path, blocks: Iterable[bytes | bytearray]) -> int:
     written = 0
     try:
         with open(temp, "wb") as handle:
+            _hold_lock(handle.fileno())
             for block in blocks:
                 handle.write(block)
                 written += len(block)
@@ -67,6 +77,58 @@ def write_atomically(path: Path, blocks: Iterable[bytes | bytearray]) -> int:
         raise
     _fsync_directory(path.parent)
     return written
+
+
+def _hold_lock(handle: int) -> None:
+    """Lock the temporary file while it is written, so a cleaner on another host that shares the
+    directory (same PID, other machine) sees it is in use; the kernel drops the lock when the
+    writer dies. A filesystem without locks only loses that cross-host guard."""
+    with contextlib.suppress(OSError):
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def remove_stale_partials(directory: Path) -> list[Path]:
+    """Remove the temporary files of exports that died in `directory`; returns what was removed.
+
+    Only names of exactly export's own pattern are touched, and only when the PID in the name is
+    not a live process on this host, the file is a regular file (not a link), and nobody holds its
+    lock (an export on another host sharing the directory holds one while it writes)."""
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return []
+    removed = []
+    for entry in entries:
+        found = _PARTIAL_NAME.fullmatch(entry.name)
+        if not found:
+            continue
+        pid = int(found.group("pid"))
+        if pid > _MAX_PID or pid == os.getpid() or process_alive(pid):
+            continue
+        if _unlink_if_unlocked(Path(entry.path)):
+            removed.append(Path(entry.path))
+    return removed
+
+
+def _unlink_if_unlocked(path: Path) -> bool:
+    try:
+        handle = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        opened = os.fstat(handle)
+        if not stat.S_ISREG(opened.st_mode):
+            return False
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        now = os.lstat(path)
+        if (now.st_dev, now.st_ino) != (opened.st_dev, opened.st_ino):
+            return False  # replaced since it was opened: not the file judged stale
+        path.unlink()
+        return True
+    except OSError:  # locked by a live writer, locks unsupported, or already gone
+        return False
+    finally:
+        os.close(handle)
 
 
 def _file_blocks(
@@ -102,6 +164,8 @@ def export(
         out.mkdir(parents=True, exist_ok=True)
         targets = {source: out / source.name for source in snapshot.files}
         extras = dict(snapshot.extras)
+    for directory in {path.parent for path in targets.values()} | ({out} if extras else set()):
+        remove_stale_partials(directory)
     written = 0
     for source, path in targets.items():
         written += write_atomically(path, _file_blocks(repo, snapshot_id, snapshot, source, progress))
