@@ -131,7 +131,7 @@ def test_damaged_chunk_tree_is_named_by_every_reader(packed, tmp_path: Path, how
     with pytest.raises(StoreCorrupt, match="chunk"):
         weights = open_lazy(store)
         try:
-            for name in weights.keys():
+            for name in weights:
                 weights[name].materialize()
         finally:
             weights.close()
@@ -228,7 +228,7 @@ def test_writer_refuses_after_lock_file_is_replaced(packed, tmp_path: Path) -> N
         (store / "lock.mdb").unlink()
         other = run_cli("pack", second, "--store", store, "--ref", "other")
         assert other.returncode == 0, other.stderr  # a second writer, on a fresh lock.mdb
-        with pytest.raises(EnvironmentFailure, match="lock.mdb was removed or replaced"):
+        with pytest.raises(EnvironmentFailure, match=r"lock\.mdb was removed or replaced"):
             pack(repo, [third], chunk_size=4096)
     assert cli("verify", "--deep", store).exit_code == 0
     with Repository.open(store) as repo:
