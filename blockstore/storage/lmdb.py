@@ -825,9 +825,8 @@ def _lmdb_failure(path: Path, exc: lmdb.Error, doing: str, *, writing: bool) -> 
         if stats is not None and stats.f_bavail * stats.f_frsize < _NEARLY_FULL:
             free = stats.f_bavail * stats.f_frsize
             cause = f"no space left on device ({free} bytes free; LMDB reported {exc})"
-    if writing:
-        cause += "; nothing of this write was committed"
-    return EnvironmentFailure(f"store {path}", f"{cause} while {doing}")
+    committed = "; nothing of this write was committed" if writing else ""
+    return EnvironmentFailure(f"store {path}", f"{cause} while {doing}{committed}")
 
 
 class _Transaction:
