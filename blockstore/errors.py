@@ -152,3 +152,12 @@ class Regression(BlockstoreError):
 
     exit_code = 7
     template = "{} metric(s) regressed beyond tolerance; worst: {}"
+
+
+class EnvironmentFailure(BlockstoreError):
+    """Exit 8: the machine refused an operation on a path (no space left, no permission, a read-only
+    filesystem, an I/O error, a lock file pulled from under a writer). Nothing says the data is
+    damaged (that is exit 4); the same command can succeed once the cause in the message is fixed."""
+
+    exit_code = 8
+    template = "{}: {}"

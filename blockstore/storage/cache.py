@@ -11,6 +11,7 @@ values by evicting arbitrary entries (keys are hashes, so LMDB key order is effe
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from blockstore.core.hashing import ChunkKey
-from blockstore.errors import ChunkMissing
+from blockstore.errors import ChunkMissing, StoreExists
 from blockstore.storage.base import Capabilities, Store
 from blockstore.storage.lmdb import LmdbStore
 from blockstore.storage.wrapper import StoreWrapper
@@ -36,7 +37,8 @@ class ReadThroughCache(StoreWrapper):
     def __init__(self, remote: Store, directory: Path, budget: int = DEFAULT_CACHE_BYTES) -> None:
         super().__init__(remote)
         if not (directory / "data.mdb").exists():
-            LmdbStore.create(directory).close()
+            with contextlib.suppress(StoreExists):  # another process made it first: use theirs
+                LmdbStore.create(directory).close()
         self.local = LmdbStore(directory)
         self.budget = budget
         self.hits = 0

@@ -19,8 +19,12 @@ stale: ignored, reported by `doctor`, and removed by the next gc.
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
+import socket
 import struct
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -33,7 +37,9 @@ import lmdb
 
 from blockstore.core.hashing import ChunkKey
 from blockstore.errors import (
+    BlockstoreError,
     ChunkMissing,
+    EnvironmentFailure,
     InvalidArgument,
     RefConflict,
     SnapshotNotFound,
@@ -50,6 +56,7 @@ from blockstore.storage.base import (  # Lease, ReflogEntry, short_id: re-export
     ReflogEntry,
     StoreBase,
     blocking_leases,
+    process_alive,
     short_id,
 )
 from blockstore.storage.faults import crash_point
@@ -62,6 +69,8 @@ INITIAL_MAP_SIZE = 1 << 30
 MAX_READERS = 256
 _DB_NAMES = (b"chunks", b"snapshots", b"refs", b"reflog", b"meta")
 _LEASE_PREFIX = b"lease/"
+_BUILD_MARK = ".creating-"
+"""Directories `create` builds a store in are named `<prefix>.creating-<host>-<pid>-<random>`."""
 _T = TypeVar("_T")
 
 
@@ -127,6 +136,8 @@ class _SharedEnv:
     dbs: dict[str, object]
     readonly: bool
     stale_readers_cleared: int
+    lock_file: tuple[int, int] | None
+    """(st_dev, st_ino) of the lock.mdb this environment locks through; None without one."""
     users: int = 0
     gate: _ResizeGate = field(default_factory=_ResizeGate)
 
@@ -169,21 +180,65 @@ class LmdbStore(StoreBase):
 
     @classmethod
     def create(cls, path: Path, params: dict[str, int] | None = None) -> LmdbStore:
-        """Create an empty store with creation `params` in `meta`; refuses a non-empty path."""
-        if path.exists() and (not path.is_dir() or any(path.iterdir())):
-            raise StoreExists(path)
-        path.mkdir(parents=True, exist_ok=True)
-        env = lmdb.open(str(path), map_size=INITIAL_MAP_SIZE, max_dbs=len(_DB_NAMES), create=True)
-        with env.begin(write=True) as txn:
-            meta = env.open_db(b"meta", txn=txn)
-            for name in _DB_NAMES:
-                env.open_db(name, txn=txn)
-            txn.put(b"format", STORE_FORMAT.encode(), db=meta)
-            txn.put(b"created_ns", str(time.time_ns()).encode(), db=meta)
-            for name, value in (params or {}).items():
-                txn.put(name.encode(), str(value).encode(), db=meta)
-        env.close()
+        """Create an empty store with creation `params` in `meta`; refuses a non-empty path.
+
+        Atomic, so a killed init leaves either nothing or a whole store, never a data.mdb without
+        its sub-databases (which no command could open and init would refuse): the environment is
+        built in a temporary directory and appears in one step. A new path is that directory
+        renamed into place; an existing empty directory (perhaps a mount point, or one whose owner
+        and mode the user chose) is kept, and the finished data.mdb is hard-linked into it, which
+        fails if another init got there first. Build directories of dead processes are removed."""
+        try:
+            if path.is_dir():
+                _remove_abandoned_builds(path, _BUILD_MARK)
+            if path.exists() and (not path.is_dir() or any(path.iterdir())):
+                raise StoreExists(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if path.is_dir():
+                cls._create_inside(path, params)
+            else:
+                cls._create_beside(path, params)
+        except OSError as exc:
+            raise _os_failure(f"store {path}", exc, "creating it") from None
         return cls(path)
+
+    @classmethod
+    def _create_beside(cls, path: Path, params: dict[str, int] | None) -> None:
+        prefix = f".{path.name}{_BUILD_MARK}"
+        _remove_abandoned_builds(path.parent, prefix)
+        building = Path(tempfile.mkdtemp(prefix=f"{prefix}{_build_owner()}-", dir=path.parent))
+        try:
+            _build_environment(building, params)
+            try:
+                os.rename(building, path)
+            except OSError as exc:
+                if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise StoreExists(path) from None
+                raise
+        except BaseException:
+            shutil.rmtree(building, ignore_errors=True)
+            raise
+        _fsync_directory(path.parent)
+
+    @classmethod
+    def _create_inside(cls, path: Path, params: dict[str, int] | None) -> None:
+        building = Path(tempfile.mkdtemp(prefix=f"{_BUILD_MARK}{_build_owner()}-", dir=path))
+        try:
+            _build_environment(building, params)
+            try:
+                os.link(building / "data.mdb", path / "data.mdb")
+            except FileExistsError:
+                raise StoreExists(path) from None
+            except OSError as exc:
+                if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+                    raise
+                # A filesystem without hard links: rename, checking first (a narrow race remains).
+                if (path / "data.mdb").exists():
+                    raise StoreExists(path) from None
+                os.rename(building / "data.mdb", path / "data.mdb")
+            _fsync_directory(path)
+        finally:
+            shutil.rmtree(building, ignore_errors=True)
 
     @property
     def stale_readers_cleared(self) -> int:
@@ -210,22 +265,16 @@ class LmdbStore(StoreBase):
         self._env, self._dbs, self._key, self._gate = shared.env, shared.dbs, key, shared.gate
         self._pid = os.getpid()
 
-    def _open_lmdb(self) -> tuple[lmdb.Environment, dict[str, object], bool, int]:
+    def _open_lmdb(self) -> tuple[lmdb.Environment, dict[str, object], bool, int, tuple[int, int] | None]:
         if not (self.path / "data.mdb").is_file():
             raise StoreNotFound(self.path, self.path)
-        size = (self.path / "data.mdb").stat().st_size
         try:
-            env = lmdb.open(
-                str(self.path),
-                map_size=max(INITIAL_MAP_SIZE, 2 * size),
-                max_dbs=len(_DB_NAMES),
-                max_readers=MAX_READERS,
-                create=False,
-                readonly=self.readonly,
-                # Chunk values are MiBs of contiguous overflow pages read front to back: without
-                # the kernel's readahead a cold read faults 4 KiB at a time (MiniLM: 1.9 s vs 0.27 s).
-                readahead=True,
-            )
+            _check_data_file(self.path)
+            size = (self.path / "data.mdb").stat().st_size
+        except OSError as exc:
+            raise _os_failure(f"store {self.path}", exc, "reading data.mdb") from None
+        try:
+            env = self._lmdb_environment(size, lock=True)
         except lmdb.Error as exc:
             if os.path.realpath(self.path) in _INHERITED:
                 raise InvalidArgument(
@@ -233,8 +282,19 @@ class LmdbStore(StoreBase):
                     "handles cannot cross fork(): open it only in processes started after that "
                     "(or with the 'spawn' start method)"
                 ) from None
-            raise StoreCorrupt(self.path, f"LMDB cannot open it ({exc})") from None
+            if not (self.readonly and _errno_of(exc) in (errno.EACCES, errno.EPERM, errno.EROFS)):
+                raise _lmdb_failure(self.path, exc, "opening it", writing=not self.readonly) from None
+            # A reader without write access to lock.mdb (or its directory) opens without the lock
+            # file; see `lockless`.
+            try:
+                env = self._lmdb_environment(size, lock=False)
+            except lmdb.Error as exc:
+                raise _lmdb_failure(self.path, exc, "opening it without lock.mdb", writing=False) from None
+        lock_file = None
         try:
+            if env.flags()["lock"] and not self.readonly:
+                lock_stat = os.stat(self.path / "lock.mdb")
+                lock_file = (lock_stat.st_dev, lock_stat.st_ino)
             # Reader slots of killed processes pin old pages forever (the file only grows); clear them.
             stale = env.reader_check()
             dbs = {name.decode(): env.open_db(name, create=False) for name in _DB_NAMES}
@@ -245,11 +305,37 @@ class LmdbStore(StoreBase):
                 raise StoreFormatMismatch(self.path, found_format, " or ".join(READABLE_FORMATS))
         except lmdb.Error as exc:
             env.close()
-            raise StoreCorrupt(self.path, f"LMDB cannot open it ({exc})") from None
+            raise _lmdb_failure(self.path, exc, "opening it", writing=False) from None
+        except OSError as exc:
+            env.close()
+            raise _os_failure(f"store {self.path}", exc, "opening lock.mdb") from None
         except BaseException:
             env.close()
             raise
-        return env, dbs, self.readonly, stale
+        return env, dbs, self.readonly, stale, lock_file
+
+    def _lmdb_environment(self, size: int, *, lock: bool) -> lmdb.Environment:
+        return lmdb.open(
+            str(self.path),
+            map_size=max(INITIAL_MAP_SIZE, 2 * size),
+            max_dbs=len(_DB_NAMES),
+            max_readers=MAX_READERS,
+            create=False,
+            readonly=self.readonly,
+            lock=lock,
+            # Chunk values are MiBs of contiguous overflow pages read front to back: without
+            # the kernel's readahead a cold read faults 4 KiB at a time (MiniLM: 1.9 s vs 0.27 s).
+            readahead=True,
+        )
+
+    @property
+    def lockless(self) -> bool:
+        """Opened read-only without lock.mdb, because this process may not write to it (a store
+        on a read-only mount, or one whose files it may only read). Such a reader takes no reader
+        slot, so a writer elsewhere does not know it is there and may reuse pages it is still
+        reading: a long read can meet a later write's bytes. Every chunk is checked against its
+        key, so that surfaces as damage and never as wrong weights; reopening reads the new state."""
+        return not self.env.flags()["lock"]
 
     def meta_int(self, name: str) -> int | None:
         """A creation parameter recorded at `create`, or None for stores made without it."""
@@ -266,22 +352,29 @@ class LmdbStore(StoreBase):
 
     @contextmanager
     def _begin(
-        self, db: str | None = None, *, write: bool = False, buffers: bool = False
+        self, db: str | None = None, *, write: bool = False, buffers: bool = False, doing: str | None = None
     ) -> Iterator[lmdb.Transaction]:
         """A transaction (committed when the block ends normally, aborted otherwise), inside this
         environment's resize gate. Adopts a map another process has grown meanwhile (a long-lived
-        reader such as the lazy runtime would otherwise fail on its next read after a pack)."""
+        reader such as the lazy runtime would otherwise fail on its next read after a pack). Any
+        LMDB error inside it, or from its commit, becomes a blockstore error (`_lmdb_failure`)
+        saying what was being done: `doing`, or reading/writing `db`."""
+        doing = doing or (f"writing {db or 'the store'}" if write else f"reading {db or 'the catalog'}")
         env = self.env  # first: after a fork it reopens, and the database handles with it
         handle = self._dbs[db] if db else None
+        if write:
+            self._check_lock_file()
         while True:
             with self._gate.transaction():
                 try:
                     txn = env.begin(db=handle, write=write, buffers=buffers)
                 except lmdb.MapResizedError:
                     txn = None
+                except lmdb.Error as exc:
+                    raise _lmdb_failure(self.path, exc, doing, writing=write) from None
                 if txn is not None:
-                    with txn:
-                        yield txn
+                    with _Transaction(self.path, txn, doing, write) as inner:
+                        yield inner
                     return
             self._resize(0)
 
@@ -291,6 +384,26 @@ class LmdbStore(StoreBase):
         with self._gate.exclusive():
             if seen is None or self.env.info()["map_size"] <= seen:
                 self.env.set_mapsize(size)
+
+    def _check_lock_file(self) -> None:
+        """Refuse to write once lock.mdb is not the file this environment locks through: someone
+        removed or replaced it, so a writer that opened the store since holds its write lock in
+        another file, and two writers at once would lose data."""
+        expected = self._shared().lock_file
+        if expected is None:
+            return
+        try:
+            current = os.stat(self.path / "lock.mdb")
+            found: tuple[int, int] | None = (current.st_dev, current.st_ino)
+        except FileNotFoundError:
+            found = None
+        if found != expected:
+            raise EnvironmentFailure(
+                f"store {self.path}",
+                "lock.mdb was removed or replaced while this process had the store open, so another "
+                "writer may not see this one's lock; refusing to write (nothing was written: run the "
+                "command again)",
+            )
 
     def close(self) -> None:
         """Leave the shared environment; the last user of it in this process closes it."""
@@ -311,7 +424,7 @@ class LmdbStore(StoreBase):
         while True:
             seen = self.env.info()["map_size"]
             try:
-                with self._begin(write=True) as txn:
+                with self._begin(write=True, doing=f"writing the {step} transaction") as txn:
                     result = body(txn)
                     crash_point(f"{step}.before-commit")
             except lmdb.MapFullError:
@@ -328,7 +441,7 @@ class LmdbStore(StoreBase):
     def with_value(self, key: ChunkKey, use: Callable[[bytes | memoryview], _T]) -> _T:
         """`use(value)` for the chunk `key`, the value a view of the memory map valid only during
         the call: a decoder reads it where it lies, with no copy of the stored bytes."""
-        with self._begin("chunks", buffers=True) as txn:
+        with self._begin("chunks", buffers=True, doing=f"reading chunk {key.hex()}") as txn:
             value = txn.get(key)
             if value is None:
                 raise ChunkMissing(key.hex())
@@ -534,3 +647,183 @@ def _last_with_prefix(txn: lmdb.Transaction, db: object, prefix: bytes) -> bytes
         return None
     key = cursor.key()
     return key if key.startswith(prefix) else None
+
+
+# creating a store atomically ------------------------------------------------------------------------
+
+
+def _build_owner() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _remove_abandoned_builds(directory: Path, prefix: str) -> None:
+    """Remove `create`'s build directories in `directory` left by killed processes on this host
+    (named `<prefix><host>-<pid>-<random>`); live ones, and other hosts' ones, are left alone."""
+    try:
+        entries = list(directory.iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        if not entry.name.startswith(prefix) or not entry.is_dir():
+            continue
+        owner, _, _random = entry.name[len(prefix) :].rpartition("-")
+        host, _, pid = owner.rpartition("-")
+        if host == socket.gethostname() and pid.isdigit() and not process_alive(int(pid)):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _build_environment(directory: Path, params: dict[str, int] | None) -> None:
+    """A complete, empty store in `directory`: every sub-database, the format and `params`, synced."""
+    env = lmdb.open(str(directory), map_size=INITIAL_MAP_SIZE, max_dbs=len(_DB_NAMES), create=True)
+    try:
+        with env.begin(write=True) as txn:
+            meta = env.open_db(b"meta", txn=txn)
+            for name in _DB_NAMES:
+                env.open_db(name, txn=txn)
+            txn.put(b"format", STORE_FORMAT.encode(), db=meta)
+            txn.put(b"created_ns", str(time.time_ns()).encode(), db=meta)
+            for name, value in (params or {}).items():
+                txn.put(name.encode(), str(value).encode(), db=meta)
+        env.sync(True)
+    finally:
+        env.close()
+    _fsync_directory(directory)
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# checking data.mdb before it is mapped ----------------------------------------------------------
+
+# LMDB's file starts with two meta pages. Each is a 16-byte page header (pgno, pad, flags, lower,
+# upper) and then MDB_meta: magic u32, version u32, address, mapsize, two MDB_db records of 48
+# bytes (the first one's leading u32 holds the page size), last used page number, txn id — all
+# native-endian, 64-bit words on 64-bit hosts. LMDB uses the meta with the larger txn id.
+_META_MAGIC = 0xBEEFC0DE
+_META = struct.Struct("=QHHHHIIQQIHH40x48xQQ")
+_MIN_PAGE, _MAX_PAGE = 512, 1 << 16
+
+
+def _check_data_file(path: Path) -> None:
+    """Refuse a data.mdb shorter than the pages its own meta page says are in use. Mapping such a
+    file and reading past its end kills the process with SIGBUS, no message; a file cut short
+    (a failed copy, a full disk during rsync) must instead be named as damaged, exit 4.
+
+    Meta pages are read before the size is taken: a writer writes its pages before the meta that
+    counts them, so a size taken after never undercounts a concurrent commit."""
+    data_file = path / "data.mdb"
+    metas = []
+    with open(data_file, "rb") as handle:
+        first = handle.read(_META.size)
+        page_size = _META.unpack(first)[9] if len(first) == _META.size else 0
+        if _MIN_PAGE <= page_size <= _MAX_PAGE:
+            handle.seek(page_size)
+            second = handle.read(_META.size)
+            for page in (first, second):
+                if len(page) == _META.size:
+                    fields = _META.unpack(page)
+                    if fields[5] == _META_MAGIC:
+                        metas.append(fields)
+    size = os.stat(data_file).st_size
+    if not metas:
+        if size < 2 * _MIN_PAGE:
+            raise StoreCorrupt(path, f"data.mdb is {size} bytes, too short to hold LMDB's meta pages")
+        return  # not LMDB's layout as this host writes it: LMDB itself will say what is wrong
+    if size < 2 * page_size:
+        raise StoreCorrupt(path, f"data.mdb is truncated: {size} bytes, shorter than its two meta pages")
+    newest = max(metas, key=lambda fields: fields[-1])
+    last_page = newest[-2]
+    needed = (last_page + 1) * page_size
+    if size < needed:
+        raise StoreCorrupt(
+            path,
+            f"data.mdb is truncated: {size} bytes, but its meta page counts {last_page + 1} pages of "
+            f"{page_size} bytes ({needed} bytes) in use",
+        )
+
+
+# LMDB and OS errors into the hierarchy ----------------------------------------------------------
+
+_ENVIRONMENT_ERRNOS = {
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EFBIG: "file too large for this filesystem",
+    errno.EROFS: "read-only filesystem",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EIO: "input/output error",
+    errno.ENOMEM: "out of memory",
+    errno.EAGAIN: "the store is locked by another process",
+}
+_ENVIRONMENT_CLASSES = (
+    lmdb.DiskError,
+    lmdb.ReadonlyError,
+    lmdb.MemoryError,
+    lmdb.LockError,
+    lmdb.ReadersFullError,
+    lmdb.TlsFullError,
+    lmdb.MapFullError,
+)
+_NEARLY_FULL = 16 << 20
+"""Below this much free space, an I/O error on a write is taken for a full disk: LMDB reports a
+short write (the filesystem filling up mid-page) as EIO, not ENOSPC."""
+
+
+def _os_failure(what: str, exc: OSError, doing: str) -> BlockstoreError:
+    cause = _ENVIRONMENT_ERRNOS.get(exc.errno or 0, exc.strerror or str(exc))
+    return EnvironmentFailure(what, f"{cause} while {doing}")
+
+
+def _errno_of(exc: lmdb.Error) -> int | None:
+    """The errno behind an LMDB error: py-lmdb keeps only the message, which ends in strerror."""
+    message = str(exc)
+    for number in _ENVIRONMENT_ERRNOS:
+        if message.endswith(os.strerror(number)):
+            return number
+    return None
+
+
+def _lmdb_failure(path: Path, exc: lmdb.Error, doing: str, *, writing: bool) -> BlockstoreError:
+    """One LMDB error as a blockstore error: the environment's fault (exit 8) when it is about
+    space, permissions, locks or I/O, and damage to the store (exit 4) for everything else."""
+    number = _errno_of(exc)
+    if number is None and not isinstance(exc, _ENVIRONMENT_CLASSES):
+        return StoreCorrupt(path, f"LMDB failed {doing} ({exc})")
+    cause = _ENVIRONMENT_ERRNOS.get(number or 0, str(exc))
+    if writing and number in (errno.EIO, errno.ENOSPC):
+        try:
+            stats = os.statvfs(path)
+        except OSError:
+            stats = None
+        if stats is not None and stats.f_bavail * stats.f_frsize < _NEARLY_FULL:
+            free = stats.f_bavail * stats.f_frsize
+            cause = f"no space left on device ({free} bytes free; LMDB reported {exc})"
+    committed = "; nothing of this write was committed" if writing else ""
+    return EnvironmentFailure(f"store {path}", f"{cause} while {doing}{committed}")
+
+
+class _Transaction:
+    """An LMDB transaction as a context manager that turns LMDB errors raised inside it, or by its
+    commit, into blockstore errors: the one place where store operations' LMDB errors are mapped.
+    MapFullError passes through untouched, for `_write` to grow the map and retry."""
+
+    __slots__ = ("_doing", "_path", "_txn", "_write")
+
+    def __init__(self, path: Path, txn: lmdb.Transaction, doing: str, write: bool) -> None:
+        self._path, self._txn, self._doing, self._write = path, txn, doing, write
+
+    def __enter__(self) -> lmdb.Transaction:
+        return self._txn
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, traceback: Any) -> None:
+        try:
+            self._txn.__exit__(kind, exc, traceback)
+        except lmdb.Error as failure:
+            raise _lmdb_failure(self._path, failure, self._doing, writing=self._write) from None
+        if isinstance(exc, lmdb.Error) and not isinstance(exc, lmdb.MapFullError):
+            raise _lmdb_failure(self._path, exc, self._doing, writing=self._write) from None
