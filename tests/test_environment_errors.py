@@ -148,6 +148,9 @@ def test_export_whose_write_fails_with_enospc_names_the_file(
         def __init__(self, handle):
             self.handle = handle
 
+        def fileno(self):
+            return self.handle.fileno()
+
         def write(self, block):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
