@@ -35,6 +35,15 @@ class ApplyResult:
     chunks_added: int
     bytes_added: int
 
+    def to_json(self) -> dict[str, object]:
+        return {
+            "ref": self.ref,
+            "old": self.old.hex() if self.old else None,
+            "new": self.new.hex(),
+            "chunks_added": self.chunks_added,
+            "bytes_added": self.bytes_added,
+        }
+
 
 def _check_base(
     repo: Repository, bundle: Bundle, ref: str, current: SnapshotId | None, force_base: bool

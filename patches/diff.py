@@ -38,6 +38,19 @@ class DiffResult:
     model_stored_bytes: int
     model_raw_bytes: int
 
+    def to_json(self) -> dict[str, object]:
+        return {
+            "base": self.base.hex(),
+            "target": self.target.hex(),
+            "changed": list(self.changes.changed),
+            "added": list(self.changes.added),
+            "removed": list(self.changes.removed),
+            "chunks_shipped": self.chunks_shipped,
+            "bundle_bytes": self.bundle_bytes,
+            "model_stored_bytes": self.model_stored_bytes,
+            "model_raw_bytes": self.model_raw_bytes,
+        }
+
 
 def tensor_changes(old: Snapshot, new: Snapshot) -> TensorChanges:
     """Which tensors differ between two snapshots (by content digest, dtype and shape)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime, timezone
 
 from blockstore.core.manifests import SnapshotId
 from blockstore.errors import BlockstoreError, RefNotFound
@@ -22,6 +23,17 @@ class LogEntry:
     message: str
     tensors_changed: int | None
     """None when one side's snapshot is gone (collected by gc)."""
+
+    def to_json(self) -> dict[str, object]:
+        moved = datetime.fromtimestamp(self.time_ns / 1e9, tz=timezone.utc)
+        return {
+            "time": moved.isoformat(timespec="seconds"),
+            "old": self.old.hex() if self.old else None,
+            "new": self.new.hex(),
+            "op": self.op,
+            "message": self.message,
+            "tensors_changed": self.tensors_changed,
+        }
 
 
 def log(repo: Repository, ref: str) -> list[LogEntry]:

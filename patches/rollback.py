@@ -17,6 +17,9 @@ class RollbackResult:
     old: SnapshotId
     new: SnapshotId
 
+    def to_json(self) -> dict[str, object]:
+        return {"ref": self.ref, "old": self.old.hex(), "new": self.new.hex()}
+
 
 def rollback(
     repo: Repository, *, ref: str = DEFAULT_REF, to: str | None = None, steps: int = 1

@@ -36,6 +36,21 @@ class DoctorReport:
     reclaimable: GcReport
     """What `gc` (keeping the whole reflog) would delete now."""
 
+    def to_json(self) -> dict[str, object]:
+        return {
+            "stale_readers_cleared": self.stale_readers_cleared,
+            "reader_slots": self.reader_slots,
+            "max_readers": self.max_readers,
+            "map_size": self.map_size,
+            "map_used": self.map_used,
+            "file_bytes": self.file_bytes,
+            "leases": [
+                {"role": x.role, "pid": x.pid, "host": x.host, "age_s": x.age_s, "stale": x.stale}
+                for x in self.leases
+            ],
+            "reclaimable": self.reclaimable.to_json(),
+        }
+
 
 def doctor(repo: Repository) -> DoctorReport:
     store = repo.store

@@ -27,6 +27,14 @@ class ExportResult:
     bytes_written: int
     seconds: float
 
+    def to_json(self) -> dict[str, object]:
+        return {
+            "snapshot": self.snapshot_id.hex(),
+            "paths": [str(p) for p in self.paths],
+            "bytes": self.bytes_written,
+            "seconds": round(self.seconds, 3),
+        }
+
 
 def _fsync_directory(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY)

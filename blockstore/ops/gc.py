@@ -24,6 +24,15 @@ class GcReport:
     freed_bytes: int
     dry_run: bool
 
+    def to_json(self) -> dict[str, object]:
+        return {
+            "kept_snapshots": self.kept_snapshots,
+            "deleted_snapshots": list(self.deleted_snapshots),
+            "deleted_chunks": self.deleted_chunks,
+            "freed_bytes": self.freed_bytes,
+            "dry_run": self.dry_run,
+        }
+
 
 def reachable_snapshots(repo: Repository, keep: int | None) -> set[SnapshotId]:
     """Every ref's target, the targets of its last `keep` reflog entries (all when None), and the

@@ -60,6 +60,30 @@ class PackResult:
     def ratio(self) -> float:
         return self.stored_bytes / self.raw_bytes if self.raw_bytes else 1.0
 
+    def to_json(self, *, explain: bool = False) -> dict[str, object]:
+        """What `pack --json` prints; `explain` adds each tensor's side, tier and reason."""
+        payload: dict[str, object] = {
+            "snapshot": self.snapshot_id.hex(),
+            "ref": self.ref,
+            "unchanged": self.unchanged,
+            "tensors": self.tensors,
+            "raw_bytes": self.raw_bytes,
+            "stored_bytes": self.stored_bytes,
+            "ratio": round(self.ratio, 4),
+            "chunks": self.total_chunks,
+            "new_chunks": self.new_chunks,
+            "new_bytes": self.new_bytes,
+            "seconds": round(self.seconds, 3),
+            "mb_per_s": round(self.raw_bytes / 1e6 / self.seconds, 1) if self.seconds else None,
+            "groups": {key: group.to_json() for key, group in self.groups.items()},
+        }
+        if explain:
+            payload["explain"] = {
+                name: {"side": decision.side, "tier": decision.tier, "reason": decision.reason}
+                for name, decision in self.decisions.items()
+            }
+        return payload
+
 
 @dataclass(frozen=True)
 class GroupStats:
@@ -73,6 +97,15 @@ class GroupStats:
     @property
     def ratio(self) -> float:
         return self.stored_bytes / self.raw_bytes if self.raw_bytes else 1.0
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "tensors": self.tensors,
+            "raw_bytes": self.raw_bytes,
+            "stored_bytes": self.stored_bytes,
+            "worst_rel_error": self.worst_rel_error,
+            "ratio": round(self.ratio, 4),
+        }
 
 
 def group_stats(entries: Iterable[TensorEntry]) -> dict[str, GroupStats]:

@@ -25,6 +25,15 @@ class TransferResult:
     bytes_sent: int
     chunks_present: int
 
+    def to_json(self) -> dict[str, object]:
+        return {
+            "ref": self.ref,
+            "snapshot": self.snapshot.hex(),
+            "chunks_sent": self.chunks_sent,
+            "bytes_sent": self.bytes_sent,
+            "chunks_present": self.chunks_present,
+        }
+
 
 def transfer(source: Repository, destination: Repository, ref: str = DEFAULT_REF) -> TransferResult:
     """Make `ref` in `destination` point at the snapshot `ref` names in `source`."""

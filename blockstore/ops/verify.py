@@ -40,6 +40,15 @@ class Damage:
     tensor: str | None = None
     chunk: str | None = None
 
+    def to_json(self) -> dict[str, object]:
+        return {
+            "kind": self.kind,
+            "snapshot": self.snapshot,
+            "detail": self.detail,
+            "tensor": self.tensor,
+            "chunk": self.chunk,
+        }
+
     def line(self) -> str:
         where = f"snapshot {self.snapshot[:12]}"
         if self.tensor is not None:
@@ -61,6 +70,18 @@ class VerifyReport:
     @property
     def clean(self) -> bool:
         return not self.damages
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "clean": self.clean,
+            "deep": self.deep,
+            "snapshots": self.snapshots,
+            "tensors": self.tensors,
+            "chunks": self.chunks,
+            "bytes_checked": self.bytes_checked,
+            "damages": [damage.to_json() for damage in self.damages],
+            "orphans": list(self.orphans),
+        }
 
 
 def _chunk_problem(repo: Repository, key: ChunkKey, raw_len: int) -> tuple[str, str, bytearray | None]:
