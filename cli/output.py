@@ -7,7 +7,6 @@ own exit status (0 for a listing, still 4 for a damaged store), with no "Broken 
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -16,7 +15,6 @@ import unicodedata
 from typing import Any, Protocol
 
 import typer
-from rich.console import Console, RenderableType
 
 _UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
 """Control, format (bidi overrides, zero-width), surrogate and line/paragraph separator characters."""
@@ -78,13 +76,35 @@ def error(text: str) -> None:
     typer.echo(f"blockstore: error: {escape_control(text)}", err=True)
 
 
-def print_table(table: RenderableType) -> None:
-    """A rich table at the terminal's width (COLUMNS, else the terminal, else 80), plain text."""
+def _fold(text: str, width: int) -> list[str]:
+    """`text` cut into pieces of `width` characters (a name is folded, never shortened)."""
+    return [text[i : i + width] for i in range(0, len(text), width)] or [""]
+
+
+def print_rows(title: str, header: tuple[str, ...], rows: list[tuple[str, ...]], numeric: set[int]) -> None:
+    """A table whose first column is a name, fitted to the terminal's width (COLUMNS, else the
+    terminal, else 80): one line per row when the longest name leaves room for the other columns;
+    otherwise each name on a line of its own (folded, never cut, if longer than the terminal) with
+    the row's other values indented beneath it. Cells are printed as given: escape them first."""
     width = shutil.get_terminal_size().columns
-    console = Console(file=io.StringIO(), width=width, color_system=None, highlight=False, emoji=False)
-    with console.capture() as captured:
-        console.print(table)
-    echo(captured.get().rstrip("\n"))
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+
+    def values(row: tuple[str, ...]) -> str:
+        cells = [
+            cell.rjust(size) if i in numeric else cell.ljust(size)
+            for i, (cell, size) in enumerate(zip(row, widths, strict=True))
+        ]
+        return "  ".join(cells[1:]).rstrip()
+
+    echo(title)
+    if widths[0] + 2 + len(values(header)) <= width:
+        for row in [header, *rows]:
+            echo(f"{row[0].ljust(widths[0])}  {values(row)}".rstrip())
+        return
+    for row in [header, *rows]:
+        for piece in _fold(row[0], max(width, 1)):
+            echo(piece)
+        echo(f"    {values(row)}")
 
 
 def print_json(payload: dict[str, Any]) -> None:

@@ -55,9 +55,9 @@ class _RichBar:
     def advance(self, amount: int, item: str = "") -> None:
         if self._task is None:
             return
-        if item and item != self._item:
+        if item and item != self._item:  # a new tensor: redraw now, so its name shows at once
             self._item = item
-            self._progress.update(self._task, advance=amount, item=escape_control(item))
+            self._progress.update(self._task, advance=amount, item=escape_control(item), refresh=True)
         else:
             self._progress.advance(self._task, amount)
 

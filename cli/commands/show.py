@@ -5,9 +5,6 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import typer
-from rich import box
-from rich.table import Table
-from rich.text import Text
 
 from blockstore.cli import output
 from blockstore.cli.options import JsonOption, split_spec
@@ -17,6 +14,7 @@ from blockstore.errors import TensorNotFound
 from blockstore.repo import Repository
 
 _NUMERIC = ("chunks", "ratio", "rel error")
+_COLUMNS = ("name", "dtype", "shape", "side", "tier", "codec", *_NUMERIC)
 
 
 def _row(e: TensorEntry) -> dict[str, Any]:
@@ -35,6 +33,22 @@ def _row(e: TensorEntry) -> dict[str, Any]:
         "max_abs_error": e.error.max_abs if e.error else None,
         "rel_error": e.error.rel_frobenius if e.error else None,
     }
+
+
+def _cells(row: dict[str, Any]) -> tuple[str, ...]:
+    """A row as the table prints it, in `_COLUMNS` order, escaped."""
+    cells = (
+        row["name"],
+        row["dtype"],
+        "x".join(map(str, row["shape"])) or "scalar",
+        row["side"],
+        row["tier"],
+        row["codec"],
+        str(row["chunks"]),
+        "-" if row["ratio"] is None else f"{row['ratio']:.3f}",
+        "-" if row["rel_error"] is None else f"{row['rel_error']:.2e}",
+    )
+    return tuple(escape_control(cell) for cell in cells)
 
 
 def show(
@@ -56,29 +70,9 @@ def show(
     if as_json:
         output.print_json({"snapshot": snapshot_id.hex(), "message": snapshot.message, "tensors": rows})
         return
-    title = Text(escape_control(f"snapshot {output.short(snapshot_id)} {snapshot.message}".strip()))
-    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)
-    # The name column takes what the terminal has left and folds a long name over several lines
-    # (cutting it would hide the part that tells two layers apart); the rest never wrap.
-    table.add_column("name", overflow="fold", ratio=1, min_width=12)
-    for column in ("dtype", "shape", "side", "tier", "codec", *_NUMERIC):
-        table.add_column(column, justify="right" if column in _NUMERIC else "left", no_wrap=True)
-    for row in rows:
-        ratio = "-" if row["ratio"] is None else f"{row['ratio']:.3f}"
-        shape = "x".join(map(str, row["shape"])) or "scalar"
-        cells = (
-            row["name"],
-            row["dtype"],
-            shape,
-            row["side"],
-            row["tier"],
-            row["codec"],
-            str(row["chunks"]),
-            ratio,
-            "-" if row["rel_error"] is None else f"{row['rel_error']:.2e}",
-        )
-        table.add_row(*(Text(escape_control(cell)) for cell in cells))
-    output.print_table(table)
+    title = escape_control(f"snapshot {output.short(snapshot_id)} {snapshot.message}".strip())
+    numeric = {_COLUMNS.index(column) for column in _NUMERIC}
+    output.print_rows(title, _COLUMNS, [_cells(row) for row in rows], numeric)
 
 
 def register(app: typer.Typer) -> None:
