@@ -42,9 +42,12 @@ from blockstore.cli.commands import (
 from blockstore.errors import EXIT_ERROR, EXIT_INTERRUPTED, BlockstoreError
 from blockstore.storage.cache import CACHE_ENV
 
-COMMANDS = (init, pack, export, ls, show, stats, verify, diff, apply, rollback, log, tag, gc, doctor)
-COMMANDS += (transfer, drift, bench, evidence, gate)
-"""In the order `blockstore --help` lists them."""
+COMMANDS = (
+    *(init, pack, export, ls, show, stats, verify),
+    *(diff, apply, rollback, log, tag, gc, doctor),
+    *(transfer, drift, bench, gate, evidence),
+)
+"""Each module's `register(app)` adds its command(s), in the order `blockstore --help` lists them."""
 
 
 class Commands(TyperGroup):

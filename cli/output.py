@@ -115,15 +115,16 @@ def notes_of(result: object) -> list[str]:
     return [str(text) for text in getattr(result, "notes", None) or ()]
 
 
-def report(result: JsonResult, as_json: bool, **json_options: Any) -> bool:
-    """Print the result's notes on stderr and, with `--json`, its JSON (notes under "notes") on
-    stdout. True when the JSON was printed, so the command prints no text summary."""
+def report(result: JsonResult, as_json: bool, payload: dict[str, Any] | None = None) -> bool:
+    """Print the result's notes on stderr and, with `--json`, its JSON (`payload`, by default its
+    `to_json()`, with the notes under "notes") on stdout. True when the JSON was printed, so the
+    command prints no text summary."""
     notes = notes_of(result)
     for text in notes:
         note(text)
     if not as_json:
         return False
-    payload = result.to_json(**json_options)
+    payload = result.to_json() if payload is None else payload
     if notes:
         payload.setdefault("notes", notes)
     print_json(payload)

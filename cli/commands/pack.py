@@ -18,7 +18,10 @@ from blockstore.repo import Repository
 
 
 def pack(
-    inputs: Annotated[list[Path], typer.Argument(help="safetensors file(s), shards, or a model directory.")],
+    inputs: Annotated[
+        list[Path],
+        typer.Argument(metavar="MODEL", help="safetensors file(s), shards, or a model directory."),
+    ],
     store: Annotated[
         str, typer.Option("--store", "-s", help="The store (directory or s3:// URL) to pack into.")
     ],
@@ -62,7 +65,7 @@ def pack(
             policy=chosen,
             progress=bar,
         )
-    if output.report(result, as_json, explain=explain):
+    if output.report(result, as_json, result.to_json(explain=explain) if as_json else None):
         return
     if explain:
         for name, decision in result.decisions.items():
