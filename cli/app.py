@@ -9,11 +9,9 @@ error's own exit code, never a traceback.
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 from typer.core import TyperGroup
 
@@ -55,7 +53,7 @@ class Commands(TyperGroup):
     from typer's test runner alike), so the one handler that turns an error into a line on stderr
     and an exit code lives here."""
 
-    def invoke(self, ctx: click.Context) -> Any:
+    def invoke(self, ctx: Any) -> Any:  # a typer Context (typer ships its own copy of click)
         try:
             return super().invoke(ctx)
         except BlockstoreError as exc:
@@ -115,4 +113,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
