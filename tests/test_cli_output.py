@@ -19,6 +19,7 @@ from blockstore.cli import output
 from blockstore.cli.app import app
 from blockstore.cli.commands import pack as pack_command
 from blockstore.cli.progress import progress_bar
+from blockstore.errors import EXIT_DAMAGED
 from blockstore.ops.pack import PackResult
 from blockstore.patches.diff import DiffResult
 
@@ -66,18 +67,28 @@ def test_pack_explain_into_a_closed_pipe_exits_0_and_commits(store: Path, tmp_pa
     assert [s["message"] for s in cli("ls", store, "--json").json()["snapshots"]][-1] == "third"
 
 
-def test_damage_still_exits_4_into_a_closed_pipe(store: Path) -> None:
-    """The rest of the output is dropped, not the verdict: a damaged store stays exit 4."""
+def delete_a_chunk(store: Path) -> None:
     import lmdb
 
     with lmdb.open(str(store), max_dbs=16) as env:
         chunks = env.open_db(b"chunks")
         with env.begin(write=True, db=chunks) as txn:
-            key = next(iter(txn.cursor().iternext(values=False)))
-            txn.delete(key)
+            txn.delete(next(iter(txn.cursor().iternext(values=False))))
+
+
+def test_damage_still_exits_4_into_a_closed_pipe(store: Path) -> None:
+    """The rest of the output is dropped, not the verdict: a damaged store stays exit 4."""
+    delete_a_chunk(store)
     done = run_into_closed_pipe("verify", store)
     assert done.returncode == 4
     assert done.stderr.decode().startswith("blockstore: error: verify found 1 damaged")
+
+
+def test_damaged_store_is_an_error_with_exit_code_4(store: Path) -> None:
+    delete_a_chunk(store)
+    result = cli("verify", store, "--json")
+    assert_one_line_error(result, "verify found 1 damaged item(s)", str(store), exit_code=EXIT_DAMAGED)
+    assert result.json()["clean"] is False  # stdout still holds the whole report
 
 
 def test_show_table_fits_80_columns_and_keeps_long_names(tmp_path: Path, monkeypatch) -> None:
