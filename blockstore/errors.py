@@ -2,20 +2,35 @@
 
 Each class carries its own message template and exit code (borg's habit), so the CLI needs a single
 `except BlockstoreError` that prints one line and exits with `exit_code`, never a traceback.
-Exit codes: 2 bad input or usage, 3 something named does not exist, 4 damaged data,
-5 a concurrent writer got there first, 6 a packed model drifts beyond its bounds, 7 a benchmark
-regressed past the gate.
+The exit codes are the named constants below; scripts can tell "not there" from "damaged" from
+"someone else was writing" without parsing the message.
 """
 
 from __future__ import annotations
 
 from typing import ClassVar
 
+EXIT_OK = 0
+EXIT_ERROR = 2
+"""Bad input or usage: a file that is not safetensors, an invalid name or option."""
+EXIT_NOT_FOUND = 3
+"""Something named does not exist: a store, a ref, a snapshot, a tensor."""
+EXIT_DAMAGED = 4
+"""Damaged data: a chunk, a snapshot, a bundle or an evidence pack fails its checks."""
+EXIT_CONFLICT = 5
+"""A concurrent writer got there first (a ref moved, the store was in use)."""
+EXIT_DRIFT = 6
+"""A packed model drifts from its original beyond the policy's bounds."""
+EXIT_REGRESSION = 7
+"""A benchmark regressed past the gate's tolerance."""
+EXIT_INTERRUPTED = 130
+"""Stopped by Ctrl-C (128 + SIGINT, the shell's convention)."""
+
 
 class BlockstoreError(Exception):
     """Base class: a user-facing, one-line error with an exit code."""
 
-    exit_code: ClassVar[int] = 2
+    exit_code: ClassVar[int] = EXIT_ERROR
     template: ClassVar[str] = "{}"
 
     def __init__(self, *args: object) -> None:
@@ -35,7 +50,7 @@ class InvalidArgument(BlockstoreError):
 
 
 class StoreNotFound(BlockstoreError):
-    exit_code = 3
+    exit_code = EXIT_NOT_FOUND
     template = "no blockstore at {} (create one with `blockstore init {}`)"
 
 
@@ -48,12 +63,12 @@ class StoreFormatMismatch(BlockstoreError):
 
 
 class RefNotFound(BlockstoreError):
-    exit_code = 3
+    exit_code = EXIT_NOT_FOUND
     template = "ref {!r} does not exist in store {}"
 
 
 class SnapshotNotFound(BlockstoreError):
-    exit_code = 3
+    exit_code = EXIT_NOT_FOUND
     template = "snapshot {} does not exist in store {}"
 
 
@@ -62,37 +77,44 @@ class AmbiguousSnapshotId(BlockstoreError):
 
 
 class TensorNotFound(BlockstoreError):
-    exit_code = 3
+    exit_code = EXIT_NOT_FOUND
     template = "tensor {!r} is not in snapshot {}"
 
 
 class ChunkMissing(BlockstoreError):
-    exit_code = 4
+    exit_code = EXIT_DAMAGED
     template = "chunk {} is missing from the store"
 
 
 class ChunkCorrupt(BlockstoreError):
-    exit_code = 4
+    exit_code = EXIT_DAMAGED
     template = "chunk {} is corrupt: {}"
 
 
 class TensorCorrupt(BlockstoreError):
-    exit_code = 4
+    exit_code = EXIT_DAMAGED
     template = "tensor {!r} of snapshot {} is damaged: {}"
 
 
 class StoreCorrupt(BlockstoreError):
-    exit_code = 4
+    exit_code = EXIT_DAMAGED
     template = "store {} is damaged: {}"
 
 
+class DamageFound(BlockstoreError):
+    """`verify` found damage; the report (printed before this) names each damaged thing."""
+
+    exit_code = EXIT_DAMAGED
+    template = "verify found {} damaged item(s) in store {}"
+
+
 class RefConflict(BlockstoreError):
-    exit_code = 5
+    exit_code = EXIT_CONFLICT
     template = "ref {!r} moved from {} to {} while this operation ran; nothing was published"
 
 
 class WriterActive(BlockstoreError):
-    exit_code = 5
+    exit_code = EXIT_CONFLICT
     template = "store {} is in use ({}); gc deleted nothing, run it again later"
 
 
@@ -123,7 +145,7 @@ class ConditionalWritesIgnored(BlockstoreError):
 
 
 class BundleRejected(BlockstoreError):
-    exit_code = 4
+    exit_code = EXIT_DAMAGED
     template = "{}: bundle rejected: {}"
 
 
@@ -136,21 +158,21 @@ class WrongBase(BlockstoreError):
 class DriftExceeded(BlockstoreError):
     """A packed model drifts from its original beyond the policy's bounds (`check-drift`)."""
 
-    exit_code = 6
+    exit_code = EXIT_DRIFT
     template = "drift of {} beyond the {} bounds: {}"
 
 
 class EvidenceDamaged(BlockstoreError):
     """An evidence pack whose files no longer match its manifest."""
 
-    exit_code = 4
+    exit_code = EXIT_DAMAGED
     template = "evidence pack {} is damaged: {} problem(s)"
 
 
 class Regression(BlockstoreError):
     """`gate` found a metric worse than the baseline beyond its tolerance."""
 
-    exit_code = 7
+    exit_code = EXIT_REGRESSION
     template = "{} metric(s) regressed beyond tolerance; worst: {}"
 
 

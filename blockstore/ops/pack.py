@@ -100,6 +100,15 @@ class GroupStats:
     def ratio(self) -> float:
         return self.stored_bytes / self.raw_bytes if self.raw_bytes else 1.0
 
+    def to_json(self) -> dict[str, object]:
+        return {
+            "tensors": self.tensors,
+            "raw_bytes": self.raw_bytes,
+            "stored_bytes": self.stored_bytes,
+            "worst_rel_error": self.worst_rel_error,
+            "ratio": round(self.ratio, 4),
+        }
+
 
 def group_stats(entries: Iterable[TensorEntry]) -> dict[str, GroupStats]:
     """Per side/tier totals of a snapshot's tensors (what `pack` prints)."""
