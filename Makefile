@@ -25,7 +25,7 @@ demo: install
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	@echo "(type check: scripts/typecheck.sh, joining make lint once clean)"
+	MYPY=$(VENV)/bin/mypy bash scripts/typecheck.sh
 
 test: lint
 	$(VENV)/bin/pytest -q

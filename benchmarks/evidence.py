@@ -63,7 +63,7 @@ def environment() -> dict[str, Any]:
     import psutil
     import torch
 
-    versions = {}
+    versions: dict[str, str | None] = {}
     for package in PACKAGES:
         try:
             versions[package] = metadata.version(package)

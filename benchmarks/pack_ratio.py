@@ -111,7 +111,7 @@ def _decode_one_thread_mb_s(store: Path) -> float:
         decoded = []
         for entry, values in tensors:
             decoded.append(torch.empty(entry.nbytes, dtype=torch.uint8))
-            out = memoryview(decoded[-1].numpy())
+            out = decoded[-1].numpy().data
             offset = 0
             for chunk, value in zip(entry.chunks, values, strict=True):
                 decode_chunk_into(chunk.key, value, out[offset : offset + chunk.raw_len])

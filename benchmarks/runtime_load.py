@@ -154,7 +154,7 @@ def _forward_models(
     }
 
 
-def _child(method: str, mode: str, files: dict[str, Path]) -> dict[str, float]:
+def _child(method: str, mode: str, files: dict[str, Path]) -> dict[str, float | None]:
     import psutil
     import transformers
 
@@ -178,8 +178,8 @@ def _child(method: str, mode: str, files: dict[str, Path]) -> dict[str, float]:
         else:
             tensors = _full_loaders(files)[method]()
             _touch(tensors)
-            result["full_s"] = time.perf_counter() - started
-            result["decode_mb_s"] = sum(t.nbytes for t in tensors.values()) / 1e6 / result["full_s"]
+            full_s = result["full_s"] = time.perf_counter() - started
+            result["decode_mb_s"] = sum(t.nbytes for t in tensors.values()) / 1e6 / full_s
     peak = _peak_rss()
     result["peak_rss_mb"] = peak / 1e6
     result["rss_growth_mb"] = (peak - baseline) / 1e6

@@ -68,7 +68,7 @@ def prepare(cache: Path = DEFAULT_CACHE) -> Path:
 
 
 def _complete(store: Path, tokenizer: Any) -> str:
-    model = runtime.load_model(store)
+    model: Any = runtime.load_model(store)  # a transformers model (generate), with `blockstore`
     try:
         ids = tokenizer(PROMPT, return_tensors="pt")["input_ids"]
         with torch.no_grad():

@@ -58,7 +58,7 @@ class TensorCache:
         self.stats = stats
         self.lock = threading.Lock()
         self._entries: OrderedDict[Hashable, _Entry] = OrderedDict()
-        self._loading: dict[Hashable, Future[torch.Tensor]] = {}
+        self._loading: dict[Hashable, Future[dict[Hashable, torch.Tensor]]] = {}
 
     def __contains__(self, key: Hashable) -> bool:
         with self.lock:

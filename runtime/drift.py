@@ -126,7 +126,8 @@ def check_drift(
     policy: Policy | None = None,
 ) -> DriftReport:
     """Run the packed model and the original on the same inputs and hold them to the bounds."""
-    packed = load_model(store, ref, config=config)
+    # Any, as for the helpers above: a transformers model, with `blockstore` set by load_model.
+    packed: Any = load_model(store, ref, config=config)
     try:
         tensors: dict[str, torch.Tensor] = {}
         for source in discover([reference]).files:

@@ -364,7 +364,7 @@ class LazyStateDict(Mapping[str, LazyTensor]):
             buffer = buffers[slot]
             if buffer is None:  # this chunk is the whole buffer: no other job touches the slot
                 buffer = buffers[slot] = torch.empty(length, dtype=torch.uint8, pin_memory=pinned)
-            target = memoryview(buffer.numpy())[start : start + length]
+            target = buffer.numpy().data[start : start + length]
             stored.append(self.repo.decode_chunk_into(self.snapshot_id, entry, index, target))
 
         started = time.perf_counter()

@@ -75,19 +75,21 @@ class LazyWeight(torch.Tensor):
     @staticmethod
     def __new__(cls, binding: _Binding) -> LazyWeight:
         handle = binding.handle
-        return torch.Tensor._make_wrapper_subclass(  # type: ignore[attr-defined]
+        return torch.Tensor._make_wrapper_subclass(
             cls, handle.shape, dtype=handle.dtype, device=binding.device, requires_grad=False
         )
 
     def __init__(self, binding: _Binding) -> None:
         self.binding = binding
 
-    def __repr__(self, *, tensor_contents: Any = None) -> str:
+    # mypy reads Tensor.__repr__'s keyword without its name and finds no override compatible.
+    def __repr__(self, *, tensor_contents: Any = None) -> str:  # type: ignore[override]
         handle = self.binding.handle
         return f"LazyWeight({handle.name!r}, {handle.dtype}, {list(handle.shape)}, {handle.side})"
 
+    # torch types its disabled default as a plain function; the protocol is this classmethod.
     @classmethod
-    def __torch_dispatch__(
+    def __torch_dispatch__(  # type: ignore[override]
         cls, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
     ) -> Any:
         kwargs = kwargs or {}
@@ -291,10 +293,11 @@ def bind(model: nn.Module, state: LazyStateDict) -> list[str]:
 
 
 def _tie(module: nn.Module) -> None:
-    if hasattr(module, "tie_weights"):
+    tie_weights = getattr(module, "tie_weights", None)  # torch types module attributes as tensors
+    if tie_weights is not None:
         # transformers ties lm_head to the embeddings when loading, not when constructing; and
         # outside init_empty_weights, which would re-create the tied parameter on assignment.
-        module.tie_weights()
+        tie_weights()
 
 
 def eager_model(tensors: Mapping[str, torch.Tensor], model: Any = None, *, config: Any = None) -> nn.Module:
@@ -348,8 +351,9 @@ def load_model(
         state.close()
         raise
     module.eval()
-    module.blockstore = state
-    module.blockstore_unused = unused
+    # torch types Module attributes as tensors or modules; these two are plain attributes.
+    module.blockstore = state  # type: ignore[assignment]
+    module.blockstore_unused = unused  # type: ignore[assignment]
     return module
 
 

@@ -165,7 +165,7 @@ def _entropy_compressor() -> zstandard.ZstdCompressor:
     return _local.entropy_compressor
 
 
-def _unhuffman(payload: bytes, expected_len: int) -> bytes:
+def _unhuffman(payload: bytes | memoryview, expected_len: int) -> bytes:
     unpacker = zlib.decompressobj(-15)
     try:
         data = unpacker.decompress(payload, expected_len)
@@ -208,7 +208,7 @@ class ByteGroupZstd:
         modes, stored = [], []
         for byte_plane in planes.split(raw, self.itemsize, self.split_sign):
             plane = byte_plane.data
-            candidates = [(_PLANE_RAW, plane)]
+            candidates: list[tuple[int, bytes | memoryview]] = [(_PLANE_RAW, plane)]
             packed = _plane_compressor(self.level).compress(plane)
             if len(packed) < _NOISE * len(plane):  # else a mantissa plane: no coder will pay
                 candidates += [(_PLANE_ZSTD, packed), (_PLANE_ZSTD, _entropy_compressor().compress(plane))]

@@ -22,7 +22,7 @@ import numpy as np
 try:
     from blockstore.codecs import _planes as _compiled
 except ImportError:  # not built at install (no C compiler): numpy joins to the same bytes
-    _compiled = None
+    _compiled = None  # type: ignore[assignment]  # mypy cannot type an optional module as "or None"
 
 Buffer = bytes | bytearray | memoryview | np.ndarray
 """Anything holding one plane's bytes contiguously."""

@@ -29,6 +29,6 @@ def new_digest() -> hashlib.blake2b:
     return hashlib.blake2b(digest_size=DIGEST_SIZE)
 
 
-def digest(data: bytes | memoryview) -> bytes:
+def digest(data: bytes | bytearray | memoryview) -> bytes:
     """blake2b-256 of `data` in one call."""
     return hashlib.blake2b(data, digest_size=DIGEST_SIZE).digest()

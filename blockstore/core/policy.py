@@ -16,6 +16,7 @@ import fnmatch
 import math
 import re
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -170,16 +171,21 @@ class Policy:
                 f"tensor {name!r} is dynamic ({reason}): tier {asked.tier} from {asked.origin} "
                 f"{asked.pattern!r} is only allowed on static tensors (move it with --static or a rule)"
             )
-        tier = asked.tier if asked is not None else (self.static_tier if side == STATIC else LOSSLESS)
+        # `asked` is only ever a rule with a tier.
+        tier = (
+            asked.tier
+            if asked is not None and asked.tier
+            else (self.static_tier if side == STATIC else LOSSLESS)
+        )
         if tier in LOSSY_TIERS and dtype not in LOSSY_DTYPES:
             return Decision(side, LOSSLESS, f"{reason}; {dtype} is kept lossless")
         return Decision(side, tier, reason)
 
     def with_overrides(
         self,
-        static: list[str] = (),
-        dynamic: list[str] = (),
-        static_tier: str | None = None,  # type: ignore[assignment]
+        static: Sequence[str] = (),
+        dynamic: Sequence[str] = (),
+        static_tier: str | None = None,
     ) -> Policy:
         """This policy plus command-line globs (applied last) and a static tier."""
         extra = tuple(Rule(glob, STATIC, origin="--static") for glob in static) + tuple(

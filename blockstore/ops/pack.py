@@ -327,7 +327,7 @@ def _pack_model(
     snapshot = Snapshot(files, entries, model.extras, expected, message, time.time_ns())
     notes = _reuse_notes(repo, options.codec, writer.reused)  # before this snapshot is stored
     unchanged = expected is not None and _same_content(repo.snapshot(expected), snapshot)
-    if unchanged:
+    if unchanged and expected is not None:  # (unchanged implies it)
         snapshot_id = expected
     elif ref is None:
         snapshot_id = repo.store_snapshot(snapshot)

@@ -28,10 +28,10 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, overload
 
 import lmdb
 
@@ -133,7 +133,7 @@ class _SharedEnv:
     """One process's handle on one store's environment, shared by every LmdbStore on that path."""
 
     env: lmdb.Environment
-    dbs: dict[str, object]
+    dbs: dict[str, lmdb._Database]
     readonly: bool
     stale_readers_cleared: int
     lock_file: tuple[int, int] | None
@@ -265,7 +265,9 @@ class LmdbStore(StoreBase):
         self._env, self._dbs, self._key, self._gate = shared.env, shared.dbs, key, shared.gate
         self._pid = os.getpid()
 
-    def _open_lmdb(self) -> tuple[lmdb.Environment, dict[str, object], bool, int, tuple[int, int] | None]:
+    def _open_lmdb(
+        self,
+    ) -> tuple[lmdb.Environment, dict[str, lmdb._Database], bool, int, tuple[int, int] | None]:
         if not (self.path / "data.mdb").is_file():
             raise StoreNotFound(self.path, self.path)
         try:
@@ -350,10 +352,23 @@ class LmdbStore(StoreBase):
             self._open_env()
         return self._env
 
+    @overload
+    def _begin(
+        self,
+        db: str | None = None,
+        *,
+        write: bool = False,
+        buffers: Literal[False] = False,
+        doing: str | None = None,
+    ) -> AbstractContextManager[lmdb.Transaction[bytes]]: ...
+    @overload
+    def _begin(
+        self, db: str | None = None, *, write: bool = False, buffers: Literal[True], doing: str | None = None
+    ) -> AbstractContextManager[lmdb.Transaction[memoryview]]: ...
     @contextmanager
     def _begin(
         self, db: str | None = None, *, write: bool = False, buffers: bool = False, doing: str | None = None
-    ) -> Iterator[lmdb.Transaction]:
+    ) -> Iterator[lmdb.Transaction[Any]]:  # Any: bytes or memoryview values, per the overloads
         """A transaction (committed when the block ends normally, aborted otherwise), inside this
         environment's resize gate. Adopts a map another process has grown meanwhile (a long-lived
         reader such as the lazy runtime would otherwise fail on its next read after a pack). Any
@@ -367,7 +382,13 @@ class LmdbStore(StoreBase):
         while True:
             with self._gate.transaction():
                 try:
-                    txn = env.begin(db=handle, write=write, buffers=buffers)
+                    # Two calls: py-lmdb's stubs type the buffers=True and False cases apart, with
+                    # no overload for a plain bool.
+                    txn = (
+                        env.begin(db=handle, write=write, buffers=True)
+                        if buffers
+                        else env.begin(db=handle, write=write)
+                    )
                 except lmdb.MapResizedError:
                     txn = None
                 except lmdb.Error as exc:
@@ -418,7 +439,7 @@ class LmdbStore(StoreBase):
                     shared.env.close()
         self._key = None
 
-    def _write(self, step: str, body: Callable[[lmdb.Transaction], _T]) -> _T:
+    def _write(self, step: str, body: Callable[[lmdb.Transaction[bytes]], _T]) -> _T:
         """Run `body` in one write transaction, doubling map_size and retrying when it fills.
         `step` names the transaction's crash points (see `blockstore.storage.faults`)."""
         while True:
@@ -464,7 +485,7 @@ class LmdbStore(StoreBase):
         """Insert chunks that are not there yet, in one transaction; returns bytes newly written."""
         pending = list(items)
 
-        def body(txn: lmdb.Transaction) -> int:
+        def body(txn: lmdb.Transaction[bytes]) -> int:
             if txn.get(b"format", db=self._dbs["meta"]) != STORE_FORMAT.encode():
                 txn.put(b"format", STORE_FORMAT.encode(), db=self._dbs["meta"])
             written = 0
@@ -501,7 +522,7 @@ class LmdbStore(StoreBase):
 
     # refs and reflog ------------------------------------------------------------------------------
 
-    def _refs_in(self, txn: lmdb.Transaction) -> dict[str, bytes]:
+    def _refs_in(self, txn: lmdb.Transaction[bytes]) -> dict[str, bytes]:
         return {key.decode(): value for key, value in txn.cursor(db=self._dbs["refs"])}
 
     def refs(self) -> dict[str, bytes]:
@@ -515,7 +536,7 @@ class LmdbStore(StoreBase):
     def move_ref(self, name: str, new: bytes, expected: bytes | None, op: str, message: str) -> None:
         """Point `name` at `new` if it still points at `expected`; log the move in the same txn."""
 
-        def body(txn: lmdb.Transaction) -> None:
+        def body(txn: lmdb.Transaction[bytes]) -> None:
             current = txn.get(name.encode(), db=self._dbs["refs"])
             if current != expected:
                 raise RefConflict(name, short_id(expected), short_id(current))
@@ -555,7 +576,7 @@ class LmdbStore(StoreBase):
         lease_id = os.urandom(8)
         record = Lease.record(pin)
 
-        def body(txn: lmdb.Transaction) -> None:
+        def body(txn: lmdb.Transaction[bytes]) -> None:
             if pin is not None and txn.get(pin, db=self._dbs["snapshots"]) is None:
                 raise SnapshotNotFound(pin.hex(), self.path)
             txn.put(_LEASE_PREFIX + lease_id, record, db=self._dbs["meta"])
@@ -566,7 +587,7 @@ class LmdbStore(StoreBase):
     def release_lease(self, lease_id: bytes) -> None:
         self._write("unlease", lambda txn: txn.delete(_LEASE_PREFIX + lease_id, db=self._dbs["meta"]))
 
-    def _leases_in(self, txn: lmdb.Transaction) -> list[Lease]:
+    def _leases_in(self, txn: lmdb.Transaction[bytes]) -> list[Lease]:
         leases = []
         cursor = txn.cursor(db=self._dbs["meta"])
         if cursor.set_range(_LEASE_PREFIX):
@@ -581,7 +602,7 @@ class LmdbStore(StoreBase):
         with self._begin() as txn:
             return self._leases_in(txn)
 
-    def _fingerprint_in(self, txn: lmdb.Transaction) -> Fingerprint:
+    def _fingerprint_in(self, txn: lmdb.Transaction[bytes]) -> Fingerprint:
         return self._refs_in(txn), txn.stat(self._dbs["reflog"])["entries"]
 
     def roots_fingerprint(self) -> Fingerprint:
@@ -597,7 +618,7 @@ class LmdbStore(StoreBase):
         raise WriterActive and delete nothing). Stale leases are removed in the same transaction."""
         doomed = set(snapshot_ids)
 
-        def body(txn: lmdb.Transaction) -> None:
+        def body(txn: lmdb.Transaction[bytes]) -> None:
             leases = self._leases_in(txn)
             blocking = blocking_leases(leases, doomed)
             if blocking:
@@ -638,7 +659,7 @@ class LmdbStore(StoreBase):
         return counts
 
 
-def _last_with_prefix(txn: lmdb.Transaction, db: object, prefix: bytes) -> bytes | None:
+def _last_with_prefix(txn: lmdb.Transaction[bytes], db: lmdb._Database, prefix: bytes) -> bytes | None:
     cursor = txn.cursor(db=db)
     if not cursor.set_range(prefix + b"\xff" * 9):
         if not cursor.last():
@@ -682,8 +703,8 @@ def _build_environment(directory: Path, params: dict[str, int] | None) -> None:
                 env.open_db(name, txn=txn)
             txn.put(b"format", STORE_FORMAT.encode(), db=meta)
             txn.put(b"created_ns", str(time.time_ns()).encode(), db=meta)
-            for name, value in (params or {}).items():
-                txn.put(name.encode(), str(value).encode(), db=meta)
+            for param, value in (params or {}).items():
+                txn.put(param.encode(), str(value).encode(), db=meta)
         env.sync(True)
     finally:
         env.close()

@@ -222,7 +222,8 @@ class ObjectStore(StoreBase):
         found = self._get_with_etag(key)
         return found[0] if found else None
 
-    def _get_with_etag(self, key: str) -> tuple[bytes, str] | None:
+    def _get_with_etag(self, key: str) -> tuple[bytes, str | None] | None:
+        """The object and its ETag (None from a backend that sends none), or None if absent."""
         try:
             result = self._call("GET", obstore.get, key)
             return bytes(result.bytes()), result.meta["e_tag"]
@@ -367,7 +368,7 @@ class ObjectStore(StoreBase):
 
     # refs and reflog ---------------------------------------------------------------------------------
 
-    def _read_ref(self, name: str) -> tuple[int, ReflogEntry, str] | None:
+    def _read_ref(self, name: str) -> tuple[int, ReflogEntry, str | None] | None:
         """(generation, the entry of its last move, ETag) of a ref, or None if it does not exist."""
         found = self._get_with_etag(f"refs/{name}")
         if found is None:
@@ -378,7 +379,7 @@ class ObjectStore(StoreBase):
         except (ValueError, TypeError, msgpack.UnpackException) as exc:
             raise StoreCorrupt(self.path, f"ref {name!r} is malformed ({exc})") from None
 
-    def _read_refs(self) -> dict[str, tuple[int, ReflogEntry, str]]:
+    def _read_refs(self) -> dict[str, tuple[int, ReflogEntry, str | None]]:
         names = [path[len("refs/") :] for path, _ in self._list("refs/")]
         reads = self._parallel(self._read_ref, names)
         return {name: read for name, read in zip(names, reads, strict=True) if read is not None}
