@@ -41,6 +41,13 @@ class InvalidSafetensors(BlockstoreError):
     template = "{}: not a valid safetensors file: {}"
 
 
+class SourceChanged(BlockstoreError):
+    template = (
+        "{}: the file changed while it was packed ({}); nothing was published: pack it again once it "
+        "is complete"
+    )
+
+
 class UnsupportedInput(BlockstoreError):
     template = "{}: {}"
 

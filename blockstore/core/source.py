@@ -22,7 +22,7 @@ from typing import Any
 
 from blockstore.core.dtypes import DTYPE_BITS, nbytes_of
 from blockstore.core.manifests import is_count, shape_problem, unsafe_character
-from blockstore.errors import InvalidArgument, InvalidSafetensors, UnsupportedInput
+from blockstore.errors import InvalidArgument, InvalidSafetensors, SourceChanged, UnsupportedInput
 
 MAX_HEADER_BYTES = 100_000_000
 INDEX_NAME = "model.safetensors.index.json"
@@ -52,12 +52,42 @@ class TensorInfo:
 
 
 @dataclass(frozen=True)
+class FileIdentity:
+    """What tells one version of a file from another without reading it: which file (device and
+    inode), how long, and when its contents last changed. A writer that overwrites, truncates or
+    appends moves `size` or `mtime_ns`; a file replaced by rename moves the inode."""
+
+    device: int
+    inode: int
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, handle: int) -> FileIdentity:
+        found = os.fstat(handle)
+        return cls(found.st_dev, found.st_ino, found.st_size, found.st_mtime_ns)
+
+    def differences(self, other: FileIdentity) -> str:
+        """'' when the same, else what moved, for a one-line refusal."""
+        moved = []
+        if (self.device, self.inode) != (other.device, other.inode):
+            moved.append("replaced by another file")
+        if self.size != other.size:
+            moved.append(f"size {self.size} -> {other.size} bytes")
+        if self.mtime_ns != other.mtime_ns:
+            moved.append("modified")
+        return ", ".join(moved)
+
+
+@dataclass(frozen=True)
 class SafetensorsFile:
-    """A validated safetensors file: the header bytes verbatim and its tensors in data order."""
+    """A validated safetensors file: the header bytes verbatim and its tensors in data order, and
+    the identity of the version that was validated (pack refuses a file that changes under it)."""
 
     path: Path
     header: bytes
     tensors: tuple[TensorInfo, ...]
+    identity: FileIdentity | None = None
 
     @property
     def data_start(self) -> int:
@@ -183,7 +213,8 @@ def read_safetensors(path: Path) -> SafetensorsFile:
 def _validate(path: Path) -> SafetensorsFile:
     try:
         with os.fdopen(open_regular(path), "rb") as handle:
-            size = os.fstat(handle.fileno()).st_size
+            identity = FileIdentity.of(handle.fileno())
+            size = identity.size
             prefix = handle.read(8)
             if len(prefix) < 8:
                 raise InvalidSafetensors(path, f"file is {size} bytes, too short for the header length")
@@ -226,7 +257,18 @@ def _validate(path: Path) -> SafetensorsFile:
         raise InvalidSafetensors(
             path, f"tensors cover {expected} bytes of data but the file holds {data_len} after the header"
         )
-    return SafetensorsFile(path, header, tuple(tensors))
+    return SafetensorsFile(path, header, tuple(tensors), identity)
+
+
+def check_unchanged(source: SafetensorsFile, handle: int) -> None:
+    """Refuse to go on with `source` when the file open as `handle` is not the version that was
+    validated: a pack of a file being written (a download, a copy, a training job's checkpoint)
+    would store bytes that belong to neither the old nor the new file."""
+    if source.identity is None:
+        return
+    moved = source.identity.differences(FileIdentity.of(handle))
+    if moved:
+        raise SourceChanged(source.path, moved)
 
 
 def _starts_like_pickle(path: Path) -> bool:

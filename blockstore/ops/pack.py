@@ -28,7 +28,15 @@ from blockstore.core.dtypes import plane_count
 from blockstore.core.hashing import ChunkKey, new_digest
 from blockstore.core.manifests import ChunkRef, Snapshot, SnapshotId, SourceFile, TensorEntry, TensorError
 from blockstore.core.policy import LOSSLESS, Decision, Policy
-from blockstore.core.source import ModelSource, SafetensorsFile, TensorInfo, discover, read_range
+from blockstore.core.source import (
+    ModelSource,
+    SafetensorsFile,
+    TensorInfo,
+    check_unchanged,
+    discover,
+    open_regular,
+    read_range,
+)
 from blockstore.errors import BlockstoreError, InvalidArgument
 from blockstore.progress import Progress, Silent
 from blockstore.repo import BATCH_BYTES, Repository, check_ref_name
@@ -292,8 +300,9 @@ def _pack_model(
     packed: dict[str, tuple[TensorInfo, list[tuple[ChunkKey, int]], bytes, TensorError | None]] = {}
     try:
         for source in model.files:
-            handle = os.open(source.path, os.O_RDONLY)
+            handle = open_regular(source.path)
             try:
+                check_unchanged(source, handle)  # not replaced since it was validated
                 for tensor in source.tensors:
                     packed[tensor.name] = (
                         tensor,
@@ -301,6 +310,7 @@ def _pack_model(
                             handle, source, tensor, codecs[tensor.name], options.chunk_size, writer, progress
                         ),
                     )
+                check_unchanged(source, handle)  # not written to while it was read
             finally:
                 os.close(handle)
         writer.flush()
