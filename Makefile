@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: install demo test test-slow lint typecheck
+.PHONY: install demo test test-slow lint
 
 install: $(VENV)/.installed
 

@@ -93,7 +93,9 @@ class TensorCache:
         found: dict[int, torch.Tensor] = {}
         waiting: list[tuple[int, Hashable, Future[dict[Hashable, torch.Tensor]]]] = []
         claimed: list[int] = []
-        batch: Future[dict[Hashable, torch.Tensor]] = Future()  # one per load: a Future costs ~5 µs
+        batch: Future[dict[Hashable, torch.Tensor]] = (
+            Future()
+        )  # one per load, not one per tensor: small tensors are many
         with self.lock:
             for position, (key, _) in enumerate(requests):
                 entry = self._entries.get(key)

@@ -9,7 +9,6 @@ cannot remove its temporary file, so each export first removes the ones dead exp
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import os
 import re
@@ -22,6 +21,7 @@ from pathlib import Path
 
 from blockstore.core.manifests import Snapshot, SnapshotId, SourceFile
 from blockstore.errors import EnvironmentFailure, InvalidArgument
+from blockstore.files import ENVIRONMENT_CAUSES, fsync_directory
 from blockstore.progress import Progress, Silent
 from blockstore.repo import Repository
 from blockstore.storage.base import process_alive, short_id
@@ -50,25 +50,6 @@ class ExportResult:
         }
 
 
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-_CAUSES = {
-    errno.ENOSPC: "no space left on device",
-    errno.EDQUOT: "disk quota exceeded",
-    errno.EFBIG: "file too large for this filesystem",
-    errno.EROFS: "read-only filesystem",
-    errno.EACCES: "permission denied",
-    errno.EPERM: "operation not permitted",
-    errno.EIO: "input/output error",
-}
-
-
 def write_atomically(path: Path, blocks: Iterable[bytes | bytearray]) -> int:
     """Write an iterable of byte blocks to `path` via temp file + fsync + rename; returns bytes.
     The filesystem refusing (full, read-only, no permission) is an EnvironmentFailure naming
@@ -86,13 +67,13 @@ def write_atomically(path: Path, blocks: Iterable[bytes | bytearray]) -> int:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temp, path)
-        _fsync_directory(path.parent)
+        fsync_directory(path.parent)
     except OSError as exc:
         with contextlib.suppress(OSError):
             temp.unlink(missing_ok=True)
-        if exc.errno not in _CAUSES:
+        if exc.errno not in ENVIRONMENT_CAUSES:
             raise
-        raise EnvironmentFailure(path, f"cannot write it: {_CAUSES[exc.errno]}") from None
+        raise EnvironmentFailure(path, f"cannot write it: {ENVIRONMENT_CAUSES[exc.errno]}") from None
     except BaseException:
         temp.unlink(missing_ok=True)
         raise

@@ -49,6 +49,7 @@ from blockstore.errors import (
     StoreNotFound,
     WriterActive,
 )
+from blockstore.files import ENVIRONMENT_CAUSES, fsync_directory
 from blockstore.storage.base import (  # Lease, ReflogEntry, short_id: re-exported for older imports
     Capabilities,
     Fingerprint,
@@ -218,7 +219,7 @@ class LmdbStore(StoreBase):
         except BaseException:
             shutil.rmtree(building, ignore_errors=True)
             raise
-        _fsync_directory(path.parent)
+        fsync_directory(path.parent)
 
     @classmethod
     def _create_inside(cls, path: Path, params: dict[str, int] | None) -> None:
@@ -236,7 +237,7 @@ class LmdbStore(StoreBase):
                 if (path / "data.mdb").exists():
                     raise StoreExists(path) from None
                 os.rename(building / "data.mdb", path / "data.mdb")
-            _fsync_directory(path)
+            fsync_directory(path)
         finally:
             shutil.rmtree(building, ignore_errors=True)
 
@@ -326,7 +327,7 @@ class LmdbStore(StoreBase):
             readonly=self.readonly,
             lock=lock,
             # Chunk values are MiBs of contiguous overflow pages read front to back: without
-            # the kernel's readahead a cold read faults 4 KiB at a time (MiniLM: 1.9 s vs 0.27 s).
+            # the kernel's readahead a cold read faults 4 KiB at a time, several times slower.
             readahead=True,
         )
 
@@ -708,15 +709,7 @@ def _build_environment(directory: Path, params: dict[str, int] | None) -> None:
         env.sync(True)
     finally:
         env.close()
-    _fsync_directory(directory)
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_directory(directory)
 
 
 # checking data.mdb before it is mapped ----------------------------------------------------------
@@ -771,13 +764,7 @@ def _check_data_file(path: Path) -> None:
 # LMDB and OS errors into the hierarchy ----------------------------------------------------------
 
 _ENVIRONMENT_ERRNOS = {
-    errno.ENOSPC: "no space left on device",
-    errno.EDQUOT: "disk quota exceeded",
-    errno.EFBIG: "file too large for this filesystem",
-    errno.EROFS: "read-only filesystem",
-    errno.EACCES: "permission denied",
-    errno.EPERM: "operation not permitted",
-    errno.EIO: "input/output error",
+    **ENVIRONMENT_CAUSES,
     errno.ENOMEM: "out of memory",
     errno.EAGAIN: "the store is locked by another process",
 }
