@@ -21,7 +21,7 @@ from blockstore.core.hashing import ChunkKey, digest, new_digest
 from blockstore.core.manifests import ChunkRef, ManifestError, Snapshot, SnapshotId
 from blockstore.errors import BlockstoreError, BundleRejected, WrongBase
 from blockstore.repo import DEFAULT_REF, Repository, check_ref_name
-from blockstore.storage.lmdb import short_id
+from blockstore.storage.base import short_id
 
 from .bundle import Bundle, BundleChunk, read_bundle
 

@@ -15,7 +15,7 @@ from blockstore.core.manifests import Snapshot, SnapshotId
 from blockstore.ops.gc import reachable_snapshots
 from blockstore.ops.pack import pack
 from blockstore.repo import Repository
-from blockstore.storage.lmdb import short_id
+from blockstore.storage.base import short_id
 
 from .bundle import BundleChunk, write_bundle
 

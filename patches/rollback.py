@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from blockstore.core.manifests import SnapshotId
 from blockstore.errors import InvalidArgument, RefNotFound
 from blockstore.repo import DEFAULT_REF, Repository, check_ref_name
-from blockstore.storage.lmdb import short_id
+from blockstore.storage.base import short_id
 
 from .history import ROLLBACK, version_stack
 

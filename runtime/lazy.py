@@ -34,7 +34,7 @@ from blockstore.core.policy import STATIC
 from blockstore.errors import InvalidArgument, UnsupportedInput
 from blockstore.repo import DEFAULT_REF, Repository
 from blockstore.sizes import parse_size
-from blockstore.storage.lmdb import short_id
+from blockstore.storage.base import short_id
 
 from .cache import RuntimeStats, TensorCache
 from .prefetch import LayerPrefetcher

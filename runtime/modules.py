@@ -33,7 +33,7 @@ from torch.utils._pytree import tree_map_only
 from blockstore.core.policy import STATIC
 from blockstore.errors import InvalidArgument, UnsupportedInput
 from blockstore.repo import DEFAULT_REF
-from blockstore.storage.lmdb import short_id
+from blockstore.storage.base import short_id
 
 from .lazy import LazyStateDict, LazyTensor, open
 

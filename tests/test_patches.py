@@ -19,7 +19,7 @@ from blockstore.ops.pack import pack
 from blockstore.ops.verify import verify
 from blockstore.patches.bundle import BundleChunk, read_bundle, read_key, write_bundle
 from blockstore.repo import Repository
-from blockstore.storage.lmdb import short_id
+from blockstore.storage.base import short_id
 
 from .helpers import assert_one_line_error, cli, random_tensor, sha256, write_safetensors
 

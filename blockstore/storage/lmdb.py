@@ -50,7 +50,7 @@ from blockstore.errors import (
     WriterActive,
 )
 from blockstore.files import ENVIRONMENT_CAUSES, fsync_directory
-from blockstore.storage.base import (  # Lease, ReflogEntry, short_id: re-exported for older imports
+from blockstore.storage.base import (
     Capabilities,
     Fingerprint,
     Lease,
