@@ -388,6 +388,7 @@ def test_doctor_on_s3_reports_no_memory_map(moto_url: str) -> None:
     assert "objects:" in text and "readers:" not in text
 
 
+@pytest.mark.slow  # test_store.py::test_the_map_grows_while_many_threads_read_through_a_cache: quick
 def test_a_cold_cache_whose_map_must_grow_serves_eight_decode_workers(
     moto_url: str, minilm_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
