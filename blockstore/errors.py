@@ -23,6 +23,8 @@ EXIT_DRIFT = 6
 """A packed model drifts from its original beyond the policy's bounds."""
 EXIT_REGRESSION = 7
 """A benchmark regressed past the gate's tolerance."""
+EXIT_ENVIRONMENT = 8
+"""The machine refused (no space, a read-only store or filesystem, no permission); data is fine."""
 EXIT_INTERRUPTED = 130
 """Stopped by Ctrl-C (128 + SIGINT, the shell's convention)."""
 
@@ -188,5 +190,5 @@ class EnvironmentFailure(BlockstoreError):
     filesystem, an I/O error, a lock file pulled from under a writer). Nothing says the data is
     damaged (that is exit 4); the same command can succeed once the cause in the message is fixed."""
 
-    exit_code = 8
+    exit_code = EXIT_ENVIRONMENT
     template = "{}: {}"
