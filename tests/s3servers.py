@@ -115,9 +115,11 @@ def seaweedfs_server(directory: Path) -> Iterator[str]:
         create_bucket(endpoint, "warmup")
         yield endpoint
     finally:
+        # weed takes ~20 s to stop on SIGTERM; its data is a temporary directory, so do not wait.
         process.terminate()
         try:
-            process.wait(timeout=20)
+            process.wait(timeout=2)
         except subprocess.TimeoutExpired:
             process.kill()
+            process.wait()
         log.close()
