@@ -4,7 +4,9 @@ Order: footer and MAC → format → base matches the ref → target snapshot pa
 id → every chunk the target needs is shipped or present → the bundle's growth is within its bound
 (before any decoding) → every shipped chunk is decoded and checked against its key, and a shipped
 chunk whose key the store already has must carry the same bytes (xxh3 is not collision resistant)
-→ every NEW target tensor is checked against its digest → only now: chunks inserted → snapshot
+→ every NEW target tensor is checked: in a version 3 snapshot each of its chunks against the strong
+digest the target promises (the tensor digest, over the chunk list, was checked when the target
+was parsed), in an older one its bytes against its digest → only now: chunks inserted → snapshot
 written → ref moved with compare-and-set. A refused bundle writes nothing at all; a crash during
 the writes leaves the ref, and so everything readable, as it was, with at worst unreferenced chunks
 for `gc`.
@@ -23,11 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from blockstore.core.chunks import decode_chunk
-from blockstore.core.hashing import ChunkKey, digest, new_digest
+from blockstore.core.chunks import decode_chunk, strong_mismatch
+from blockstore.core.hashing import ChunkKey, new_digest, strong_digest
 from blockstore.core.manifests import ChunkRef, ManifestError, Snapshot, SnapshotId, TensorEntry
 from blockstore.errors import BlockstoreError, BundleRejected, InvalidArgument, WrongBase
-from blockstore.repo import DEFAULT_REF, Repository, check_ref_name
+from blockstore.repo import DEFAULT_REF, Repository, StoredDigests, check_ref_name
 from blockstore.storage.lmdb import short_id
 
 from .bundle import Bundle, BundleChunk, read_bundle
@@ -76,10 +78,11 @@ def _check_base(
 
 
 def tensor_identity(entry: TensorEntry) -> tuple:
-    """What makes two tensor entries hold the same checked bytes: dtype, shape, chunk list (keys
-    and raw lengths; stored lengths are informational) and digest. The name is not part of it: a
-    renamed tensor is as checked as it was under its old name."""
-    return entry.dtype, entry.shape, tuple((c.key, c.raw_len) for c in entry.chunks), entry.digest
+    """What makes two tensor entries hold the same checked bytes: dtype, shape, chunk list (keys,
+    raw lengths and strong digests; stored lengths are informational) and digest. The name is not
+    part of it: a renamed tensor is as checked as it was under its old name."""
+    chunks = tuple((c.key, c.raw_len, c.strong) for c in entry.chunks)
+    return entry.dtype, entry.shape, chunks, entry.digest
 
 
 def new_tensors(target: Snapshot, bases: Iterable[Snapshot]) -> list[TensorEntry]:
@@ -138,9 +141,9 @@ def _check_growth(bundle: Bundle, fresh: list[TensorEntry], present: set[ChunkKe
 
 class _ChunkSource:
     """Decoded bytes of the target's chunks, each distinct key decoded once: from the bundle if it
-    ships the key, else from the store. A shipped chunk whose key the store already has is compared
-    with the stored chunk (xxh3 keys can collide). Bytes of a chunk with more uses ahead are kept
-    (up to `_REPEAT_CACHE_BYTES`) and dropped at its last use."""
+    ships the key, else from the store. A shipped chunk whose key the store already has must be the
+    stored chunk (xxh3 keys can collide), compared by strong digest. Bytes of a chunk with more uses
+    ahead are kept (up to `_REPEAT_CACHE_BYTES`) and dropped at its last use."""
 
     def __init__(
         self,
@@ -149,38 +152,96 @@ class _ChunkSource:
         handle: BinaryIO,
         shipped: dict[ChunkKey, BundleChunk],
         present: set[ChunkKey],
-        uses: Counter[ChunkKey],
+        digests: StoredDigests,
     ) -> None:
         self.repo, self.bundle, self.handle = repo, bundle, handle
-        self.shipped, self.present, self.uses = shipped, present, uses
+        self.shipped, self.present, self.digests = shipped, present, digests
+        self.uses: Counter[ChunkKey] = Counter()
         self.kept: dict[ChunkKey, bytearray] = {}
         self.kept_bytes = 0
+        self.checked: set[ChunkKey] = set()
+        """Shipped chunks decoded and checked so far."""
 
-    def shipped_chunk(self, chunk: BundleChunk) -> bytearray:
-        """A shipped chunk decoded from the bundle and checked against its key (and the store)."""
+    def shipped_chunk(self, chunk: BundleChunk) -> tuple[bytearray, bytes]:
+        """A shipped chunk decoded from the bundle and checked against its key (and the store's
+        chunk under that key), with its strong digest."""
         self.handle.seek(chunk.offset)
         raw = decode_chunk(chunk.key, self.handle.read(chunk.stored_len), chunk.raw_len)
-        if chunk.key in self.present:
-            held = self.repo.read_chunk(ChunkRef(chunk.key, chunk.raw_len, 0))
-            if digest(held) != digest(raw):
-                raise BundleRejected(
-                    self.bundle.path, f"chunk {chunk.key.hex()} collides with a stored chunk of other bytes"
-                )
-        return raw
+        strong = strong_digest(raw)
+        if chunk.key in self.present and self.digests.of(chunk.key, chunk.raw_len) != strong:
+            raise BundleRejected(
+                self.bundle.path, f"chunk {chunk.key.hex()} collides with a stored chunk of other bytes"
+            )
+        self.checked.add(chunk.key)
+        return raw, strong
+
+    def strong_of(self, key: ChunkKey, raw_len: int) -> bytes:
+        """The strong digest of the bytes chunk `key` would have in the store after the apply."""
+        chunk = self.shipped.get(key)
+        return self.shipped_chunk(chunk)[1] if chunk else self.digests.of(key, raw_len)
 
     def take(self, key: ChunkKey, raw_len: int) -> bytearray:
-        """The bytes of one use of chunk `key`."""
+        """The bytes of one use of chunk `key` (counted in `uses` beforehand)."""
         self.uses[key] -= 1
         raw = self.kept.pop(key, None)
         if raw is None:
             chunk = self.shipped.get(key)
-            raw = self.shipped_chunk(chunk) if chunk else self.repo.read_chunk(ChunkRef(key, raw_len, 0))
+            raw = self.shipped_chunk(chunk)[0] if chunk else self.repo.read_chunk(ChunkRef(key, raw_len, 0))
         else:
             self.kept_bytes -= len(raw)
         if self.uses[key] > 0 and self.kept_bytes + len(raw) <= _REPEAT_CACHE_BYTES:
             self.kept[key] = raw
             self.kept_bytes += len(raw)
         return raw
+
+
+def _reject_as_bundle(bundle: Bundle, tensor: str | None, exc: BlockstoreError) -> BundleRejected:
+    """A chunk's own error (damaged, missing) as the bundle's refusal, naming the tensor."""
+    if isinstance(exc, BundleRejected):
+        return exc
+    return BundleRejected(bundle.path, f"tensor {tensor!r}: {exc}" if tensor else str(exc))
+
+
+def _check_tensor_bytes(bundle: Bundle, fresh: list[TensorEntry], source: _ChunkSource) -> None:
+    """Snapshots before version 3: each new tensor's bytes, in order, against its digest."""
+    source.uses.update(chunk.key for entry in fresh for chunk in entry.chunks)
+    for entry in fresh:
+        hasher = new_digest()
+        for chunk in entry.chunks:
+            try:
+                hasher.update(source.take(chunk.key, chunk.raw_len))
+            except BlockstoreError as exc:
+                raise _reject_as_bundle(bundle, entry.name, exc) from None
+        if hasher.digest() != entry.digest:
+            raise BundleRejected(bundle.path, f"tensor {entry.name!r} does not match its digest")
+
+
+def _check_promises(bundle: Bundle, target: Snapshot, fresh: list[TensorEntry], source: _ChunkSource) -> None:
+    """Version 3: parsing the target checked every tensor digest against its chunk list, so a new
+    tensor is sound when each of its chunks is the bytes promised, by strong digest. Each distinct
+    chunk is checked once: a shipped one decoded, a stored one by what the store knows of it (the
+    snapshots at its refs and the bases vouch for their chunks; any other is decoded once)."""
+    promised: dict[ChunkKey, bytes | None] = {}
+    owner: dict[ChunkKey, str] = {}
+    for entry in target.tensors.values():
+        for chunk in entry.chunks:
+            if promised.setdefault(chunk.key, chunk.strong) != chunk.strong:
+                detail = f"tensor {entry.name!r}: chunk {chunk.key.hex()} is promised as two byte strings"
+                raise BundleRejected(bundle.path, detail)
+            owner.setdefault(chunk.key, entry.name)
+    wanted = {chunk.key: chunk.raw_len for entry in fresh for chunk in entry.chunks}
+    wanted.update((key, chunk.raw_len) for key, chunk in source.shipped.items())
+    for key, raw_len in wanted.items():
+        try:
+            found = source.strong_of(key, raw_len)
+        except BlockstoreError as exc:
+            raise _reject_as_bundle(bundle, owner[key], exc) from None
+        if found != promised[key]:
+            raise BundleRejected(
+                bundle.path,
+                f"tensor {owner[key]!r}: chunk {key.hex()} is not the bytes the target promises "
+                f"({strong_mismatch(True) if key in source.present else 'BLAKE3 mismatch'})",
+            )
 
 
 def _verified_shipment(
@@ -202,30 +263,20 @@ def _verified_shipment(
         raise BundleRejected(bundle.path, f"ships chunk {min(unused).hex()} which the target does not use")
     fresh = new_tensors(target, bases)
     _check_growth(bundle, fresh, present, max_growth)
-    uses = Counter(chunk.key for entry in fresh for chunk in entry.chunks)
     with open(bundle.path, "rb") as handle:
-        source = _ChunkSource(repo, bundle, handle, shipped, present, uses)
-        for entry in fresh:
-            hasher = new_digest()
-            for chunk in entry.chunks:
-                try:
-                    hasher.update(source.take(chunk.key, chunk.raw_len))
-                except BundleRejected:
-                    raise
-                except BlockstoreError as exc:
-                    raise BundleRejected(bundle.path, f"tensor {entry.name!r}: {exc}") from None
-            if hasher.digest() != entry.digest:
-                raise BundleRejected(bundle.path, f"tensor {entry.name!r} does not match its digest")
+        source = _ChunkSource(repo, bundle, handle, shipped, present, repo.stored_digests(bases))
+        if target.version >= 3:
+            _check_promises(bundle, target, fresh, source)
+        else:
+            _check_tensor_bytes(bundle, fresh, source)
         # Shipped chunks no new tensor uses are still checked: the store must never take a value
         # that does not decode to its key, nor one that differs from the chunk it already holds.
         for key, chunk in shipped.items():
-            if key not in uses:
+            if key not in source.checked:
                 try:
                     source.shipped_chunk(chunk)
-                except BundleRejected:
-                    raise
                 except BlockstoreError as exc:
-                    raise BundleRejected(bundle.path, str(exc)) from None
+                    raise _reject_as_bundle(bundle, None, exc) from None
     return [chunk for key, chunk in shipped.items() if key not in present]
 
 
