@@ -217,3 +217,22 @@ def test_a_version_2_snapshot_still_reads_and_verifies_by_its_byte_digests(
         assert result.new_chunks == 0 and not result.unchanged
         assert repo.snapshot(result.snapshot_id).version == 3
         assert patches.log(repo, "main")[-1].tensors_changed == 0  # a new form, the same tensors
+
+
+def test_a_bundle_cannot_bring_one_half_of_a_collision_into_a_store_holding_the_other(tmp_path: Path) -> None:
+    publisher, consumer = tmp_path / "publisher", tmp_path / "consumer"
+    base = _model(tmp_path / "base.safetensors")
+    for store in (publisher, consumer):
+        Repository.init(store, chunk_size=4096).close()
+        assert cli("pack", base, "-s", store).exit_code == 0
+    with Repository.open(publisher) as repo:
+        old = repo.resolve("main").hex()
+        pack(repo, [_model(tmp_path / "update.safetensors", weight=M1)])
+    assert cli("diff", publisher, old, "main", "-o", tmp_path / "update.bsp").exit_code == 0
+    with Repository.open(consumer) as repo:  # M2 arrives under KEY by another way: a second ref
+        pack(repo, [_model(tmp_path / "other.safetensors", carrier=M2)], ref="other")
+        before = repo.refs(), repo.snapshot_ids()
+    result = cli("apply", consumer, tmp_path / "update.bsp")
+    assert_one_line_error(result, f"chunk {KEY.hex()} collides with a stored chunk", exit_code=4)
+    with Repository.open(consumer) as repo:
+        assert (repo.refs(), repo.snapshot_ids()) == before
