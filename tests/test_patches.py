@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
+import blockstore
 import blockstore.core.chunks as chunks_module
 import blockstore.repo as repo_module
 from blockstore import patches, runtime
@@ -401,6 +402,8 @@ def test_max_growth_admits_a_trusted_repetitive_bundle(update, tmp_path: Path) -
     bundle, nbytes = bomb_bundle(store, tmp_path / "zeros.bsp", chunk_len=256 << 10, repeats=64)
     refused(store, bundle, f"declares {nbytes} new tensor bytes, over the limit")
     assert_one_line_error(cli("apply", store, bundle, "--max-growth", "0"), "--max-growth must be")
+    with pytest.raises(BundleRejected, match="over the limit"):
+        blockstore.apply(store, bundle, max_growth=64)
     applied = cli("apply", store, bundle, "--max-growth", "100000", "--json")
     assert applied.exit_code == 0, applied.stderr
     assert applied.json()["chunks_added"] == 1
