@@ -283,7 +283,7 @@ def _verified_shipment(
 def _bases(repo: Repository, bundle: Bundle, current: SnapshotId | None) -> list[Snapshot]:
     """The checked snapshots the target is compared with: what the ref holds, and the bundle's
     base if the store has it (`--force-base`, or the same snapshot)."""
-    ids = {current, bundle.base} - {None}
+    ids = {snapshot_id for snapshot_id in (current, bundle.base) if snapshot_id is not None}
     return [repo.snapshot(snapshot_id) for snapshot_id in ids if repo.has_snapshot(snapshot_id)]
 
 
