@@ -21,13 +21,21 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO
 
 from blockstore.core.chunks import decode_chunk, strong_mismatch
 from blockstore.core.hashing import ChunkKey, new_digest, strong_digest
-from blockstore.core.manifests import ChunkRef, ManifestError, Snapshot, SnapshotId, TensorEntry
+from blockstore.core.manifests import (
+    MANIFEST_VERSION,
+    ChunkRef,
+    ManifestError,
+    Snapshot,
+    SnapshotId,
+    TensorEntry,
+    merkle_digest,
+)
 from blockstore.errors import BlockstoreError, BundleRejected, InvalidArgument, WrongBase
 from blockstore.repo import DEFAULT_REF, Repository, StoredDigests, check_ref_name
 from blockstore.storage.lmdb import short_id
@@ -63,18 +71,43 @@ class ApplyResult:
 
 
 def _check_base(
-    repo: Repository, bundle: Bundle, ref: str, current: SnapshotId | None, force_base: bool
-) -> None:
+    repo: Repository, bundle: Bundle, target: Snapshot, ref: str, current: SnapshotId | None, force_base: bool
+) -> Snapshot | None:
     """The ref must hold the bundle's base: the same snapshot, or the same model content packed
-    separately (another store's pack of the same file has another id but the same content)."""
+    separately (another store's pack of the same file has another id but the same content).
+
+    A ref still at a snapshot of an older version cannot show the content id of a version 3 base
+    (that needs its chunks' strong digests), so for a version 3 target such a ref's snapshot is
+    read once into its version 3 form (`as_version_3`) and matched by that; the form is returned,
+    and vouches for every chunk it hashed."""
     if bundle.base == current:
-        return
-    if current is not None and bundle.base_content == repo.snapshot(current).content_id:
-        return
+        return None
+    held = repo.snapshot(current) if current is not None else None
+    if held is not None and bundle.base_content == held.content_id:
+        return None
     if force_base and bundle.base is not None and repo.has_snapshot(bundle.base):
-        return
+        return None
+    if held is not None and current is not None and held.version < 3 <= target.version:
+        upgraded = as_version_3(repo, current, held)
+        if bundle.base_content == upgraded.content_id:
+            return upgraded
     base = short_id(bundle.base) if bundle.base else "(none)"
     raise WrongBase(bundle.path.name, base, ref, short_id(current))
+
+
+def as_version_3(repo: Repository, snapshot_id: SnapshotId, snapshot: Snapshot) -> Snapshot:
+    """The version 3 form of an older snapshot of this store (not stored): every chunk decoded
+    and each tensor checked against its byte digest, then each chunk given its strong digest and
+    each tensor its chunk-list digest. Costs one pass over the model, like `verify --deep`."""
+    tensors = {}
+    for name, entry in snapshot.tensors.items():
+        chunks = tuple(
+            replace(chunk, strong=strong_digest(raw))
+            for chunk, raw in zip(entry.chunks, repo.tensor_chunks(snapshot_id, entry), strict=True)
+        )
+        tensor_digest = merkle_digest(entry.dtype, entry.shape, chunks)
+        tensors[name] = replace(entry, chunks=chunks, digest=tensor_digest, merkle=True)
+    return replace(snapshot, tensors=tensors, version=MANIFEST_VERSION)
 
 
 def tensor_identity(entry: TensorEntry) -> tuple:
@@ -312,13 +345,14 @@ def apply(
     current = repo.ref(ref)
     if current == bundle.target:  # applied already (e.g. re-run after a crash): nothing to do
         return ApplyResult(ref, current, bundle.target, 0, 0)
-    _check_base(repo, bundle, ref, current, force_base)
     try:
         target = Snapshot.from_bytes(bundle.snapshot)
     except ManifestError as exc:
         raise BundleRejected(bundle_path, f"target snapshot: {exc}") from None
+    upgraded = _check_base(repo, bundle, target, ref, current, force_base)
+    bases = _bases(repo, bundle, current) + ([upgraded] if upgraded else [])
     with repo.writer_lease():
-        new_chunks = _verified_shipment(repo, bundle, target, _bases(repo, bundle, current), max_growth)
+        new_chunks = _verified_shipment(repo, bundle, target, bases, max_growth)
         added = repo.put_chunks(_shipped_values(bundle, new_chunks))
         repo.store_snapshot_bytes(bundle.snapshot)  # read_bundle checked it hashes to bundle.target
         repo.move_ref(ref, bundle.target, current, "apply", target.message)

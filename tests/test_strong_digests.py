@@ -236,3 +236,27 @@ def test_a_bundle_cannot_bring_one_half_of_a_collision_into_a_store_holding_the_
     assert_one_line_error(result, f"chunk {KEY.hex()} collides with a stored chunk", exit_code=4)
     with Repository.open(consumer) as repo:
         assert (repo.refs(), repo.snapshot_ids()) == before
+
+
+def test_a_version_3_bundle_applies_to_a_ref_still_at_the_version_2_form_of_its_base(tmp_path: Path) -> None:
+    publisher, consumer = tmp_path / "publisher", tmp_path / "consumer"
+    base, update = _model(tmp_path / "base.safetensors"), _model(tmp_path / "update.safetensors", weight=M1)
+    for store in (publisher, consumer):
+        Repository.init(store, chunk_size=4096).close()
+        assert cli("pack", base, "-s", store).exit_code == 0
+    with Repository.open(publisher) as repo:
+        old = repo.resolve("main").hex()
+        pack(repo, [update])
+    assert cli("diff", publisher, old, "main", "-o", tmp_path / "update.bsp").exit_code == 0
+    with Repository.open(consumer) as repo:  # as an older blockstore packed it
+        packed = repo.resolve("main")
+        repo.move_ref("main", as_version_2(repo, packed), packed, "pack", "")
+    applied = cli("apply", consumer, tmp_path / "update.bsp")
+    assert applied.exit_code == 0, applied.stderr
+    assert cli("export", consumer, tmp_path / "out.safetensors").exit_code == 0
+    assert sha256(tmp_path / "out.safetensors") == sha256(update)
+    # Another model's version 2 snapshot is still the wrong base.
+    with Repository.open(consumer) as repo:
+        other = pack(repo, [_model(tmp_path / "other.safetensors", zeros=bytes(4096))], ref=None).snapshot_id
+        repo.move_ref("main", as_version_2(repo, other), repo.resolve("main"), "pack", "")
+    assert_one_line_error(cli("apply", consumer, tmp_path / "update.bsp"), "applies to snapshot")
