@@ -211,16 +211,21 @@ def apply(
     ref: str = DEFAULT_REF,
     key: bytes | PathLike | None = None,
     force_base: bool = False,
+    max_growth: int | None = None,
 ) -> ApplyResult:
     """Apply the patch bundle at `bundle` to `ref`: every shipped chunk and the target snapshot are
     checked first, and `ref` moves only when all of it is in, so a failed apply changes nothing
     readable. `ref` must point at the bundle's base version unless `force_base` (the base's tensors
-    must then still match). Applying a bundle twice is a no-op. `key` as for `diff`.
+    must then still match). Applying a bundle twice is a no-op. `key` as for `diff`. A bundle whose
+    new tensors exceed `max_growth` (default 64) times its size plus the stored bytes they reuse
+    is refused before anything is decoded; raise it for a trusted, highly repetitive bundle.
     """
+    from blockstore.patches.apply import DEFAULT_MAX_GROWTH
     from blockstore.patches.apply import apply as _apply
 
+    growth = DEFAULT_MAX_GROWTH if max_growth is None else max_growth
     with _repository(repo) as opened:
-        return _apply(opened, Path(bundle), ref=ref, key=_key(key), force_base=force_base)
+        return _apply(opened, Path(bundle), ref=ref, key=_key(key), force_base=force_base, max_growth=growth)
 
 
 def rollback(

@@ -100,6 +100,17 @@ class ChunkCorrupt(BlockstoreError):
     template = "chunk {} is corrupt: {}"
 
 
+class ChunkCollision(BlockstoreError):
+    """Two different chunks share an xxh3 key: the store (or this pack) holds other bytes under the
+    key a tensor's chunk has, so the chunk cannot be stored or deduplicated."""
+
+    exit_code = EXIT_DAMAGED
+    template = (
+        "tensor {!r}: chunk {} collision: {} holds other bytes under this xxh3 key "
+        "(BLAKE3 {}, wanted {}); nothing was published"
+    )
+
+
 class TensorCorrupt(BlockstoreError):
     exit_code = EXIT_DAMAGED
     template = "tensor {!r} of snapshot {} is damaged: {}"

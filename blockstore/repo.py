@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from blockstore.core.chunks import DEFAULT_CHUNK_SIZE, check_chunk_size, decode_chunk, decode_chunk_into
-from blockstore.core.hashing import ChunkKey, digest, new_digest
+from blockstore.core.hashing import ChunkKey, digest, new_digest, strong_digest
 from blockstore.core.manifests import ChunkRef, ManifestError, Snapshot, SnapshotId, TensorEntry
 from blockstore.errors import (
     AmbiguousSnapshotId,
@@ -319,11 +319,12 @@ class Repository:
 
     def read_chunk_into(self, chunk: ChunkRef, out: memoryview) -> int:
         """Decode `chunk` straight from the store into `out` (exactly its raw length) and check it
-        against its key; returns the stored value's length. On LMDB the value is a view of the memory
+        against its strong digest when the snapshot gives one, else against its key; returns the
+        stored value's length. On LMDB the value is a view of the memory
         map, so nothing is copied but the decoded bytes. Raises ChunkMissing or ChunkCorrupt."""
 
         def decode(value: bytes | memoryview) -> int:
-            decode_chunk_into(chunk.key, value, out)
+            decode_chunk_into(chunk.key, value, out, chunk.strong)
             return len(value)
 
         return self.store.with_value(chunk.key, decode)
@@ -361,15 +362,18 @@ class Repository:
         return self.store.map_ordered(one, chunks)
 
     def tensor_chunks(self, snapshot_id: SnapshotId, entry: TensorEntry) -> Iterator[bytearray]:
-        """Decoded chunks of a tensor in order; each is checked against its key, the tensor
+        """Decoded chunks of a tensor in order, each checked as it comes out. A chunk-list digest
+        (version 3) was checked against the chunk list when the snapshot was read, and each chunk
+        against its strong digest, which settles the tensor; an older tensor's bytes are checked
         against its digest once the last chunk is out. Damage raises TensorCorrupt naming both."""
-        hasher = new_digest()
+        hasher = None if entry.merkle else new_digest()
         for raw in self.checked_chunks(entry.chunks):
             if isinstance(raw, CHUNK_DAMAGE):
                 raise tensor_damage(snapshot_id, entry.name, raw) from None
-            hasher.update(raw)
+            if hasher is not None:
+                hasher.update(raw)
             yield raw
-        if hasher.digest() != entry.digest:
+        if hasher is not None and hasher.digest() != entry.digest:
             raise tensor_damage(snapshot_id, entry.name, "bytes do not match the tensor digest")
 
     def checked_values(
@@ -384,12 +388,17 @@ class Repository:
             entry, chunk = item
             try:
                 value = self.store.get(chunk.key)
-                decode_chunk(chunk.key, value, chunk.raw_len)
+                decode_chunk(chunk.key, value, chunk.raw_len, chunk.strong)
             except CHUNK_DAMAGE as exc:
                 raise tensor_damage(snapshot_id, entry.name, exc) from None
             return chunk.key, value
 
         return self.store.map_ordered(one, chunks)
+
+    def stored_digests(self, vouching: Iterable[Snapshot] = ()) -> StoredDigests:
+        """What the chunks this store holds decode to, by strong digest (see `StoredDigests`);
+        `vouching` adds snapshots of this store the caller has loaded to those at the refs."""
+        return StoredDigests(self, vouching)
 
     def stored_values(self, keys: Iterable[ChunkKey]) -> Iterator[bytes]:
         """Stored values of `keys` in order, NOT decoded or checked: for writing them elsewhere when
@@ -451,3 +460,53 @@ class Repository:
         """Requests sent per verb (GET, PUT, ...) by an object store, through its cache if it has
         one; empty for a local store. For benchmarks that report what a load cost on the wire."""
         return dict(getattr(self.store, "requests", {}))
+
+
+class StoredDigests:
+    """The strong (BLAKE3) digest of the bytes a stored chunk decodes to, for a writer about to
+    reference that chunk by key (pack deduplicating, apply and pull taking in a snapshot): keys are
+    xxh3 and can collide, so a writer must know the stored chunk is the one it means.
+
+    Every writer of a version 3 snapshot makes sure each chunk it references is stored with the
+    bytes the snapshot promises (pack computes or compares them, apply and pull check what they
+    receive and what they reuse through this class). So the version 3 snapshots the refs hold vouch
+    for their chunks, and a re-pack of a model learns the digest of every chunk it shares with the
+    version it replaces without decoding one. A chunk no such snapshot vouches for (stored by an
+    older pack, or reached only from history) is decoded once, checked against its key, and hashed.
+    """
+
+    def __init__(self, repo: Repository, vouching: Iterable[Snapshot] = ()) -> None:
+        self._repo = repo
+        self._vouching = list(vouching)
+        self._known: dict[ChunkKey, bytes] | None = None
+
+    def _snapshots(self) -> Iterator[Snapshot]:
+        yield from self._vouching
+        for snapshot_id in set(self._repo.refs().values()):
+            try:
+                yield self._repo.snapshot(snapshot_id)
+            except (StoreCorrupt, SnapshotNotFound):  # verify's to report; decode instead
+                continue
+
+    def _vouched(self) -> dict[ChunkKey, bytes]:
+        known: dict[ChunkKey, bytes] = {}
+        disputed: set[ChunkKey] = set()
+        for snapshot in self._snapshots():
+            for entry in snapshot.tensors.values():
+                for chunk in entry.chunks:
+                    if chunk.strong is not None and known.setdefault(chunk.key, chunk.strong) != chunk.strong:
+                        disputed.add(chunk.key)
+        for key in disputed:  # two snapshots promise different bytes: only the chunk itself can say
+            del known[key]
+        return known
+
+    def of(self, key: ChunkKey, raw_len: int) -> bytes:
+        """The strong digest of stored chunk `key` (which must be present). Raises ChunkCorrupt or
+        ChunkMissing when it has to be decoded and cannot be."""
+        if self._known is None:
+            self._known = self._vouched()
+        found = self._known.get(key)
+        if found is None:
+            found = strong_digest(self._repo.read_chunk(ChunkRef(key, raw_len, 0)))
+            self._known[key] = found
+        return found

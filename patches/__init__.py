@@ -12,9 +12,19 @@ with Repository.open("other-store") as other:
     patches.rollback(other)  # and back
 """
 
-from .apply import ApplyResult, apply
+from .apply import DEFAULT_MAX_GROWTH, ApplyResult, apply
 from .diff import DiffResult, diff
 from .history import LogEntry, log
 from .rollback import RollbackResult, rollback
 
-__all__ = ["ApplyResult", "DiffResult", "LogEntry", "RollbackResult", "apply", "diff", "log", "rollback"]
+__all__ = [
+    "DEFAULT_MAX_GROWTH",
+    "ApplyResult",
+    "DiffResult",
+    "LogEntry",
+    "RollbackResult",
+    "apply",
+    "diff",
+    "log",
+    "rollback",
+]

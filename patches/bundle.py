@@ -31,10 +31,11 @@ from blockstore.errors import BundleRejected, InvalidArgument
 from blockstore.ops.export import write_atomically
 
 MAGIC = b"\x89BSP\r\n\x1a\n"
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, FORMAT_VERSION)
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, FORMAT_VERSION)
 """Version 2 bundles may carry framed chunk values (FORMAT.md §1), which version-1 readers cannot
-decode; the layout of the bundle itself is unchanged."""
+decode; version 3 bundles may carry a version 3 target snapshot (strong chunk digests), which
+earlier readers cannot parse. The layout of the bundle itself is unchanged."""
 FLAG_MAC = 1
 _PREAMBLE = struct.Struct("<8sHHQ")
 _MAX_HEADER = 1 << 30

@@ -6,9 +6,11 @@ from the store's copy into one preallocated buffer — pinned when the target is
 host→device copy is asynchronous. Row lookups on a static table decode only the chunks that hold
 those rows (chunk boundaries fall on whole rows), which is what an embedding lookup needs.
 
-Integrity: every chunk is checked against its xxh3-128 key as it is decoded, and the keys come from
-a snapshot checked against its blake2b id; the whole-tensor blake2b digest is left to `verify` and
-`export`, because hashing every tensor on every load would cost as much as decoding it.
+Integrity: every chunk is checked as it is decoded against the BLAKE3 digest its snapshot promises
+(version 3), which a chunk built to collide with another's xxh3 key cannot meet, and the digests
+come from a snapshot checked against its blake2b id, whose tensor digests bind them; so a tensor is
+exactly the one packed. A snapshot of an older version gives only xxh3-128 keys to check against,
+and its whole-tensor blake2b digest is left to `verify` and `export`.
 """
 
 from __future__ import annotations

@@ -5,14 +5,21 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
+import blockstore
 import blockstore.core.chunks as chunks_module
-from blockstore import patches
+import blockstore.repo as repo_module
+from blockstore import patches, runtime
+from blockstore.codecs import Zstd
+from blockstore.core.hashing import strong_digest
+from blockstore.core.manifests import ChunkRef, TensorEntry, merkle_digest
 from blockstore.errors import BundleRejected, InvalidArgument, RefNotFound, WriterActive, WrongBase
 from blockstore.ops.gc import gc
 from blockstore.ops.pack import pack
@@ -21,7 +28,8 @@ from blockstore.patches.bundle import BundleChunk, read_bundle, read_key, write_
 from blockstore.repo import Repository
 from blockstore.storage.base import short_id
 
-from .helpers import assert_one_line_error, cli, random_tensor, sha256, write_safetensors
+from .helpers import RawTensor, assert_one_line_error, cli, random_tensor, sha256, write_safetensors
+from .legacy_snapshots import as_version_2
 
 MLP = "encoder.layer.0.intermediate.dense.weight"
 
@@ -330,3 +338,124 @@ def test_api_refusals_match_the_cli(update) -> None:
             gc(repo, keep=-1)
         with pytest.raises(RefNotFound):
             patches.log(repo, "nope")
+
+
+# --- bounded work: verify what is new, refuse what grows without bound ---------------------------------
+
+
+def bomb_bundle(
+    store: Path, out: Path, *, chunk_len: int, repeats: int, version: int = 3
+) -> tuple[Path, int]:
+    """A valid bundle onto `store`'s main whose target adds tensor "bomb": one zstd zero chunk of
+    `chunk_len` bytes referenced `repeats` times. Version 3 gives it its true digest (a hash of the
+    chunk list: cheap to make however large the tensor); an older target has a made-up digest (the
+    true one would take as long to make as the bomb takes to check). Returns the bundle and the
+    bomb's byte length."""
+    zeros = bytes(chunk_len)
+    key = chunks_module.chunk_key(zeros)
+    value = chunks_module.encode_chunk(Zstd(19), memoryview(zeros))
+    nbytes = chunk_len * repeats
+    with Repository.open(store) as repo:
+        base_id = repo.resolve("main")
+        if version < 3:
+            base_id = as_version_2(repo, base_id)
+            repo.move_ref("main", base_id, repo.resolve("main"), "pack", "")
+        base = repo.snapshot(base_id)
+    strong = strong_digest(zeros) if version >= 3 else None
+    chunks = tuple(ChunkRef(key, chunk_len, len(value), strong) for _ in range(repeats))
+    tensor_digest = merkle_digest("U8", (nbytes,), chunks) if version >= 3 else bytes(32)
+    bomb = TensorEntry(
+        "bomb", "U8", (nbytes,), "static", "lossless", "zstd", chunks, tensor_digest, merkle=version >= 3
+    )
+    first = base.files[0]
+    files = (replace(first, tensors=(*first.tensors, "bomb")), *base.files[1:])
+    target = replace(base, files=files, tensors={**base.tensors, "bomb": bomb}, parent=base_id)
+    data = target.to_bytes()
+    write_bundle(
+        out, base_id, base.content_id, target.id, data, [(BundleChunk(key, chunk_len, len(value)), value)]
+    )
+    return out, nbytes
+
+
+@pytest.mark.parametrize("version", [2, 3])
+def test_a_small_bundle_declaring_a_huge_tensor_is_refused_before_decoding(
+    update, tmp_path: Path, version: int
+) -> None:
+    store, _, _ = update
+    # 64 GiB of one 64 MiB zero chunk in a bundle of some 30 KiB: apply used to decode and hash all
+    # of it (minutes) before the tensor digest refused it. In version 3 the digest is true, so only
+    # the bound stands between this bundle and a store serving a 64 GiB tensor.
+    bundle, nbytes = bomb_bundle(
+        store, tmp_path / "bomb.bsp", chunk_len=64 << 20, repeats=1024, version=version
+    )
+    size = bundle.stat().st_size
+    assert size < 96 << 10 and nbytes == 64 << 30
+    started = time.monotonic()
+    refused(store, bundle, "bomb.bsp: bundle rejected", f"declares {nbytes} new tensor bytes", "--max-growth")
+    assert time.monotonic() - started < 5  # two deep verifies of a tiny store included
+    with Repository.open(store) as repo, pytest.raises(BundleRejected, match=f"limit of {64 * size} "):
+        patches.apply(repo, bundle)
+
+
+def test_max_growth_admits_a_trusted_repetitive_bundle(update, tmp_path: Path) -> None:
+    store, _, _ = update
+    bundle, nbytes = bomb_bundle(store, tmp_path / "zeros.bsp", chunk_len=256 << 10, repeats=64)
+    refused(store, bundle, f"declares {nbytes} new tensor bytes, over the limit")
+    assert_one_line_error(cli("apply", store, bundle, "--max-growth", "0"), "--max-growth must be")
+    with pytest.raises(BundleRejected, match="over the limit"):
+        blockstore.apply(store, bundle, max_growth=64)
+    applied = cli("apply", store, bundle, "--max-growth", "100000", "--json")
+    assert applied.exit_code == 0, applied.stderr
+    assert applied.json()["chunks_added"] == 1
+    with Repository.open(store) as repo:
+        assert verify(repo, deep=True).clean
+    with runtime.open(store) as state:
+        assert not state["bomb"].materialize().any() and state["bomb"].materialize().numel() == nbytes
+
+
+@pytest.mark.parametrize("version", [2, 3])
+def test_apply_decodes_only_the_new_tensors_chunks_each_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, version: int
+) -> None:
+    layers = {f"layer.{i}": random_tensor("F32", (64, 64), i) for i in range(12)}
+    v1 = write_safetensors(tmp_path / "v1.safetensors", layers)
+    # One tensor changes; two of its four 4 KiB chunks are the same zeros, one is a base chunk.
+    changed = bytearray(layers["layer.3"].data)
+    changed[4096:12288] = bytes(8192)
+    changed[12288:] = layers["layer.5"].data[:4096]
+    v2 = write_safetensors(
+        tmp_path / "v2.safetensors", {**layers, "layer.3": RawTensor("F32", (64, 64), bytes(changed))}
+    )
+    with Repository.init(tmp_path / "publisher", chunk_size=4096) as repo:
+        old, new = pack(repo, [v1]).snapshot_id, pack(repo, [v2]).snapshot_id
+        if version < 3:
+            old = as_version_2(repo, old)
+            new = as_version_2(repo, new, parent=old)
+        patches.diff(repo, old.hex(), new.hex(), tmp_path / "one.bsp")
+    with Repository.init(tmp_path / "consumer", chunk_size=4096) as repo:
+        base = pack(repo, [v1]).snapshot_id
+        if version < 3:
+            repo.move_ref("main", as_version_2(repo, base), base, "pack", "")
+        decoded: list[bytes] = []
+        plain = chunks_module.decode_chunk_into
+
+        def counting(
+            key: bytes, value: bytes | memoryview, out: memoryview, strong: bytes | None = None
+        ) -> None:
+            decoded.append(key)
+            plain(key, value, out, strong)
+
+        monkeypatch.setattr(chunks_module, "decode_chunk_into", counting)
+        monkeypatch.setattr(repo_module, "decode_chunk_into", counting)
+        result = patches.apply(repo, tmp_path / "one.bsp")
+        monkeypatch.undo()
+        wanted = [chunk.key for chunk in repo.snapshot(result.new).tensors["layer.3"].chunks]
+        zeros = chunks_module.chunk_key(bytes(4096))
+        assert len(set(wanted)) == 3 and zeros in wanted
+        if version >= 3:  # the shipped chunk only: the base vouches for the two it reuses
+            assert decoded == [zeros]
+        else:  # the tensor's bytes are hashed: its 3 distinct chunks, of the model's 48, each once
+            assert sorted(decoded) == sorted(set(wanted))
+        assert verify(repo, deep=True).clean
+    assert cli("export", tmp_path / "consumer", tmp_path / "v2.out").exit_code == 0
+    assert sha256(tmp_path / "v2.out") == sha256(v2)

@@ -34,7 +34,7 @@ from blockstore.codecs import (
     stored_codec,
 )
 from blockstore.core.dtypes import byte_unit, nbytes_of
-from blockstore.core.hashing import ChunkKey, chunk_key
+from blockstore.core.hashing import ChunkKey, chunk_key, strong_digest
 from blockstore.errors import ChunkCorrupt, InvalidArgument
 
 DEFAULT_CHUNK_SIZE = 4 << 20
@@ -127,20 +127,38 @@ def prepare_chunk(codec: Codec, raw: bytes) -> PreparedChunk:
     return PreparedChunk(chunk_key(decoded), len(raw), decoded, lambda: value)
 
 
-def decode_chunk_into(key: ChunkKey, value: bytes | memoryview, out: memoryview) -> None:
+def decode_chunk_into(
+    key: ChunkKey, value: bytes | memoryview, out: memoryview, strong: bytes | None = None
+) -> None:
     """Decode a stored chunk straight into `out` (exactly its raw length) and check it is the chunk
-    `key` names; raises ChunkCorrupt otherwise. The lazy runtime decodes into one tensor buffer."""
+    `key` names; raises ChunkCorrupt otherwise. The lazy runtime decodes into one tensor buffer.
+
+    With `strong` (the BLAKE3 digest a version 3 snapshot promises) the decoded bytes are checked
+    against it instead of the key: it implies the key check, and unlike xxh3 it cannot be met by
+    other bytes built to collide, so no reader hands out a chunk the snapshot did not promise."""
     try:
         codec_id, params, payload = _envelope(value)
         stored_codec(codec_id, params).decode_into(payload, out)
     except (DecodeError, InvalidArgument, ValueError, TypeError, msgpack.UnpackException) as exc:
         raise ChunkCorrupt(key.hex(), exc) from None
-    if chunk_key(out) != key:
+    if strong is not None:
+        if strong_digest(out) != strong:
+            raise ChunkCorrupt(key.hex(), strong_mismatch(chunk_key(out) == key))
+    elif chunk_key(out) != key:
         raise ChunkCorrupt(key.hex(), "decoded bytes do not hash to the chunk's key")
 
 
-def decode_chunk(key: ChunkKey, value: bytes | memoryview, raw_len: int) -> bytearray:
+def strong_mismatch(key_matches: bool) -> str:
+    """Why a chunk's bytes are not the ones promised: a collision when they still hash to its key."""
+    if key_matches:
+        return "xxh3 key collision: the bytes hash to the key but are not the bytes the snapshot promises"
+    return "decoded bytes do not hash to the chunk's key"
+
+
+def decode_chunk(
+    key: ChunkKey, value: bytes | memoryview, raw_len: int, strong: bytes | None = None
+) -> bytearray:
     """Decode a stored chunk into a new buffer (see `decode_chunk_into`)."""
     out = bytearray(raw_len)
-    decode_chunk_into(key, value, memoryview(out))
+    decode_chunk_into(key, value, memoryview(out), strong)
     return out

@@ -4,6 +4,11 @@ A snapshot lists every tensor (its chunks, digest, side, codec), keeps each sour
 verbatim so `export` rebuilds the files byte for byte, keeps small side files (config.json, the
 shard index) verbatim, and names its parent. Its id is blake2b-256 of its canonical msgpack bytes,
 so equal content gives an equal id and a stored snapshot can be checked against its key.
+
+From version 3 every chunk reference carries the BLAKE3 digest of the bytes the chunk decodes to,
+and a tensor's digest is a hash of its chunk list (`merkle_digest`) rather than of its bytes: the
+chunk digests bind the bytes, so checking a tensor costs one decode and hash per distinct chunk and
+the tensor digest itself is checked when the snapshot is parsed, from the snapshot alone.
 """
 
 from __future__ import annotations
@@ -20,11 +25,15 @@ import msgpack
 
 from blockstore.core.chunks import MAX_CHUNK_SIZE
 from blockstore.core.dtypes import DTYPE_BITS, nbytes_of
-from blockstore.core.hashing import DIGEST_SIZE, KEY_SIZE, ChunkKey, digest
+from blockstore.core.hashing import DIGEST_SIZE, KEY_SIZE, STRONG_SIZE, ChunkKey, digest
 
-MANIFEST_VERSION = 2
-"""2 added each tensor's measured error (lossy tiers); version 1 snapshots still read, error None."""
-_READABLE_VERSIONS = (1, 2)
+MANIFEST_VERSION = 3
+"""2 added each tensor's measured error (lossy tiers); 3 added each chunk's strong (BLAKE3) digest
+and defined the tensor digest over the chunk list. Versions 1 and 2 still read: error None, no
+strong digests, tensor digests over the bytes."""
+_READABLE_VERSIONS = (1, 2, 3)
+LEGACY_CONTENT_VERSION = 2
+"""The version a content id of a version 1 or 2 snapshot is built as (FORMAT.md §2)."""
 
 SnapshotId = bytes
 """32 bytes: blake2b-256 of a snapshot's canonical bytes."""
@@ -90,11 +99,22 @@ def shape_problem(shape: object) -> str | None:
 
 @dataclass(frozen=True)
 class ChunkRef:
-    """One chunk of a tensor: its key, its decoded length and the length of its stored value."""
+    """One chunk of a tensor: its key, its decoded length, the length of its stored value and (in
+    snapshots of version 3) the BLAKE3 digest of its decoded bytes: what the snapshot promises the
+    chunk is, whatever another chunk with a colliding key may be."""
 
     key: ChunkKey
     raw_len: int
     stored_len: int
+    strong: bytes | None = None
+
+
+def merkle_digest(dtype: str, shape: tuple[int, ...], chunks: tuple[ChunkRef, ...]) -> bytes:
+    """A version 3 tensor digest: blake2b-256 of canonical msgpack `[dtype, shape, [[strong,
+    raw_len], ...]]`. The strong digests bind every byte of the tensor, in order, so this binds the
+    tensor's bytes and how they read (dtype, shape) without a pass over repeated bytes."""
+    pairs = [[chunk.strong, chunk.raw_len] for chunk in chunks]
+    return digest(msgpack.packb([dtype, list(shape), pairs], use_bin_type=True))
 
 
 @dataclass(frozen=True)
@@ -119,6 +139,9 @@ class TensorEntry:
     chunks: tuple[ChunkRef, ...]
     digest: bytes
     error: TensorError | None = None
+    merkle: bool = False
+    """The digest is `merkle_digest` of the chunk list and every chunk has its strong digest (a
+    snapshot of version 3); otherwise the digest is blake2b-256 of the tensor's bytes."""
 
     @property
     def nbytes(self) -> int:
@@ -148,13 +171,27 @@ class Snapshot:
     parent: SnapshotId | None = None
     message: str = ""
     created_ns: int = 0
+    version: int = MANIFEST_VERSION
+    """3 for what blockstore writes; 1 or 2 for a snapshot read from an older pack."""
+
+    def __post_init__(self) -> None:
+        merkle = self.version >= 3
+        for entry in self.tensors.values():
+            if entry.merkle != merkle or any((c.strong is not None) != merkle for c in entry.chunks):
+                form = "carry" if merkle else "lack"
+                raise ValueError(
+                    f"tensor {entry.name!r}: a version {self.version} snapshot's tensors {form} "
+                    "strong chunk digests and a chunk-list digest"
+                )
 
     def _content(self) -> list[Any]:
-        """The fields that define the model itself (not its history): files, tensors, side files."""
+        """The fields that define the model itself (not its history): files, tensors, side files.
+        Snapshots of versions 1 and 2 are built as version 2 (FORMAT.md §2)."""
+        strong = self.version >= 3
         return [
-            MANIFEST_VERSION,
+            MANIFEST_VERSION if strong else LEGACY_CONTENT_VERSION,
             [[f.name, f.header, list(f.tensors)] for f in self.files],
-            [_entry_fields(self.tensors[name]) for name in sorted(self.tensors)],
+            [_entry_fields(self.tensors[name], strong) for name in sorted(self.tensors)],
             [[name, self.extras[name]] for name in sorted(self.extras)],
         ]
 
@@ -195,7 +232,8 @@ class Snapshot:
             )
             if version not in _READABLE_VERSIONS:
                 raise ManifestError(f"manifest version {version!r}, expected one of {_READABLE_VERSIONS}")
-            tensors = {entry.name: entry for entry in map(_entry_from_fields, entries)}
+            strong = version >= 3
+            tensors = {entry.name: entry for entry in (_entry_from_fields(e, strong) for e in entries)}
             snapshot = cls(
                 files=tuple(SourceFile(str(n), bytes(h), tuple(map(str, t))) for n, h, t in files),
                 tensors=tensors,
@@ -203,6 +241,7 @@ class Snapshot:
                 parent=_optional_id(parent),
                 message=str(message),
                 created_ns=int(created_ns),
+                version=version,
             )
         except ManifestError:
             raise
@@ -219,7 +258,12 @@ class Snapshot:
         return snapshot
 
 
-def _entry_fields(entry: TensorEntry) -> list[Any]:
+def _entry_fields(entry: TensorEntry, strong: bool) -> list[Any]:
+    chunks = (
+        [[c.key, c.raw_len, c.stored_len, c.strong] for c in entry.chunks]
+        if strong
+        else [[c.key, c.raw_len, c.stored_len] for c in entry.chunks]
+    )
     return [
         entry.name,
         entry.dtype,
@@ -227,13 +271,37 @@ def _entry_fields(entry: TensorEntry) -> list[Any]:
         entry.side,
         entry.tier,
         entry.codec,
-        [[c.key, c.raw_len, c.stored_len] for c in entry.chunks],
+        chunks,
         entry.digest,
         [entry.error.max_abs, entry.error.rel_frobenius] if entry.error else None,
     ]
 
 
-def _entry_from_fields(fields: list[Any]) -> TensorEntry:
+def _chunk_refs(name: object, chunks: list[Any], strong: bool) -> tuple[ChunkRef, ...]:
+    """A tensor's chunk references: `[key, raw_len, stored_len]`, plus the strong digest in a
+    version 3 snapshot. Bounds before anything allocates by these numbers: a reader sizes its
+    buffers from them."""
+    width = 4 if strong else 3
+    refs = []
+    for fields in chunks:
+        if not (isinstance(fields, list) and len(fields) == width):
+            raise ManifestError(f"tensor {name!r} has a malformed chunk reference")
+        key, raw_len, stored_len = fields[:3]
+        check = fields[3] if strong else None
+        if not (
+            isinstance(key, bytes)
+            and len(key) == KEY_SIZE
+            and is_count(raw_len)
+            and 0 < raw_len <= MAX_CHUNK_SIZE
+            and is_count(stored_len)
+            and (not strong or (isinstance(check, bytes) and len(check) == STRONG_SIZE))
+        ):
+            raise ManifestError(f"tensor {name!r} has a malformed chunk reference")
+        refs.append(ChunkRef(key, raw_len, stored_len, check))
+    return tuple(refs)
+
+
+def _entry_from_fields(fields: list[Any], strong: bool) -> TensorEntry:
     name, dtype, shape, side, tier, codec, chunks, tensor_digest, *rest = fields
     if len(rest) > 1:
         raise ManifestError(f"tensor {name!r} has {len(fields)} fields")
@@ -246,13 +314,13 @@ def _entry_from_fields(fields: list[Any]) -> TensorEntry:
         raise ManifestError(f"tensor {name!r} has unknown dtype {dtype!r}")
     if not isinstance(shape, list) or shape_problem(shape):
         raise ManifestError(f"tensor {name!r} has an invalid shape")
-    refs = tuple(ChunkRef(bytes(key), int(raw_len), int(stored_len)) for key, raw_len, stored_len in chunks)
-    # Bounds before anything allocates by these numbers: a reader sizes its buffers from them.
-    for ref in refs:
-        if len(ref.key) != KEY_SIZE or not 0 < ref.raw_len <= MAX_CHUNK_SIZE or ref.stored_len < 0:
-            raise ManifestError(f"tensor {name!r} has a malformed chunk reference")
+    if not isinstance(chunks, list):
+        raise ManifestError(f"tensor {name!r} has a malformed chunk list")
+    refs = _chunk_refs(name, chunks, strong)
     if sum(ref.raw_len for ref in refs) != nbytes_of(dtype, math.prod(shape)):
         raise ManifestError(f"tensor {name!r}: its chunks do not add up to {dtype}{shape}")
+    if strong and merkle_digest(dtype, tuple(shape), refs) != tensor_digest:
+        raise ManifestError(f"tensor {name!r}: its digest does not match its chunk list")
     return TensorEntry(
         name,
         dtype,
@@ -263,6 +331,7 @@ def _entry_from_fields(fields: list[Any]) -> TensorEntry:
         refs,
         tensor_digest,
         error,
+        merkle=strong,
     )
 
 

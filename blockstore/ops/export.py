@@ -2,7 +2,8 @@
 
 Each file is written to a temporary name beside its target, fsynced, and renamed over it, so a
 crash or a damaged chunk never leaves a half-written file under the real name. Every chunk is
-checked against its key and every tensor against its digest on the way out. A killed export
+checked on the way out, against the strong digest a version 3 snapshot promises for it (else against
+its key), and an older snapshot's every tensor against its digest. A killed export
 cannot remove its temporary file, so each export first removes the ones dead exports left behind.
 """
 

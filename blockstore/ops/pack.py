@@ -25,8 +25,16 @@ from pathlib import Path
 from blockstore.codecs import ByteGroupZstd, Codec, ErrorMeter, Raw, Zstd, is_lossy, lossy_codec
 from blockstore.core.chunks import PreparedChunk, check_chunk_size, chunk_ranges, prepare_chunk, raw_value_len
 from blockstore.core.dtypes import plane_count
-from blockstore.core.hashing import ChunkKey, new_digest
-from blockstore.core.manifests import ChunkRef, Snapshot, SnapshotId, SourceFile, TensorEntry, TensorError
+from blockstore.core.hashing import ChunkKey, strong_digest
+from blockstore.core.manifests import (
+    ChunkRef,
+    Snapshot,
+    SnapshotId,
+    SourceFile,
+    TensorEntry,
+    TensorError,
+    merkle_digest,
+)
 from blockstore.core.policy import LOSSLESS, Decision, Policy
 from blockstore.core.source import (
     ModelSource,
@@ -37,7 +45,7 @@ from blockstore.core.source import (
     open_regular,
     read_range,
 )
-from blockstore.errors import BlockstoreError, InvalidArgument
+from blockstore.errors import BlockstoreError, ChunkCollision, InvalidArgument
 from blockstore.progress import Progress, Silent
 from blockstore.repo import BATCH_BYTES, Repository, check_ref_name
 
@@ -147,10 +155,18 @@ def codec_for(codec_id: str, dtype: str, level: int) -> Codec:
 
 
 class _ChunkWriter:
-    """Dedups chunks against the store and this pack, encodes new ones in parallel, commits batches."""
+    """Dedups chunks against the store and this pack, encodes new ones in parallel, commits batches.
+
+    A key (xxh3) can be shared by two different chunks built to collide, so a chunk is deduplicated
+    only after its strong digest matched the one already there: this pack's earlier chunk, or the
+    stored chunk's as the store knows it (`StoredDigests`: vouched for by the snapshots the refs
+    hold, else decoded once). A mismatch refuses the pack before anything is published."""
 
     def __init__(self, repo: Repository, workers: int) -> None:
         self._repo = repo
+        self._digests = repo.stored_digests()
+        self.strong: dict[ChunkKey, bytes] = {}
+        """The strong digest of every chunk this pack references, by key."""
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="blockstore-encode")
         self.sizes: dict[ChunkKey, int] = {}
         self._pending: dict[ChunkKey, Future[bytes]] = {}
@@ -160,16 +176,29 @@ class _ChunkWriter:
         self.reused: dict[ChunkKey, str] = {}
         """Chunks the store already held, each with the lossless codec this pack would have used."""
 
-    def add(self, chunk: PreparedChunk, codec: Codec) -> None:
-        """Queue a chunk unless the store or this pack has it; its stored value is made on the pool."""
-        if chunk.key in self.sizes or chunk.key in self._pending:
+    def add(self, chunk: PreparedChunk, codec: Codec, strong: bytes, tensor: str) -> None:
+        """Queue a chunk unless the store or this pack has it; its stored value is made on the pool.
+        Raises ChunkCollision when what is there under its key is other bytes."""
+        known = self.strong.get(chunk.key)
+        if known is not None:
+            if known != strong:
+                raise ChunkCollision(
+                    tensor, chunk.key.hex(), "this pack", known.hex()[:16], strong.hex()[:16]
+                )
             return
         existing = self._repo.stored_sizes([chunk.key])
         if existing:
+            stored = self._digests.of(chunk.key, chunk.raw_len)
+            if stored != strong:
+                raise ChunkCollision(
+                    tensor, chunk.key.hex(), "the store", stored.hex()[:16], strong.hex()[:16]
+                )
+            self.strong[chunk.key] = strong
             self.sizes.update(existing)
             if not is_lossy(codec):
                 self.reused[chunk.key] = codec.id
             return
+        self.strong[chunk.key] = strong
         self._pending[chunk.key] = self._pool.submit(chunk.stored_value)
         self._pending_raw += chunk.raw_len
         if self._pending_raw >= BATCH_BYTES:
@@ -195,10 +224,9 @@ def _pack_tensor(
     chunk_size: int,
     writer: _ChunkWriter,
     progress: Progress,
-) -> tuple[list[tuple[ChunkKey, int]], bytes, TensorError | None]:
-    """Cut one tensor into chunks, encode and key each, and hand it to `writer`: (key and length of
-    each chunk, digest of the bytes the chunks decode to, the error of a lossy codec)."""
-    hasher = new_digest()
+) -> tuple[tuple[ChunkRef, ...], bytes, TensorError | None]:
+    """Cut one tensor into chunks, encode, key and hash each, and hand it to `writer`: (the chunks,
+    stored lengths not yet known, their chunk-list digest, the error of a lossy codec)."""
     meter = ErrorMeter(tensor.dtype) if is_lossy(codec) else None
     chunks = []
     for start, end in chunk_ranges(tensor.dtype, tensor.shape, tensor.nbytes, chunk_size):
@@ -209,15 +237,16 @@ def _pack_tensor(
             raise InvalidArgument(f"{source.path}: tensor {tensor.name!r}: {exc}") from None
         if meter is not None:
             meter.add(raw, chunk.decoded)
-        writer.add(chunk, codec)
-        hasher.update(chunk.decoded)
-        chunks.append((chunk.key, chunk.raw_len))
+        strong = strong_digest(chunk.decoded)
+        writer.add(chunk, codec, strong, tensor.name)
+        chunks.append(ChunkRef(chunk.key, chunk.raw_len, 0, strong))
         progress.advance(chunk.raw_len, tensor.name)
     error = None
     if meter is not None:
         measured = meter.result()
         error = TensorError(measured.max_abs, measured.rel_frobenius)
-    return chunks, hasher.digest(), error
+    refs = tuple(chunks)
+    return refs, merkle_digest(tensor.dtype, tensor.shape, refs), error
 
 
 def plan(model: ModelSource, policy: Policy) -> dict[str, Decision]:
@@ -297,7 +326,7 @@ def _pack_model(
     expected = repo.ref(ref) if ref is not None else None
     progress.start("pack", sum(source.nbytes for source in model.files))
     writer = _ChunkWriter(repo, options.workers or os.cpu_count() or 1)
-    packed: dict[str, tuple[TensorInfo, list[tuple[ChunkKey, int]], bytes, TensorError | None]] = {}
+    packed: dict[str, tuple[TensorInfo, tuple[ChunkRef, ...], bytes, TensorError | None]] = {}
     try:
         for source in model.files:
             handle = open_regular(source.path)
@@ -324,9 +353,10 @@ def _pack_model(
             side=decisions[name].side,
             tier=decisions[name].tier,
             codec=codecs[name].id,
-            chunks=tuple(ChunkRef(key, raw_len, writer.sizes[key]) for key, raw_len in chunks),
+            chunks=tuple(replace(chunk, stored_len=writer.sizes[chunk.key]) for chunk in chunks),
             digest=tensor_digest,
             error=error,
+            merkle=True,
         )
         for name, (tensor, chunks, tensor_digest, error) in packed.items()
     }

@@ -3,13 +3,18 @@
 Both stores may be LMDB directories or object stores. The copy follows the usual write order in the
 destination — chunks (checked against their keys on the way), then the snapshot, then the ref with
 compare-and-set under a writer lease — so an interrupted copy leaves only unreferenced data there.
+
+A version 3 snapshot promises each chunk's strong digest. Chunks sent are checked against it, and a
+chunk the destination already holds under the same key must be the promised bytes too (keys are
+xxh3 and can collide): the destination then vouches for every chunk its snapshots reference.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from blockstore.core.manifests import SnapshotId
+from blockstore.core.manifests import Snapshot, SnapshotId
+from blockstore.errors import ChunkCollision, StoreCorrupt
 from blockstore.repo import DEFAULT_REF, Repository, check_ref_name
 
 
@@ -39,6 +44,7 @@ def transfer(source: Repository, destination: Repository, ref: str = DEFAULT_REF
         record = source.snapshot_bytes(snapshot_id)  # shipped as stored: its id stays the same
         owners = {chunk.key: (entry, chunk) for entry in snapshot.tensors.values() for chunk in entry.chunks}
         present = destination.has_chunks(owners)
+        _check_present(source, destination, snapshot, present)
         missing = [owners[key] for key in owners if key not in present]
         # Each value is decoded once on the way: a damaged chunk is never spread to another store.
         sent = destination.put_chunks(source.checked_values(snapshot_id, missing))
@@ -47,3 +53,27 @@ def transfer(source: Repository, destination: Repository, ref: str = DEFAULT_REF
         if current != snapshot_id:
             destination.move_ref(ref, snapshot_id, current, "pull", snapshot.message)
     return TransferResult(ref, snapshot_id, len(missing), sent, len(present))
+
+
+def _check_present(
+    source: Repository, destination: Repository, snapshot: Snapshot, present: set[bytes]
+) -> None:
+    """Refuse the copy unless each chunk the destination already holds is the chunk the snapshot
+    promises (version 3; an older snapshot promises only keys), and the snapshot promises one set
+    of bytes per key. Raises before anything is written."""
+    promised: dict[bytes, bytes] = {}
+    checked: set[bytes] = set()
+    digests = destination.stored_digests()
+    for entry in snapshot.tensors.values():
+        for chunk in entry.chunks:
+            if chunk.strong is None:
+                continue
+            if promised.setdefault(chunk.key, chunk.strong) != chunk.strong:
+                detail = f"tensor {entry.name!r}: chunk {chunk.key.hex()} is promised as two byte strings"
+                raise StoreCorrupt(source.path, detail)
+            if chunk.key in present and chunk.key not in checked:
+                checked.add(chunk.key)
+                stored = digests.of(chunk.key, chunk.raw_len)
+                if stored != chunk.strong:
+                    held, wanted = stored.hex()[:16], chunk.strong.hex()[:16]
+                    raise ChunkCollision(entry.name, chunk.key.hex(), destination.path, held, wanted)

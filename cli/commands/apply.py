@@ -23,12 +23,25 @@ def apply_bundle(
     force_base: Annotated[
         bool, typer.Option(help="Apply even if the ref is not at the bundle's base.")
     ] = False,
+    max_growth: Annotated[
+        int,
+        typer.Option(
+            "--max-growth",
+            help="Refuse a bundle whose new tensors exceed this many times (its size + the stored "
+            "bytes they reuse).",
+        ),
+    ] = patches.DEFAULT_MAX_GROWTH,
     as_json: JsonOption = False,
 ) -> None:
     """Check a bundle completely, add its chunks, verify the target, then move the ref."""
     with Repository.open(store) as repo:
         result = patches.apply(
-            repo, bundle, ref=ref, key=read_key(key) if key else None, force_base=force_base
+            repo,
+            bundle,
+            ref=ref,
+            key=read_key(key) if key else None,
+            force_base=force_base,
+            max_growth=max_growth,
         )
     if output.report(result, as_json):
         return
