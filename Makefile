@@ -5,6 +5,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
+# The default tests run on this many processes (pytest-xdist): most tests wait on subprocesses,
+# servers and the disk, so two workers halve the wall time on a 2-core machine.
+PYTEST_WORKERS ?= 2
 
 .PHONY: install demo test test-slow lint
 
@@ -28,7 +31,7 @@ lint: install
 	MYPY=$(VENV)/bin/mypy bash scripts/typecheck.sh
 
 test: lint
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -n $(PYTEST_WORKERS)
 
 # The long runs the default test set leaves out (CI runs them as a step of their own).
 test-slow: install
