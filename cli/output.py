@@ -16,6 +16,8 @@ from typing import Any, Protocol
 
 import typer
 
+from blockstore.storage.base import short_id
+
 _UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
 """Control, format (bidi overrides, zero-width), surrogate and line/paragraph separator characters."""
 
@@ -131,9 +133,8 @@ def report(result: JsonResult, as_json: bool, payload: dict[str, Any] | None = N
     return True
 
 
-def short(snapshot_id: bytes | None) -> str:
-    """A snapshot id as the text output shows it (12 hex digits); `(nothing)` for no snapshot."""
-    return snapshot_id.hex()[:12] if snapshot_id else "(nothing)"
+short = short_id
+"""A snapshot id as the text output shows it (12 hex digits); `(nothing)` for no snapshot."""
 
 
 MIB = 1 << 20
