@@ -156,13 +156,17 @@ def export(
     """Write the snapshot `spec` names back out as safetensors files, byte for byte as packed.
 
     `spec` is a ref ("main", a tag), a snapshot id prefix, or a snapshot id; None means "main".
-    A one-file snapshot is written to `out` itself unless `out` is a directory; a sharded one
-    (or one packed with config/tokenizer files) is written into directory `out`. The snapshot is
+    A one-file snapshot is written to `out` itself unless `out` is a directory or ends with "/"
+    (then it goes into that directory with the config/tokenizer files packed beside it); a sharded
+    one is always written into directory `out`. The snapshot is
     pinned while it is read, so a concurrent `gc` cannot delete it half way; every chunk and tensor
     is checked on the way out.
     """
+    target = Path(out)
+    if os.fspath(out).endswith(("/", os.sep)):  # Path() drops the slash that asks for a directory
+        target.mkdir(parents=True, exist_ok=True)
     with _repository(repo, reading=True) as opened, opened.reading(_spec(spec)) as snapshot_id:
-        return _export(opened, snapshot_id, Path(out), progress=progress)
+        return _export(opened, snapshot_id, target, progress=progress)
 
 
 def verify(

@@ -148,7 +148,9 @@ def _file_blocks(
 def export(
     repo: Repository, snapshot_id: SnapshotId, out: Path, *, progress: Progress | None = None
 ) -> ExportResult:
-    """Write the snapshot's files: to `out` itself for a one-file snapshot, else into directory `out`."""
+    """Write the snapshot's files: to `out` itself for a one-file snapshot (its side files, such as
+    config.json, are then left out, and a note says so), else into directory `out` with every
+    side file."""
     started = time.perf_counter()
     progress = progress or Silent()
     snapshot = repo.snapshot(snapshot_id)
@@ -157,6 +159,11 @@ def export(
     if len(snapshot.files) == 1 and not out.is_dir():
         targets = {snapshot.files[0]: out}
         extras: dict[str, bytes] = {}
+        if snapshot.extras:
+            notes.append(
+                f"{out} is the weights file only; the {len(snapshot.extras)} side file(s) packed with it "
+                f"({', '.join(sorted(snapshot.extras))}) are written by an export to a directory"
+            )
     else:
         if out.suffix == ".safetensors" and not out.is_dir():
             notes.append(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -17,11 +18,21 @@ from blockstore.repo import Repository
 
 def export(
     spec: Annotated[str, typer.Argument(metavar="STORE[@REF|@ID]", help="Snapshot to export.")],
-    out: Annotated[Path, typer.Argument(help="Output file (a directory for multi-file snapshots).")],
+    out_arg: Annotated[
+        str,
+        typer.Argument(
+            metavar="OUT",
+            help="Output file, or a directory (existing, or ending in /): multi-file snapshots and the "
+            "packed config/tokenizer files go into a directory.",
+        ),
+    ],
     as_json: JsonOption = False,
 ) -> None:
     """Rebuild the packed safetensors file(s), byte for byte."""
     path, ref = split_spec(spec)
+    out = Path(out_arg)
+    if out_arg.endswith(("/", os.sep)):  # Path() drops the slash that asks for a directory
+        out.mkdir(parents=True, exist_ok=True)
     with (
         Repository.open_for_reading(path) as repo,
         repo.reading(ref) as snapshot_id,  # pinned: a concurrent gc cannot pull chunks from under it
