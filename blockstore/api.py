@@ -24,6 +24,7 @@ from blockstore.ops.export import export as _export
 from blockstore.ops.verify import verify as _verify
 from blockstore.repo import DEFAULT_REF, Repository
 from blockstore.sizes import parse_size
+from blockstore.storage import is_url
 
 if TYPE_CHECKING:
     from blockstore.core.policy import Policy
@@ -46,9 +47,7 @@ RepoOrLocation = Repository | Location
 
 def _location(location: Location) -> str | Path:
     """`s3://` URLs stay strings (they are not paths); everything else becomes a Path."""
-    if isinstance(location, str) and location.startswith("s3://"):
-        return location
-    return Path(location)
+    return location if is_url(location) else Path(location)
 
 
 @contextmanager

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TypeGuard
 
 from blockstore.sizes import parse_size
 from blockstore.storage.base import Capabilities, Location, Store
@@ -17,7 +18,7 @@ from blockstore.storage.lmdb import LmdbStore
 __all__ = ["Capabilities", "Location", "Store", "create_store", "is_url", "open_store"]
 
 
-def is_url(location: object) -> bool:
+def is_url(location: object) -> TypeGuard[str]:
     """Whether a store location names an object store rather than an LMDB directory."""
     return isinstance(location, str) and location.startswith("s3://")
 
