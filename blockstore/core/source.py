@@ -26,9 +26,25 @@ from blockstore.errors import InvalidArgument, InvalidSafetensors, SourceChanged
 
 MAX_HEADER_BYTES = 100_000_000
 INDEX_NAME = "model.safetensors.index.json"
-SIDE_FILES = ("config.json", "generation_config.json")
-"""Small files kept verbatim in a snapshot next to the weights (the runtime builds models from them)."""
-MAX_SIDE_FILE_BYTES = 16 << 20
+SIDE_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+"""Small files kept verbatim in a snapshot next to the weights: the model's config (the runtime
+builds models from it) and its tokenizer, so that a store alone is enough to serve the model
+(`blockstore model-dir` writes them out for an engine)."""
+MAX_SIDE_FILE_BYTES = 64 << 20
+"""The largest tokenizer.json files of current models are a few tens of MB."""
 MAX_INDEX_BYTES = 64 << 20
 """A shard index lists one line per tensor; even a 100,000-tensor model's index is a few MB."""
 PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"})
