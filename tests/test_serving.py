@@ -5,6 +5,7 @@ runs in its own environment (tests/vllm)."""
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import lmdb
@@ -215,10 +216,46 @@ def test_model_dir_defaults_to_one_directory_per_snapshot_in_the_cache(
     result = cli("model-dir", packed)
     assert result.exit_code == 0, result.output
     with Repository.open(packed) as repo:
-        expected = tmp_path / "xdg" / "blockstore" / "models" / repo.resolve("main").hex()
-    assert result.stdout.strip() == str(expected) and (expected / "config.json").is_file()
+        snapshot_hex = repo.resolve("main").hex()
+    made = Path(result.stdout.strip())
+    assert made.parent == tmp_path / "xdg" / "blockstore" / "models" and made.name.startswith(
+        f"{snapshot_hex}-"
+    )
+    assert (made / "config.json").is_file()
     as_json = cli("model-dir", "--json", packed)
-    assert json.loads(as_json.stdout)["model_dir"] == str(expected)
+    assert json.loads(as_json.stdout)["model_dir"] == str(made)  # the same directory, reused
+    # The same snapshot read through a cache is another directory: its marker differs.
+    assert write_model_dir(str(packed), None, cache_dir=str(tmp_path / "cache")) != made
+
+
+def test_workers_writing_one_model_dir_at_once_all_get_it_whole(
+    packed: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    with ThreadPoolExecutor(8) as pool:
+        made = set(pool.map(lambda _: write_model_dir(str(packed)), range(16)))
+    assert len(made) == 1
+    (directory,) = made
+    assert sorted(p.name for p in directory.iterdir()) == sorted([*TOKENIZER_FILES, MARKER])
+    assert not [p for p in directory.parent.iterdir() if p.name.startswith(".")]
+
+
+def test_a_sharded_models_index_stays_out_of_the_model_dir(model: Path, tmp_path: Path) -> None:
+    """The model directory holds no weights, so no index pointing at weight files either."""
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    tensors = {"a": torch.ones(4), "b": torch.zeros(4)}
+    save_file({"a": tensors["a"]}, sharded / "model-00001-of-00002.safetensors")
+    save_file({"b": tensors["b"]}, sharded / "model-00002-of-00002.safetensors")
+    weight_map = {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (sharded / "config.json").write_bytes(TOKENIZER_FILES["config.json"])
+    store = tmp_path / "sharded-store"
+    with Repository.init(store) as repo:
+        pack(repo, [sharded])
+        assert "model.safetensors.index.json" in repo.snapshot(repo.resolve("main")).extras
+    out = write_model_dir(str(store), None, tmp_path / "served")
+    assert sorted(p.name for p in out.iterdir()) == ["blockstore.json", "config.json"]
 
 
 def test_model_dir_refusals_are_one_line(packed: Path, tmp_path: Path) -> None:

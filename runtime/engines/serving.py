@@ -16,6 +16,7 @@ warm an object store's local read-through cache before a start.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -27,7 +28,8 @@ from typing import Any
 
 import torch
 
-from blockstore.core.manifests import Snapshot
+from blockstore.core.hashing import digest
+from blockstore.core.source import INDEX_NAME
 from blockstore.errors import EnvironmentFailure, InvalidArgument, ModelMismatch, RefNotFound
 from blockstore.files import ENVIRONMENT_CAUSES, fsync_directory
 from blockstore.progress import Progress, Silent
@@ -47,6 +49,8 @@ fast link, small next to any model worth streaming; a tensor larger than this is
 LOCAL_CONCURRENCY = min(8, os.cpu_count() or 1)
 """Decode threads for a local store: the work is decoding, so one per core."""
 OPTION_KEYS = ("store", "ref", "cache_dir", "concurrency", "memory_limit")
+WEIGHT_INDEXES = (INDEX_NAME,)
+"""Packed side files that describe weight files; a model directory holds no weights, so none."""
 
 
 def default_models_root() -> Path:
@@ -157,29 +161,37 @@ def write_model_dir(
     marker = Marker(
         _location(store), snapshot_id.hex(), ref or DEFAULT_REF, cache_dir and str(Path(cache_dir).resolve())
     )
-    target = output if output is not None else default_models_root() / snapshot_id.hex()
+    files = {name: blob for name, blob in snapshot.extras.items() if name not in WEIGHT_INDEXES}
+    files[MARKER] = _marker_bytes(marker)
+    # The default directory is named by everything it holds (the snapshot and the marker), so two
+    # stores holding one snapshot, or one store read through two caches, never share one.
+    target = output or default_models_root() / f"{snapshot_id.hex()}-{digest(files[MARKER]).hex()[:12]}"
     if target.exists():
-        if _holds(target, snapshot, marker):
+        if _holds(target, files):
             return target
-        if output is not None and any(target.iterdir()):
+        if any(target.iterdir()):
             raise InvalidArgument(
                 f"{target}: exists and is not a model directory of snapshot {short_id(snapshot_id)}"
             )
-        if output is None:
-            shutil.rmtree(target)  # ours, keyed by this snapshot, but incomplete or for another store
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
         try:
-            for name, blob in {**snapshot.extras, MARKER: _marker_bytes(marker)}.items():
+            for name, blob in files.items():
                 with open(staging / name, "wb") as handle:
                     handle.write(blob)
                     handle.flush()
                     os.fsync(handle.fileno())
             fsync_directory(staging)
-            if target.exists():  # an empty directory the user named
-                target.rmdir()
-            os.replace(staging, target)
+            try:
+                if output is not None and target.exists():  # an empty directory the user named
+                    target.rmdir()
+                os.replace(staging, target)
+            except OSError as exc:  # another process (a second worker on this host) got there first
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not _holds(target, files):
+                    raise
+                shutil.rmtree(staging, ignore_errors=True)
+                return target
             fsync_directory(target.parent)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
@@ -195,12 +207,12 @@ def _marker_bytes(marker: Marker) -> bytes:
     return json.dumps(marker.to_json(), indent=2).encode() + b"\n"
 
 
-def _holds(directory: Path, snapshot: Snapshot, marker: Marker) -> bool:
-    """Whether `directory` is already the complete model directory `marker` describes."""
+def _holds(directory: Path, files: Mapping[str, bytes]) -> bool:
+    """Whether `directory` holds exactly `files` (a complete model directory of that snapshot)."""
     try:
-        if (directory / MARKER).read_bytes() != _marker_bytes(marker):
+        if sorted(path.name for path in directory.iterdir()) != sorted(files):
             return False
-        return all((directory / name).read_bytes() == blob for name, blob in snapshot.extras.items())
+        return all((directory / name).read_bytes() == blob for name, blob in files.items())
     except OSError:
         return False
 
