@@ -322,3 +322,13 @@ def test_warming_fills_the_read_through_cache_so_a_restart_reads_nothing_remote(
         assert source.repo.request_counts().get("GET", 0) == before
     with lazy.open(packed) as state:
         assert all(torch.equal(streamed[name], tensor) for name, tensor in state.load_all().items())
+
+
+def test_the_command_line_starts_without_torch() -> None:
+    """Commands import torch only when they use it (model-dir, check-drift, bench do)."""
+    import subprocess
+    import sys
+
+    probe = "import sys, blockstore.cli.app; print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"

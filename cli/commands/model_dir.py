@@ -12,7 +12,6 @@ import typer
 from blockstore.cli import output
 from blockstore.cli.options import JsonOption, split_spec
 from blockstore.cli.progress import progress_bar
-from blockstore.runtime.engines.serving import LOAD_FORMAT, ServeOptions, WeightSource, write_model_dir
 from blockstore.storage.cache import CACHE_ENV
 
 
@@ -38,6 +37,9 @@ def model_dir(
 
     Serve it with `vllm serve DIR --load-format blockstore`: the loader reads the weights from the
     store named in DIR/blockstore.json, at exactly this snapshot."""
+    # torch only when this command runs: every other command starts without it.
+    from blockstore.runtime.engines.serving import LOAD_FORMAT, ServeOptions, WeightSource, write_model_dir
+
     store, ref = split_spec(spec)
     cache = os.environ.get(CACHE_ENV) or None
     directory = write_model_dir(store, ref, out, cache_dir=cache)

@@ -207,6 +207,14 @@ def _marker_bytes(marker: Marker) -> bytes:
     return json.dumps(marker.to_json(), indent=2).encode() + b"\n"
 
 
+def _json_or_bytes(blob: bytes) -> object:
+    """A JSON file's value (so formatting differences do not count), or its bytes if it is not JSON."""
+    try:
+        return json.loads(blob)
+    except ValueError:
+        return blob
+
+
 def _holds(directory: Path, files: Mapping[str, bytes]) -> bool:
     """Whether `directory` holds exactly `files` (a complete model directory of that snapshot)."""
     try:
@@ -265,7 +273,7 @@ class WeightSource:
         except OSError:
             return  # a model named by hub id or built elsewhere: shapes are checked as tensors arrive
         packed = self.snapshot.extras.get("config.json")
-        if packed is not None and json.loads(packed) != json.loads(used):
+        if packed is not None and _json_or_bytes(packed) != _json_or_bytes(used):
             raise ModelMismatch(
                 self.location,
                 short_id(self.snapshot_id),
