@@ -152,11 +152,16 @@ def _stream(
             for part in head.parts:
                 report.stored_bytes += part.result()
             tensor = head.buffer.view(TORCH_DTYPES[head.entry.dtype]).reshape(head.entry.shape)
+            name, nbytes = head.entry.name, head.entry.nbytes
+            held = nbytes  # what the budget counts for this tensor until the caller moves past it
             if head.entry.tier != LOSSLESS:
                 report.dequantized[head.entry.tier] = report.dequantized.get(head.entry.tier, 0) + 1
                 if lossy_dtype is not None and tensor.dtype != lossy_dtype:
                     tensor = tensor.to(lossy_dtype)
-            name, nbytes = head.entry.name, head.entry.nbytes
+                    grown = tensor.nbytes - nbytes  # a wider engine dtype: the cast holds more
+                    if grown > 0:
+                        budget.take(grown)
+                        held += grown
             del head
             report.tensors += 1
             report.raw_bytes += nbytes
@@ -165,7 +170,7 @@ def _stream(
             report.seconds = time.perf_counter() - started
             yield name, tensor
             del tensor
-            handed_out.append(nbytes)
+            handed_out.append(held)
             if len(handed_out) > 1:  # the caller has rebound its loop variable by now
                 budget.give_back(handed_out.popleft())
         report.seconds = time.perf_counter() - started

@@ -155,6 +155,22 @@ def test_lossy_tensors_are_dequantized_to_the_engines_dtype_and_counted(model: P
     assert torch.equal(tensors["layers.0.norm.weight"], exact)
 
 
+def test_a_cast_to_a_wider_engine_dtype_counts_against_the_cap(model: Path, tmp_path: Path) -> None:
+    store = tmp_path / "int8"
+    assert cli("init", store).exit_code == 0
+    assert (
+        cli("pack", "-s", store, "--static-tier", "int8", "--static", "layers.0.mlp.*", model).exit_code == 0
+    )
+    plain, _ = stream_all(store, DEFAULT_MEMORY_LIMIT)
+    streamed, report = stream_all(store, DEFAULT_MEMORY_LIMIT, lossy_dtype=torch.float64)
+    widened = dict(streamed)["layers.0.mlp.weight"]
+    assert widened.dtype == torch.float64
+    assert torch.equal(widened, dict(plain)["layers.0.mlp.weight"].double())
+    # Everything fits under the default cap, so all of it is held at once: without counting what the
+    # casts add, the peak could not pass the stored tensors' own size.
+    assert report.peak_held_bytes > report.raw_bytes
+
+
 def test_stream_arguments_are_checked(packed: Path) -> None:
     with Repository.open(packed) as repo:
         sid = repo.resolve("main")
@@ -293,6 +309,28 @@ def test_the_source_loads_the_marker_snapshot_even_after_the_ref_moves(
     # Asking for the moved ref explicitly: its config is not the one the engine was built from.
     with pytest.raises(ModelMismatch, match=r"its config\.json differs from"):
         WeightSource(ServeOptions(ref="main"), served)
+
+
+@pytest.mark.parametrize(
+    "field, value, fragment",
+    [
+        ("snapshot", "../../etc", "64 lowercase hex digits"),
+        ("snapshot", 7, "must be strings"),
+        ("cache_dir", 3, "must be strings or null"),
+        ("format", 2, "format 2, expected 1"),
+    ],
+)
+def test_a_crafted_marker_is_refused_in_one_line(
+    packed: Path, tmp_path: Path, field: str, value: object, fragment: str
+) -> None:
+    served = write_model_dir(str(packed), None, tmp_path / "served")
+    marker = json.loads((served / MARKER).read_bytes())
+    marker[field] = value
+    (served / MARKER).write_text(json.dumps(marker))
+    with pytest.raises(InvalidArgument) as caught:
+        WeightSource(ServeOptions(), served)
+    assert "not a blockstore model marker" in str(caught.value) and fragment in str(caught.value)
+    assert "\n" not in str(caught.value)
 
 
 def test_the_source_refuses_in_one_line_without_a_store_or_with_a_missing_ref(

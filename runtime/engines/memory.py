@@ -29,7 +29,7 @@ def status_bytes(field: str) -> int | None:
 
 
 class HostMemory:
-    """Watches resident memory from `start()` until `stop()`: the peak of the whole resident set
+    """Watches resident memory from its creation until `stop()`: the peak of the whole resident set
     (VmHWM, exact, when the kernel lets it be reset) and of its anonymous part (sampled)."""
 
     def __init__(self) -> None:
@@ -44,10 +44,6 @@ class HostMemory:
         self._thread = threading.Thread(target=self._sample, name="blockstore-memory", daemon=True)
         if self.anon_start is not None:
             self._thread.start()
-
-    @classmethod
-    def start(cls) -> HostMemory:
-        return cls()
 
     def _sample(self) -> None:
         while not self._done.wait(SAMPLE_SECONDS):

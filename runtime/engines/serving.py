@@ -133,6 +133,10 @@ class Marker:
             marker = cls(found["store"], found["snapshot"], found.get("ref"), found.get("cache_dir"))
             if not all(isinstance(v, str) for v in (marker.store, marker.snapshot)):
                 raise ValueError("store and snapshot must be strings")
+            if not all(v is None or isinstance(v, str) for v in (marker.ref, marker.cache_dir)):
+                raise ValueError("ref and cache_dir must be strings or null")
+            if len(marker.snapshot) != 64 or any(c not in "0123456789abcdef" for c in marker.snapshot):
+                raise ValueError("snapshot must be a full snapshot id (64 lowercase hex digits)")
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise InvalidArgument(f"{path}: not a blockstore model marker ({exc})") from None
         return marker

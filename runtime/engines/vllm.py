@@ -92,7 +92,7 @@ class BlockstoreModelLoader(BaseModelLoader):
             raise _logged(exc) from None
 
     def _load(self, model: nn.Module, model_config: ModelConfig, source: WeightSource) -> None:
-        memory = HostMemory.start()
+        memory = HostMemory()
         try:
             self._stream_into(model, model_config, source, memory)
         finally:
