@@ -43,6 +43,41 @@ def test_map_grows_between_transactions(tmp_path: Path, monkeypatch: pytest.Monk
         assert [store.get(bytes([n]) * 16) for n in range(6)] == values
 
 
+def test_a_commit_that_fills_the_map_grows_it_and_retries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """LMDB can report MDB_MAP_FULL from the commit (its freelist pages), not only from a put: the
+    write must grow the map and retry, not fail as an environment error (a CI run hit this)."""
+    commits = {"failed": 0}
+
+    class FullAtCommit:
+        """A write transaction whose commit fails the way LMDB's does when the map is full."""
+
+        def __init__(self, txn) -> None:
+            self._txn = txn
+
+        def __getattr__(self, name: str):
+            return getattr(self._txn, name)
+
+        def __exit__(self, kind, exc, traceback) -> None:
+            self._txn.abort()
+            raise store_module.lmdb.MapFullError("mdb_txn_commit: MDB_MAP_FULL")
+
+    class CommitFillsOnce(store_module._Transaction):
+        def __init__(self, path, txn, doing, write) -> None:
+            if write and not commits["failed"]:
+                commits["failed"] += 1
+                txn = FullAtCommit(txn)
+            super().__init__(path, txn, doing, write)
+
+    with LmdbStore.create(tmp_path / "store") as store:
+        before = store.env.info()["map_size"]
+        monkeypatch.setattr(store_module, "_Transaction", CommitFillsOnce)
+        store.put_batch([(b"k" * 16, b"value")])
+        assert commits["failed"] == 1 and store.env.info()["map_size"] == 2 * before
+        assert store.get(b"k" * 16) == b"value"
+
+
 def test_ref_compare_and_set_and_reflog(tmp_path: Path) -> None:
     model = write_safetensors(tmp_path / "m.safetensors", {"w": random_tensor("F32", (4, 4))})
     with Repository.init(tmp_path / "store") as repo:

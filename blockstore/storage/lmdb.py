@@ -818,7 +818,8 @@ def _lmdb_failure(path: Path, exc: lmdb.Error, doing: str, *, writing: bool) -> 
 class _Transaction:
     """An LMDB transaction as a context manager that turns LMDB errors raised inside it, or by its
     commit, into blockstore errors: the one place where store operations' LMDB errors are mapped.
-    MapFullError passes through untouched, for `_write` to grow the map and retry."""
+    MapFullError, raised inside or by the commit, passes through untouched, for `_write` to grow
+    the map and retry."""
 
     __slots__ = ("_doing", "_path", "_txn", "_write")
 
@@ -831,6 +832,8 @@ class _Transaction:
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, traceback: Any) -> None:
         try:
             self._txn.__exit__(kind, exc, traceback)
+        except lmdb.MapFullError:
+            raise  # a commit can fill the map too (its freelist pages): `_write` grows it and retries
         except lmdb.Error as failure:
             raise _lmdb_failure(self._path, failure, self._doing, writing=self._write) from None
         if isinstance(exc, lmdb.Error) and not isinstance(exc, lmdb.MapFullError):
