@@ -128,14 +128,15 @@ class Zstd:
 _PLANE_RAW = 0
 _PLANE_ZSTD = 1
 _PLANE_HUFFMAN = 2
-"""Raw deflate, Huffman only: what earlier packs chose for exponent planes. Still decoded; no longer
-written, since zstd's optimal parser matches its size and decodes several times faster."""
-_NOISE = 0.97  # a plane the fast zstd shrinks by less than 3% is stored raw, no optimal parse
+"""Raw deflate, Huffman only: what early packs chose for exponent planes. Still decoded; no longer
+written, since zstd's Huffman-coded literals match its size and decode several times faster."""
+_NOISE = 0.97  # a plane the entropy pass shrinks by less than 3% is stored raw
 
 
 def _plane_compressor(level: int) -> zstandard.ZstdCompressor:
-    """zstd for one byte plane: min_match 7 and a 128 KiB window find the few real repeats in an
-    exponent plane without paying match costs on noise (measured on MiniLM; docs/design.md §5)."""
+    """zstd for one byte plane: min_match 7 and a 128 KiB window find the few real repeats in a
+    plane of integers or other structured bytes without paying match costs on noise (measured on
+    MiniLM; docs/design.md §5)."""
     cache = _local.__dict__.setdefault("plane_compressors", {})
     if level not in cache:
         params = zstandard.ZstdCompressionParameters.from_level(
@@ -146,19 +147,19 @@ def _plane_compressor(level: int) -> zstandard.ZstdCompressor:
 
 
 def _entropy_compressor() -> zstandard.ZstdCompressor:
-    """zstd with its optimal parser (btopt) and a cheap search: on an exponent plane it picks
-    literals almost everywhere, so the frame is Huffman-coded literals (zstd's huff0, 4 streams),
-    which decode several times faster than deflate's Huffman at about the same size. Encoding is
-    slow: packs pay once, every load gains."""
+    """zstd reduced to its entropy coder: the fast strategy with the smallest hash table (64
+    entries) finds almost no matches, so a plane becomes Huffman-coded literals (zstd's huff0, four
+    streams) plus the rare long run. On a float exponent plane that is as small as zstd's optimal
+    parser (which earlier packs ran, at a twentieth of the speed: it searched for matches a float
+    exponent plane does not have) and decodes the same way. `target_length` must stay 0: above it
+    zstd treats the level as negative and stops compressing literals."""
     if not hasattr(_local, "entropy_compressor"):
         params = zstandard.ZstdCompressionParameters(
             window_log=17,
             min_match=7,
-            strategy=zstandard.STRATEGY_BTOPT,
-            search_log=1,
-            hash_log=8,
-            chain_log=8,
-            target_length=16,
+            strategy=zstandard.STRATEGY_FAST,
+            hash_log=6,
+            target_length=0,
             write_content_size=True,
         )
         _local.entropy_compressor = zstandard.ZstdCompressor(compression_params=params)
@@ -178,8 +179,8 @@ def _unhuffman(payload: bytes | memoryview, expected_len: int) -> bytes:
 
 @dataclass(frozen=True)
 class ByteGroupZstd:
-    """Split each element's bytes into planes, then store each plane raw or as zstd (a fast
-    level, or the optimal parser that reduces an exponent plane to Huffman-coded literals),
+    """Split each element's bytes into planes, then store each plane raw or as zstd (reduced to
+    Huffman-coded literals; for planes that are not a float's, also at `level` with matches),
     whichever is smallest.
 
     Floating-point weights put their exponent in one byte of each element (after `split_sign` moves
@@ -209,9 +210,11 @@ class ByteGroupZstd:
         for byte_plane in planes.split(raw, self.itemsize, self.split_sign):
             plane = byte_plane.data
             candidates: list[tuple[int, bytes | memoryview]] = [(_PLANE_RAW, plane)]
-            packed = _plane_compressor(self.level).compress(plane)
-            if len(packed) < _NOISE * len(plane):  # else a mantissa plane: no coder will pay
-                candidates += [(_PLANE_ZSTD, packed), (_PLANE_ZSTD, _entropy_compressor().compress(plane))]
+            literals = _entropy_compressor().compress(plane)
+            if len(literals) < _NOISE * len(plane):  # else a mantissa plane: no coder will pay
+                candidates.append((_PLANE_ZSTD, literals))
+                if not self.split_sign:  # integers and other bytes may repeat; float planes do not
+                    candidates.append((_PLANE_ZSTD, _plane_compressor(self.level).compress(plane)))
             mode, payload = min(candidates, key=lambda candidate: len(candidate[1]))
             modes.append(mode)
             stored.append(payload)
