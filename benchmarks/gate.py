@@ -1,9 +1,18 @@
 """The regression gate: compare two evidence packs metric by metric, with tolerances.
 
-Every metric measured here is lower-is-better (seconds, megabytes). A metric regresses when its new
-median exceeds the baseline's by more than its relative tolerance *and* by more than an absolute
-noise floor (a 10 % change of a 2 ms open is noise, not a regression). Packs from different
-machines or software are refused unless the caller allows it, naming the fields that differ.
+Every metric measured here is lower-is-better (seconds, megabytes, bytes). Two kinds are gated:
+
+- Noisy metrics (times, memory) regress when the new median exceeds the baseline's by more than
+  their relative tolerance *and* by more than an absolute noise floor (a 10 % change of a 2 ms open
+  is noise, not a regression).
+- Deterministic metrics (bytes fetched or decoded, chunks, requests: see `is_deterministic`) should
+  not move at all for the same code and model, so they are held to a tight tolerance (1 %), with no
+  noise floor, in both directions: a drop is as suspicious as a rise (a tensor no longer read).
+
+Either kind beating the baseline by more than its tolerance (and a noisy one by more than its noise
+floor) is flagged `improved`: a faster pack is news, and the baseline must be re-pinned to it, not
+silently kept, or the next regression hides inside the old slack. Packs from different machines or
+software are refused unless the caller allows it, naming the fields that differ.
 """
 
 from __future__ import annotations
@@ -31,6 +40,12 @@ DEFAULT_TOLERANCES = {
     "weights_s": 0.15,
 }
 NOISE_FLOOR = {"s": 0.005, "MB": 1.0}
+DETERMINISTIC_SUFFIXES = ("_bytes", "_chunks", "_requests", "_count")
+DETERMINISTIC_NAMES = ("bytes_fetched", "bytes_decoded", "bytes_read", "chunks", "requests")
+DETERMINISTIC_TOLERANCE = 0.01
+"""Relative change either way that fails a deterministic metric; a TOML sets `deterministic = x`
+for all of them, or a tolerance per metric name."""
+DETERMINISTIC_KEY = "deterministic"
 FINGERPRINT = ("cpu_model", "cpu_cores", "ram_bytes", "gpus", "cuda", "python")
 
 
@@ -42,21 +57,56 @@ class GateRow:
     new: float
     tolerance: float
     passed: bool
+    improved: bool = False
+    """Better than the baseline beyond tolerance (and noise floor): re-pin the baseline."""
+    deterministic: bool = False
+    """A count (bytes, chunks, requests) held to a tight tolerance in both directions."""
 
     @property
     def change(self) -> float:
         return self.new / self.baseline - 1 if self.baseline else 0.0
 
 
+def is_deterministic(metric: str) -> bool:
+    """Whether a metric (the part after `mode:`) is a count that the same code and model reproduce
+    exactly: `bytes_fetched`, `bytes_decoded`, `chunks`, `requests`, or any `*_bytes`, `*_chunks`,
+    `*_requests`, `*_count`."""
+    metric = metric.rsplit(":", 1)[-1]
+    return metric in DETERMINISTIC_NAMES or metric.endswith(DETERMINISTIC_SUFFIXES)
+
+
+def tolerance_of(metric: str, tolerances: dict[str, float]) -> float | None:
+    """A metric's relative tolerance; None when it is not gated (an unknown noisy metric)."""
+    if metric in tolerances:
+        return tolerances[metric]
+    if is_deterministic(metric):
+        return tolerances.get(DETERMINISTIC_KEY, DETERMINISTIC_TOLERANCE)
+    return None
+
+
 def load_tolerances(path: Path | None) -> dict[str, float]:
-    """Defaults, overridden by a TOML file of `metric = relative tolerance` lines."""
+    """Defaults, overridden by a TOML file of `metric = relative tolerance` lines (a known noisy
+    metric, a deterministic metric name, or `deterministic` for all deterministic ones)."""
     if path is None:
         return dict(DEFAULT_TOLERANCES)
     values = read_toml(path)
     for key, value in values.items():
-        if key not in DEFAULT_TOLERANCES or not isinstance(value, (int, float)) or isinstance(value, bool):
+        known = key in DEFAULT_TOLERANCES or key == DETERMINISTIC_KEY or is_deterministic(key)
+        if not known or not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
             raise InvalidArgument(f"{path}: {key!r} is not a metric with a numeric tolerance")
     return {**DEFAULT_TOLERANCES, **{key: float(value) for key, value in values.items()}}
+
+
+def compare(method: str, key: str, before: float, after: float, tolerance: float) -> GateRow:
+    """One metric's verdict (see the module docstring for the two rules)."""
+    metric = key.split(":")[-1]
+    if is_deterministic(metric):
+        moved = abs(after - before) > tolerance * abs(before)
+        return GateRow(method, key, before, after, tolerance, not moved, moved and after < before, True)
+    floor = NOISE_FLOOR.get(unit_of(metric), 0.0)
+    regressed = after > before * (1 + tolerance) and after - before > floor
+    improved = after < before * (1 - tolerance) and before - after > floor
+    return GateRow(method, key, before, after, tolerance, not regressed, improved)
 
 
 def environment_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -72,7 +122,8 @@ def environment_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 def gate(
     baseline: Path, new: Path, tolerances: dict[str, float] | None = None, *, allow_env_change: bool = False
 ) -> list[GateRow]:
-    """Compare every method and metric both packs hold; the caller fails on any row not passed."""
+    """Compare every gated method and metric both packs hold; the caller fails on any row not passed
+    and tells of every row improved. Timelines and env.json's `system` are not compared."""
     old_env, old_results = load_results(baseline)
     new_env, new_results = load_results(new)
     changes = environment_changes(old_env, new_env)
@@ -84,12 +135,9 @@ def gate(
     rows = []
     for method, metrics in old_results["results"].items():
         for key, row in metrics.items():
-            metric = key.split(":")[-1]
+            tolerance = tolerance_of(key.split(":")[-1], tolerances)
             theirs = new_results["results"].get(method, {}).get(key)
-            if metric not in tolerances or theirs is None:
+            if tolerance is None or theirs is None:
                 continue
-            before, after = row["median"], theirs["median"]
-            floor = NOISE_FLOOR.get(unit_of(metric), 0.0)
-            regressed = after > before * (1 + tolerances[metric]) and after - before > floor
-            rows.append(GateRow(method, key, before, after, tolerances[metric], not regressed))
+            rows.append(compare(method, key, row["median"], theirs["median"], tolerance))
     return rows

@@ -43,6 +43,13 @@ class ShapedLink:
             _run(*prefix, "tc", "qdisc", "replace", "dev", device, "root", "tbf", "rate", rate,
                  "burst", "1mb", "latency", "50ms")  # fmt: skip
 
+    def unshape(self) -> None:
+        """Both directions back to the veth's own speed (no qdisc of ours)."""
+        for prefix, device in (([], self.host_end), (self.prefix(), self.server_end)):
+            subprocess.run(
+                [*prefix, "tc", "qdisc", "del", "dev", device, "root"], capture_output=True, check=False
+            )
+
 
 @contextmanager
 def shaped_link(name: str = f"bs{os.getpid()}") -> Iterator[ShapedLink]:

@@ -11,7 +11,7 @@ from blockstore.sizes import parse_size
 
 from .cache import RuntimeStats
 from .lazy import LazyStateDict, LazyTensor, open
-from .modules import LazyWeight, close, closing, eager_model, load_model
+from .modules import LazyWeight, close, closing, eager_model, load_model, state_of
 
 __all__ = [
     "LazyStateDict",
@@ -24,4 +24,5 @@ __all__ = [
     "load_model",
     "open",
     "parse_size",
+    "state_of",
 ]

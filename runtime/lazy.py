@@ -40,6 +40,7 @@ from blockstore.storage.base import short_id
 
 from .cache import RuntimeStats, TensorCache
 from .prefetch import LayerPrefetcher
+from .readahead import Readahead
 from .threads import ProcessLocalPool, run_shared
 
 _OPTIONAL_DTYPES = {
@@ -67,6 +68,9 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
     **{name: getattr(torch, attr) for name, attr in _OPTIONAL_DTYPES.items() if hasattr(torch, attr)},
 }
 """safetensors dtype → torch dtype. F4 and F6 have no element-per-element torch dtype."""
+REMOTE_WORKERS = 16
+"""Decode threads for a store whose reads are round trips (an object store): each thread fetches
+the chunk it decodes, so this many requests are in flight; as many as cores left the link idle."""
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -205,10 +209,12 @@ class LazyStateDict(Mapping[str, LazyTensor]):
         self.device = resolve_device(device)
         self._stats = RuntimeStats()
         self._cache = TensorCache(parse_size(budget), self._stats)
-        self._pool = decode_pool(workers or min(8, os.cpu_count() or 1))
+        self.remote = repo.store.capabilities.concurrency > 1
+        self._pool = decode_pool(workers or (REMOTE_WORKERS if self.remote else min(8, os.cpu_count() or 1)))
         self._lease = lease
         self._tensors = {name: LazyTensor(self, entry) for name, entry in snapshot.tensors.items()}
         self._prefetcher = LayerPrefetcher(self, prefetch) if prefetch else None
+        self._readahead: Readahead | None = None
         # Registered last, once nothing here can fail (`open` releases on failure). The pin must not
         # outlive this object: close() releases it, and a reader never closed releases it when it
         # is collected or the interpreter exits; a stale lease would keep its snapshot from gc until
@@ -246,6 +252,14 @@ class LazyStateDict(Mapping[str, LazyTensor]):
         """Block until the background decodes scheduled so far are done (for measurements)."""
         if self._prefetcher:
             self._prefetcher.wait()
+        if self._readahead:
+            self._readahead.wait()
+
+    def read_ahead(self, names: Iterable[str]) -> None:
+        """Start reading tensors `names` in that order in the background (see `Readahead`): the
+        order a model's forward will use them. Once per state dict; a later call is ignored."""
+        if self._readahead is None:
+            self._readahead = Readahead(self, [self[name].entry for name in names])
 
     @property
     def closed(self) -> bool:
@@ -258,6 +272,8 @@ class LazyStateDict(Mapping[str, LazyTensor]):
         The decode threads are the process's (`decode_pool`) and stay for the next open."""
         if self._prefetcher:
             self._prefetcher.close()
+        if self._readahead:
+            self._readahead.close()
         pending = self._release.detach()  # None once released: close() twice, or after exit began
         self._lease = None
         if pending is not None:

@@ -292,6 +292,18 @@ def bind(model: nn.Module, state: LazyStateDict) -> list[str]:
     return sorted(set(state) - used)
 
 
+def forward_order(model: nn.Module, state: Mapping[str, Any]) -> list[str]:
+    """The stored tensors `model` uses, in the order of its module tree: embeddings, then layer
+    by layer, then the head, which is the order a transformer's forward first touches them."""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    order: dict[str, None] = {}
+    for group in _model_tensors(model).values():
+        stored = next((found for name, *_ in group if (found := _stored_name(name, state, prefix))), None)
+        if stored is not None:
+            order.setdefault(stored)
+    return list(order)
+
+
 def _tie(module: nn.Module) -> None:
     tie_weights = getattr(module, "tie_weights", None)  # torch types module attributes as tensors
     if tie_weights is not None:
@@ -328,6 +340,7 @@ def load_model(
     prefetch: int = 0,
     workers: int | None = None,
     cache: str | Path | None = None,
+    readahead: bool | None = None,
 ) -> nn.Module:
     """A working model whose weights are read from `store@ref` when first used.
 
@@ -336,7 +349,9 @@ def load_model(
     `config` when given; a config that names no `architectures` gets the causal-LM class when the
     stored tensors include its head, an `lm_head` or tied embeddings). The returned module is in
     eval mode; `model.blockstore` is its `LazyStateDict` (for `stats()`). `store` and `cache` are as
-    for `open`.
+    for `open`. `readahead` (default: on for an object store when there is no `budget`) starts
+    reading every stored tensor at once in the order the forward uses them (`Readahead`), so a
+    first forward does not wait out a round trip per tensor.
 
     The model pins its snapshot against `gc` until `close(model)` (or the end of a
     `with closing(model):` block); one never closed is unpinned when it is garbage collected or the
@@ -347,6 +362,8 @@ def load_model(
         module = _construct(model, config, state, state)
         _tie(module)
         unused = bind(module, state)
+        if readahead or (readahead is None and state.remote and budget is None):
+            state.read_ahead(forward_order(module, state))
     except BaseException:
         state.close()
         raise
@@ -357,14 +374,19 @@ def load_model(
     return module
 
 
+def state_of(target: nn.Module | LazyStateDict) -> LazyStateDict:
+    """The `LazyStateDict` a model from `load_model` reads from (for `stats()`, `close()`, ...)."""
+    state = target if isinstance(target, LazyStateDict) else getattr(target, "blockstore", None)
+    if not isinstance(state, LazyStateDict):
+        raise InvalidArgument(f"{type(target).__name__} was not loaded by blockstore.runtime.load_model")
+    return state
+
+
 def close(target: nn.Module | LazyStateDict) -> None:
     """Release what `load_model` (or `open`) holds: the snapshot's pin against gc and the store.
     Weights already materialized stay usable; a weight first touched after this raises. Closing
     twice is harmless."""
-    state = target if isinstance(target, LazyStateDict) else getattr(target, "blockstore", None)
-    if not isinstance(state, LazyStateDict):
-        raise InvalidArgument(f"{type(target).__name__} was not loaded by blockstore.runtime.load_model")
-    state.close()
+    state_of(target).close()
 
 
 _Loaded = TypeVar("_Loaded", bound="nn.Module | LazyStateDict")

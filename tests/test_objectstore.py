@@ -110,6 +110,7 @@ model = runtime.load_model(sys.argv[1], cache=sys.argv[2])
 ids = torch.tensor([[101, 7592, 2088, 102]])
 with torch.no_grad():
     output = model(input_ids=ids).last_hidden_state
+model.blockstore.wait_for_prefetch()  # the read-ahead of the rest of the embedding table
 store = model.blockstore.repo.store
 print(json.dumps({"output": output.flatten().tolist(), "chunk_gets": store.misses, "cache_hits": store.hits,
                   "requests": store.remote.requests}))
@@ -137,8 +138,8 @@ def test_lazy_load_on_another_host_is_bit_identical_and_cached(
     first, second = load(), load()
     eager = eager_output(minilm_path)
     assert first["output"] == eager and second["output"] == eager
-    assert first["chunk_gets"] > 0 and first["cache_hits"] == 0
-    assert second["chunk_gets"] == 0 and second["cache_hits"] == first["chunk_gets"]
+    assert first["chunk_gets"] > 0 and second["chunk_gets"] == 0
+    assert second["cache_hits"] >= first["chunk_gets"] - first["cache_hits"]
 
 
 def eager_output(model_dir_file: Path) -> list[float]:
@@ -410,3 +411,39 @@ def test_a_cold_cache_whose_map_must_grow_serves_eight_decode_workers(
     assert loaded.keys() == expected.keys()
     for name, tensor in loaded.items():
         assert tensor.numpy().tobytes() == expected[name].tobytes(), name
+
+
+def test_a_model_from_an_object_store_reads_ahead_unless_it_has_a_budget(
+    moto_url: str, tmp_path: Path
+) -> None:
+    """From s3:// the forward would wait a round trip per tensor: `load_model` reads ahead there by
+    default (and the forward is still bit-identical); under a budget it does not (it would evict)."""
+    import torch
+
+    from .helpers import write_llama
+
+    (tmp_path / "llama").mkdir()
+    model_dir = write_llama(
+        tmp_path / "llama",
+        vocab_size=500,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+    )
+    Repository.init(moto_url, chunk_size=65536).close()
+    with Repository.open(moto_url) as repo:
+        pack(repo, [model_dir])
+    import transformers
+
+    eager = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    prompt = torch.tensor([[1, 5, 17, 42]])
+    with runtime.closing(runtime.load_model(moto_url)) as model:
+        assert model.blockstore._readahead is not None
+        with torch.no_grad():
+            assert torch.equal(model(prompt).logits, eager(prompt).logits)
+    with runtime.closing(runtime.load_model(moto_url, budget="1MB")) as model:
+        assert model.blockstore._readahead is None

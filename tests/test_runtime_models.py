@@ -196,3 +196,39 @@ def test_bad_configs_are_one_line_errors_naming_their_origin(llama_store: Path, 
         with pytest.raises(InvalidArgument) as caught:
             runtime.load_model(llama_store, config=config)
         assert fragment in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_readahead_reads_every_tensor_in_forward_order(llama_store, llama_eager_tokens):
+    """With `readahead`, every stored tensor is read in the background, embeddings first and the
+    final norm last, and the forward then finds them all decoded (no miss of its own)."""
+    from blockstore.runtime.modules import forward_order
+    from blockstore.runtime.readahead import groups_of
+
+    model = runtime.load_model(llama_store, readahead=True)
+    try:
+        state = model.blockstore
+        order = forward_order(model, state)
+        assert sorted(order) == sorted(state) and order[0] == "model.embed_tokens.weight"
+        assert order[-1] == "model.norm.weight"  # the head is tied to the embeddings
+        assert [name for name in order if ".layers." in name][:1] == [
+            "model.layers.0.self_attn.q_proj.weight"
+        ]
+        state.wait_for_prefetch()
+        assert state.stats().prefetched == len(state)
+        with torch.no_grad():
+            assert torch.equal(model.generate(PROMPT, max_new_tokens=12, do_sample=False), llama_eager_tokens)
+        assert state.stats().misses == 0
+    finally:
+        state.close()
+    entries = [state[name].entry for name in order]
+    groups = groups_of(entries, limit=200_000)
+    assert [entry for group in groups for entry in group] == entries
+    assert all(sum(e.nbytes for e in group) <= 200_000 or len(group) == 1 for group in groups)
+
+
+def test_readahead_is_off_by_default_on_a_local_store(llama_store):
+    model = runtime.load_model(llama_store)
+    try:
+        assert model.blockstore._readahead is None
+    finally:
+        model.blockstore.close()

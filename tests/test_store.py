@@ -170,6 +170,7 @@ def test_the_map_grows_while_many_threads_read_through_a_cache(
 
         with ThreadPoolExecutor(threads) as pool:
             assert all(pool.map(read, items * 3))
+        cache.flush()
         assert cache.local.env.info()["map_size"] >= 8 << 20
         assert cache.misses >= len(items) and sorted(cache.local.iter_keys()) == sorted(k for k, _ in items)
         cache.local.close()

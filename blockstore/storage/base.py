@@ -43,7 +43,8 @@ class Capabilities:
 
     zero_copy_values: bool
     """`with_value` hands `use` a view of a local memory map (valid only during the call), so a
-    decoder reads stored bytes where they lie; otherwise it gets a fresh `bytes` per read."""
+    decoder reads stored bytes where they lie; otherwise it gets an object of its own per read
+    (`bytes` or a read-only buffer), which it may keep after the call."""
     memory_map: bool
     """An LMDB environment: `usage()` also reports map size and use, reader slots and the stale
     reader slots cleared on open (what `doctor` shows); an object store has none of those."""

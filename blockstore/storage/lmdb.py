@@ -482,8 +482,9 @@ class LmdbStore(StoreBase):
                     sizes[key] = len(value)
         return sizes
 
-    def put_batch(self, items: Iterable[tuple[ChunkKey, bytes]]) -> int:
-        """Insert chunks that are not there yet, in one transaction; returns bytes newly written."""
+    def put_batch(self, items: Iterable[tuple[ChunkKey, bytes | memoryview]]) -> int:
+        """Insert chunks that are not there yet, in one transaction; returns bytes newly written.
+        A value may be any buffer (the read-through cache writes GET bodies as they came)."""
         pending = list(items)
 
         def body(txn: lmdb.Transaction[bytes]) -> int:
