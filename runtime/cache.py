@@ -5,10 +5,17 @@ coldest is evicted when a new one pushes the total over it; the next touch decod
 tensors are kept for good and never count against the budget: the compute path must not pay a
 decode twice. Every lookup and decode is counted in `RuntimeStats`, so tests and benchmarks can
 prove what was (and was not) read.
+
+Evicted tensors go back to the C allocator, and glibc keeps what it freed in its heaps for reuse:
+a budgeted load's anonymous memory then kept growing well past its budget. After every
+`TRIM_BYTES` of evictions the cache asks glibc to return free memory to the kernel (`malloc_trim`;
+a no-op elsewhere), so what a budget bounds is what the process holds.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
@@ -16,6 +23,27 @@ from concurrent.futures import Future
 from dataclasses import asdict, dataclass
 
 import torch
+
+TRIM_BYTES = 64 << 20
+"""Evicted bytes between two requests to return freed memory to the kernel."""
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    name = ctypes.util.find_library("c")
+    try:
+        trim: Callable[[int], int] = ctypes.CDLL(name).malloc_trim
+        return trim if name else None
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
+        return None
+
+
+_TRIM = _malloc_trim()
+
+
+def return_freed_memory() -> None:
+    """Ask the C allocator to give the memory it holds free back to the kernel (glibc only)."""
+    if _TRIM is not None:
+        _TRIM(0)
 
 
 @dataclass
@@ -59,6 +87,7 @@ class TensorCache:
         self.lock = threading.Lock()
         self._entries: OrderedDict[Hashable, _Entry] = OrderedDict()
         self._loading: dict[Hashable, Future[dict[Hashable, torch.Tensor]]] = {}
+        self._evicted_since_trim = 0
 
     def __contains__(self, key: Hashable) -> bool:
         with self.lock:
@@ -142,7 +171,12 @@ class TensorCache:
             for key, position in zip(keys, claimed, strict=True):
                 del self._loading[key]
                 self._insert(key, loaded[key], requests[position][1])
+            trim = self._evicted_since_trim >= TRIM_BYTES
+            if trim:
+                self._evicted_since_trim = 0
         batch.set_result(loaded)
+        if trim:
+            return_freed_memory()
         return loaded
 
     def _insert(self, key: Hashable, tensor: torch.Tensor, evictable: bool) -> None:
@@ -157,5 +191,7 @@ class TensorCache:
             for old_key in [k for k, e in self._entries.items() if e.evictable and k != key]:
                 if self.stats.cached_bytes <= self.budget:
                     break
-                self.stats.cached_bytes -= self._entries.pop(old_key).nbytes
+                evicted = self._entries.pop(old_key).nbytes
+                self.stats.cached_bytes -= evicted
                 self.stats.evictions += 1
+                self._evicted_since_trim += evicted
