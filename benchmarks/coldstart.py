@@ -180,7 +180,8 @@ class Campaign:
     def record(self, method: str, mode: str, figures: dict[str, Any], timeline: dict[str, Any]) -> None:
         for metric, value in figures.items():
             self.raw.setdefault(method, {}).setdefault(f"{mode}:{metric}", []).append(value)
-        self.timelines.setdefault(method, {})[mode] = timeline  # the last round's run
+        what = "ttft" if "ttft_s" in figures else "load"
+        self.timelines.setdefault(method, {})[f"{mode}-{what}"] = timeline  # the last round's run
         shown = "  ".join(f"{k} {v:.3f}" for k, v in figures.items() if k.endswith("_s"))
         print(f"{self.name:9} {mode:14} {method:16} {shown}", flush=True)
 

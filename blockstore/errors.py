@@ -196,6 +196,14 @@ class Regression(BlockstoreError):
     template = "{} metric(s) regressed beyond tolerance; worst: {}"
 
 
+class Improvement(BlockstoreError):
+    """`gate --fail-on-improvement` found metrics better than the baseline beyond tolerance: the
+    baseline must be re-pinned, or the next regression hides in the old slack."""
+
+    exit_code = EXIT_REGRESSION
+    template = "{} metric(s) improved beyond tolerance; re-pin the baseline to the new pack (best: {})"
+
+
 class ModelMismatch(BlockstoreError):
     """A serving engine's model cannot take the snapshot's tensors (names, shapes, a config)."""
 

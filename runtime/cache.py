@@ -115,10 +115,15 @@ class TensorCache:
         load_many: Callable[[list[int]], list[torch.Tensor]],
         *,
         prefetch: bool = False,
+        sizes: Sequence[int] | None = None,
     ) -> list[torch.Tensor]:
         """The tensors for `requests` (key, evictable), in order: cached ones as they are, ones
         another thread is loading from its load, and the rest from one `load_many(positions)` call,
-        which decodes them together. Each key is counted as a hit or a miss once."""
+        which decodes them together. Each key is counted as a hit or a miss once.
+
+        With `sizes` (bytes of each request), room is made for the evictable ones before they are
+        decoded, so the cache and the tensors being decoded stay within the budget together: made
+        after, a large tensor (an lm_head) sat on top of a full budget until its insertion."""
         found: dict[int, torch.Tensor] = {}
         waiting: list[tuple[int, Hashable, Future[dict[Hashable, torch.Tensor]]]] = []
         claimed: list[int] = []
@@ -143,6 +148,8 @@ class TensorCache:
                     continue
                 if not prefetch:
                     self.stats.hits += 1
+            if sizes is not None and claimed:
+                self._make_room(sum(sizes[p] for p in claimed if requests[p][1]))
         if claimed:
             loaded = self._load_claimed(requests, claimed, load_many, batch)
             found.update((position, loaded[requests[position][0]]) for position in claimed)
@@ -179,6 +186,23 @@ class TensorCache:
             return_freed_memory()
         return loaded
 
+    def _make_room(self, incoming: int) -> None:
+        """Evict the coldest evictable entries until `incoming` more bytes fit the budget."""
+        if incoming:
+            self._evict(incoming)
+
+    def _evict(self, room: int, keep: Hashable | None = None) -> None:
+        """Evict the coldest evictable entries (never `keep`) until `room` more bytes fit."""
+        if self.budget is None:
+            return
+        for old_key in [k for k, e in self._entries.items() if e.evictable and k != keep]:
+            if self.stats.cached_bytes + room <= self.budget:
+                break
+            evicted = self._entries.pop(old_key).nbytes
+            self.stats.cached_bytes -= evicted
+            self.stats.evictions += 1
+            self._evicted_since_trim += evicted
+
     def _insert(self, key: Hashable, tensor: torch.Tensor, evictable: bool) -> None:
         nbytes = tensor.untyped_storage().nbytes()
         self._entries[key] = _Entry(tensor, nbytes, evictable)
@@ -187,11 +211,4 @@ class TensorCache:
             return
         self.stats.cached_bytes += nbytes
         self.stats.peak_cached_bytes = max(self.stats.peak_cached_bytes, self.stats.cached_bytes)
-        if self.budget is not None:
-            for old_key in [k for k, e in self._entries.items() if e.evictable and k != key]:
-                if self.stats.cached_bytes <= self.budget:
-                    break
-                evicted = self._entries.pop(old_key).nbytes
-                self.stats.cached_bytes -= evicted
-                self.stats.evictions += 1
-                self._evicted_since_trim += evicted
+        self._evict(0, keep=key)

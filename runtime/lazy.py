@@ -328,7 +328,8 @@ class LazyStateDict(Mapping[str, LazyTensor]):
             return tensors
 
         requests = [((entry.name, str(target)), entry.side == STATIC) for entry in entries]
-        return self._cache.get_or_load_many(requests, load, prefetch=prefetch)
+        sizes = [entry.nbytes for entry in entries]
+        return self._cache.get_or_load_many(requests, load, prefetch=prefetch, sizes=sizes)
 
     def load_all(
         self, names: Iterable[str] | None = None, device: str | torch.device | None = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -84,6 +85,7 @@ def test_bench_refuses_a_model_without_config(tmp_path: Path) -> None:
 
 PEAK_PROBE = """
 import json
+import os
 from blockstore.benchmarks.runtime_load import _peak_rss, _reset_peak_rss
 _reset_peak_rss()
 before = _peak_rss()
@@ -99,3 +101,33 @@ def test_peak_rss_of_a_child_is_its_own_and_within_tolerance() -> None:
     grown = json.loads(probe.stdout)
     del ballast
     assert 190e6 <= grown <= 230e6, grown
+
+
+def test_coldstart_measures_local_methods_and_writes_a_pack_that_gates(decoder: Path, tmp_path: Path) -> None:
+    """The cold-start benchmark's runs (fresh processes, memory sampled from outside) and its pack;
+    the object-store methods need SeaweedFS in a namespace (root), so the local ones stand in."""
+    from blockstore.benchmarks import coldstart
+
+    store = tmp_path / "store"
+    assert cli("init", store).exit_code == 0
+    assert cli("pack", decoder, "--store", store).exit_code == 0
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    campaign = coldstart.Campaign("decoder", decoder)
+    specs = [
+        {"method": "load_file", "what": "load", "file": str(decoder / "model.safetensors")},
+        {"method": "blockstore", "what": "load", "store": str(store)},
+        {"method": "blockstore", "what": "ttft", "store": str(store), "config_dir": str(decoder)},
+    ]
+    for spec in specs:
+        figures, timeline = coldstart._run_child({**spec, "scratch": str(tmp_path)}, env)
+        campaign.record(spec["method"], "local", figures, timeline)
+    rows = campaign.raw["blockstore"]
+    assert rows["local:load_s"][0] > 0 and rows["local:ttft_s"][0] > 0 and rows["local:chunks"][0] > 0
+    assert rows["local:fetched_bytes"][0] > 0 and rows["local:fetched_bytes"][1] > 0
+    assert campaign.raw["load_file"]["local:peak_anon_mb"][0] > 0
+    results = campaign.results(1, ["local"], 1)
+    results["ratio_to_reference"] = evidence.ratios_to(results["results"], "load_file")
+    results["reference"] = "load_file"
+    pack = evidence.write_pack(tmp_path / "pack", results, ["test"])
+    assert evidence.verify_pack(pack) == [] and (pack / "timeline_local-ttft.png").is_file()
+    assert cli("gate", pack, pack).exit_code == 0

@@ -249,3 +249,14 @@ def test_a_budgeted_model_returns_evicted_memory_to_the_kernel(llama_store, llam
     assert evicted > 0 and len(trims) > 0
     if sys.platform == "linux":  # glibc here: the real trim was found
         assert cache_module._TRIM is not None
+
+
+def test_room_is_made_before_a_static_tensor_is_decoded(llama_store, llama_eager_tokens):
+    """The budget bounds the cached tensors and the one being decoded together: eviction made room
+    only after the insertion, so a large tensor (the tied head) sat on top of a full budget."""
+    budget = 700_000  # above the largest tensor (the 512 KB embedding), below the static side
+    with runtime.closing(runtime.load_model(llama_store, budget=budget)) as model:
+        with torch.no_grad():
+            assert torch.equal(model.generate(PROMPT, max_new_tokens=12, do_sample=False), llama_eager_tokens)
+        stats = model.blockstore.stats()
+    assert stats.evictions > 0 and 0 < stats.peak_cached_bytes <= budget

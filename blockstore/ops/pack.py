@@ -157,6 +157,10 @@ def codec_for(codec_id: str, dtype: str, level: int) -> Codec:
 class _ChunkWriter:
     """Dedups chunks against the store and this pack, encodes new ones in parallel, commits batches.
 
+    A full batch is committed by a writer thread while the next one is read and encoded: written
+    from the reading thread, each commit (and its fdatasync) left the encoders idle. At most one
+    batch is being written while another fills, so memory stays at about two batches.
+
     A key (xxh3) can be shared by two different chunks built to collide, so a chunk is deduplicated
     only after its strong digest matched the one already there: this pack's earlier chunk, or the
     stored chunk's as the store knows it (`StoredDigests`: vouched for by the snapshots the refs
@@ -168,6 +172,8 @@ class _ChunkWriter:
         self.strong: dict[ChunkKey, bytes] = {}
         """The strong digest of every chunk this pack references, by key."""
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="blockstore-encode")
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blockstore-pack-writer")
+        self._writing: Future[tuple[int, list[tuple[ChunkKey, int]]]] | None = None
         self.sizes: dict[ChunkKey, int] = {}
         self._pending: dict[ChunkKey, Future[bytes]] = {}
         self._pending_raw = 0
@@ -204,16 +210,37 @@ class _ChunkWriter:
         if self._pending_raw >= BATCH_BYTES:
             self.flush()
 
-    def flush(self) -> None:
-        encoded = [(key, future.result()) for key, future in self._pending.items()]
-        self.new_bytes += self._repo.put_chunks(encoded, limit=BATCH_BYTES)
-        self.new_chunks += len(encoded)
-        self.sizes.update((key, len(value)) for key, value in encoded)
-        self._pending.clear()
-        self._pending_raw = 0
+    def flush(self, *, wait: bool = False) -> None:
+        """Hand the pending chunks to the writer (after the batch before them is written); with
+        `wait`, return once everything is committed. A failed write raises here."""
+        self._collect()
+        if self._pending:
+            pending = list(self._pending.items())
+            self._writing = self._writer.submit(self._write, pending)
+            self._pending = {}
+            self._pending_raw = 0
+        if wait:
+            self._collect()
+
+    def _write(self, pending: list[tuple[ChunkKey, Future[bytes]]]) -> tuple[int, list[tuple[ChunkKey, int]]]:
+        """(bytes newly written, stored size of each chunk) of one committed batch."""
+        encoded = [(key, future.result()) for key, future in pending]
+        written = self._repo.put_chunks(encoded, limit=BATCH_BYTES)
+        return written, [(key, len(value)) for key, value in encoded]
+
+    def _collect(self) -> None:
+        """Wait for the batch being written, and count it."""
+        if self._writing is None:
+            return
+        writing, self._writing = self._writing, None
+        written, sizes = writing.result()
+        self.new_bytes += written
+        self.new_chunks += len(sizes)
+        self.sizes.update(sizes)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self._writer.shutdown(wait=True, cancel_futures=True)
 
 
 def _pack_tensor(
@@ -342,7 +369,7 @@ def _pack_model(
                 check_unchanged(source, handle)  # not written to while it was read
             finally:
                 os.close(handle)
-        writer.flush()
+        writer.flush(wait=True)
     finally:
         writer.close()
     entries = {

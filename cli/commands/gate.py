@@ -15,17 +15,10 @@ import typer
 
 from blockstore.cli import output
 from blockstore.cli.options import JsonOption
-from blockstore.errors import EXIT_REGRESSION, BlockstoreError, Regression
+from blockstore.errors import Improvement, Regression
 
 if TYPE_CHECKING:
     from blockstore.benchmarks.gate import GateRow
-
-
-class Improvement(BlockstoreError):
-    """`gate --fail-on-improvement` found metrics better than the baseline beyond tolerance."""
-
-    exit_code = EXIT_REGRESSION
-    template = "{} metric(s) improved beyond tolerance; re-pin the baseline to the new pack (best: {})"
 
 
 def _verdict(row: GateRow) -> str:
