@@ -8,8 +8,9 @@ rotated each round; medians and ranges, ratios to `runai` from the same run. Per
 - `load_s`: the whole model into host memory. boto3: `download_file` to local disk, then
   `load_file`; runai: `SafetensorsStreamer` from s3://, each tensor cloned out of its buffer;
   blockstore: `runtime.open(s3://...).load_all()` with no cache, through an empty read-through
-  cache (`blockstore+cache`, closed inside the timing, so the cache is written), and a warm
-  restart from that cache (`blockstore-warm`).
+  cache (`blockstore+cache`), and a warm restart from that cache (`blockstore-warm`). `load_s`
+  ends when `load_all` returns; `closed_s` when the store is closed, which for a read-through
+  cache means every value fetched is written to it (the cache writes behind the load).
 - `ttft_s`: stream + assign + one greedy token. boto3/runai: the model built on `meta` from its
   config, the state dict assigned, a forward; blockstore: `runtime.load_model(s3://...)` (read
   ahead in forward order) and the same forward.
@@ -136,9 +137,12 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     else:
         state_dict = runtime.open(spec["store"], cache=spec.get("cache"))
         state_dict.load_all()
+        figures["load_s"] = time.perf_counter() - started
         stats = state_dict.stats()
-        state_dict.close()  # inside the timing: a read-through cache is written by then
+        state_dict.close()  # a read-through cache is written behind the load: done by now
+        figures["closed_s"] = time.perf_counter() - started
         figures["fetched_bytes"], figures["chunks"] = stats.bytes_read, stats.chunks_read
+        return figures
     figures[f"{what}_s"] = time.perf_counter() - started
     return figures
 
@@ -209,12 +213,21 @@ def _rotated(items: list[Any], round_number: int) -> list[Any]:
     return items[shift:] + items[:shift]
 
 
-def _local_rounds(campaign: Campaign, store: Path, rounds: int, work: Path, env: dict[str, str]) -> None:
+def _chosen(specs: list[dict[str, Any]], methods: set[str] | None) -> list[dict[str, Any]]:
+    return [spec for spec in specs if methods is None or spec["method"] in methods]
+
+
+def _local_rounds(
+    campaign: Campaign, store: Path, rounds: int, work: Path, env: dict[str, str], methods: set[str] | None
+) -> None:
     file = str(campaign.model_dir / "model.safetensors")
     specs = [
         {"method": "load_file", "what": "load", "file": file},
         {"method": "blockstore", "what": "load", "store": str(store)},
     ]
+    specs = _chosen(specs, methods)
+    if not specs:
+        return
     for spec in specs:  # warm the page cache for both
         _run_child({**spec, "scratch": str(work)}, env)
     for round_number in range(rounds):
@@ -223,7 +236,9 @@ def _local_rounds(campaign: Campaign, store: Path, rounds: int, work: Path, env:
             campaign.record(spec["method"], "local", figures, timeline)
 
 
-def _remote_rounds(campaign: Campaign, mode: str, rounds: int, work: Path, env: dict[str, str]) -> None:
+def _remote_rounds(
+    campaign: Campaign, mode: str, rounds: int, work: Path, env: dict[str, str], methods: set[str] | None
+) -> None:
     name = campaign.name
     url, store = f"s3://{BUCKET}/{name}-safetensors/model.safetensors", f"s3://{BUCKET}/{name}-store"
     warm_cache = work / f"{name}-{mode}-warm-cache"
@@ -241,6 +256,7 @@ def _remote_rounds(campaign: Campaign, mode: str, rounds: int, work: Path, env: 
         {"method": "boto3+load_file", "what": "ttft", "key": f"{name}-safetensors/model.safetensors"},
         {"method": "blockstore", "what": "ttft", "store": store},
     ]
+    specs = _chosen(specs, methods)
     for round_number in range(rounds):
         for spec in _rotated(specs, round_number):
             scratch = Path(tempfile.mkdtemp(dir=work))
@@ -252,7 +268,9 @@ def _remote_rounds(campaign: Campaign, mode: str, rounds: int, work: Path, env: 
             campaign.record(spec["method"], mode, figures, timeline)
 
 
-def run(models: list[str], rates: list[str], rounds: dict[str, int], work: Path) -> dict[str, Any]:
+def run(
+    models: list[str], rates: list[str], rounds: dict[str, int], work: Path, methods: set[str] | None = None
+) -> dict[str, Any]:
     """Every campaign; returns {model: (campaign, stored bytes, link shaping seen)}."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(os.cpu_count() or 1)}
     smol = smollm2.prepare()
@@ -265,7 +283,7 @@ def run(models: list[str], rates: list[str], rounds: dict[str, int], work: Path)
             _blockstore("init", str(store))
             _blockstore("pack", "-s", str(store), str(campaign.model_dir))
         stored[name] = json.loads(_blockstore("stats", "--json", str(store)))["chunk_bytes"]
-        _local_rounds(campaign, store, rounds[name], work, env)
+        _local_rounds(campaign, store, rounds[name], work, env, methods)
     link_seen: dict[str, Any] = {}
     with shaped_link() as link, seaweedfs(link, Path(tempfile.mkdtemp(dir=work))) as endpoint:
         s3_env = {**env, **CREDENTIALS, "AWS_ENDPOINT_URL": endpoint, "RUNAI_STREAMER_S3_ENDPOINT": endpoint}
@@ -281,7 +299,7 @@ def run(models: list[str], rates: list[str], rounds: dict[str, int], work: Path)
                 link.shape(float(rate.removesuffix("gbit")))
             link_seen[rate] = link_shaping(link.host_end) or {"interface": link.host_end, "qdisc": None}
             for name, campaign in campaigns.items():
-                _remote_rounds(campaign, rate, rounds[name], work, s3_env)
+                _remote_rounds(campaign, rate, rounds[name], work, s3_env, methods)
     return {name: (campaigns[name], stored[name], link_seen) for name in models}
 
 
@@ -295,6 +313,7 @@ def main() -> None:
     )
     parser.add_argument("--models", default="smollm2,llama2gb")
     parser.add_argument("--rates", default="1gbit,4gbit,loopback")
+    parser.add_argument("--methods", default=None, help="Only these methods (comma-separated).")
     parser.add_argument("--work", type=Path, default=None, help="Scratch directory (default: a new one).")
     args = parser.parse_args()
     if args.child:
@@ -309,7 +328,8 @@ def main() -> None:
     if args.large_rounds and "llama2gb" in rounds:
         rounds["llama2gb"] = args.large_rounds
     rates = args.rates.split(",")
-    for name, (campaign, stored_bytes, link_seen) in run(models, rates, rounds, work).items():
+    methods = set(args.methods.split(",")) if args.methods else None
+    for name, (campaign, stored_bytes, link_seen) in run(models, rates, rounds, work, methods).items():
         results = campaign.results(rounds[name], rates, stored_bytes)
         out = args.out.with_name(f"{args.out.name}-{name}")
         write_pack(out, results, command_line(), store_path=work, link=link_seen)

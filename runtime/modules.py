@@ -36,6 +36,7 @@ from blockstore.repo import DEFAULT_REF
 from blockstore.storage.base import short_id
 
 from .lazy import LazyStateDict, LazyTensor, open
+from .readahead import forward_order
 
 _aten = torch.ops.aten
 _ALIASES = (_aten.detach.default, _aten.alias.default)
@@ -292,18 +293,6 @@ def bind(model: nn.Module, state: LazyStateDict) -> list[str]:
     return sorted(set(state) - used)
 
 
-def forward_order(model: nn.Module, state: Mapping[str, Any]) -> list[str]:
-    """The stored tensors `model` uses, in the order of its module tree: embeddings, then layer
-    by layer, then the head, which is the order a transformer's forward first touches them."""
-    prefix = getattr(model, "base_model_prefix", "") or ""
-    order: dict[str, None] = {}
-    for group in _model_tensors(model).values():
-        stored = next((found for name, *_ in group if (found := _stored_name(name, state, prefix))), None)
-        if stored is not None:
-            order.setdefault(stored)
-    return list(order)
-
-
 def _tie(module: nn.Module) -> None:
     tie_weights = getattr(module, "tie_weights", None)  # torch types module attributes as tensors
     if tie_weights is not None:
@@ -359,11 +348,11 @@ def load_model(
     """
     state = open(store, ref, device=device, budget=budget, prefetch=prefetch, workers=workers, cache=cache)
     try:
+        if readahead or (readahead is None and state.remote and budget is None):
+            state.read_ahead(forward_order(state))  # while the model is built
         module = _construct(model, config, state, state)
         _tie(module)
         unused = bind(module, state)
-        if readahead or (readahead is None and state.remote and budget is None):
-            state.read_ahead(forward_order(module, state))
     except BaseException:
         state.close()
         raise
