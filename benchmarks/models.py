@@ -42,3 +42,21 @@ def zipnn_coder(dtype: str, threads: int | None = None) -> Any:
 
     options = {} if threads is None else {"threads": threads}
     return ZipNN(input_format="byte", bytearray_dtype=dtype, **options)
+
+
+def llama_layout(shape: Mapping[str, Any]) -> tuple[Any, dict[str, tuple[int, ...]]]:
+    """A Llama config of `shape` (transformers' `LlamaConfig` fields) and every tensor it has, by
+    name, in module order: the layout of the synthetic models the speed and memory figures use."""
+    import transformers
+
+    config = transformers.LlamaConfig(architectures=["LlamaForCausalLM"], **shape)
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(config)
+    return config, {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def synthetic_weight(name: str, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    """One synthetic bf16 weight: norms at 1, everything else `randn*0.02`."""
+    if name.endswith("norm.weight"):
+        return torch.ones(shape, dtype=torch.bfloat16)
+    return (torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16)

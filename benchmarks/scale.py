@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from .evidence import command_line, summarize, write_pack
+from .models import llama_layout, synthetic_weight
 from .netns import shaped_link
 from .timeline import Sampler
 from .vllm_load import CREDENTIALS, _blockstore, _create_bucket, seaweedfs
@@ -63,14 +64,9 @@ def sharded_llama(directory: Path) -> Path:
     if (directory / "model.safetensors.index.json").is_file():
         return directory
     import torch
-    import transformers
     from safetensors.torch import save_file
 
-    config = transformers.LlamaConfig(architectures=["LlamaForCausalLM"], **SHAPE)
-    with torch.device("meta"):
-        shapes = {
-            name: tuple(t.shape) for name, t in transformers.LlamaForCausalLM(config).state_dict().items()
-        }
+    config, shapes = llama_layout(SHAPE)
     total = sum(2 * math.prod(shape) for shape in shapes.values())
     staging = Path(tempfile.mkdtemp(dir=directory.parent))
     generator = torch.Generator().manual_seed(0)
@@ -79,10 +75,7 @@ def sharded_llama(directory: Path) -> Path:
     shard, filled, tensors = 1, 0, {}
     for index, name in enumerate(names):
         shape = shapes[name]
-        if name.endswith("norm.weight"):
-            tensors[name] = torch.ones(shape, dtype=torch.bfloat16)
-        else:
-            tensors[name] = (torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16)
+        tensors[name] = synthetic_weight(name, shape, generator)
         filled += 2 * math.prod(shape)
         if filled >= total * shard / SHARDS or index == len(names) - 1:
             file = f"model-{shard:05d}-of-{SHARDS:05d}.safetensors"

@@ -37,6 +37,7 @@ from typing import Any
 
 from . import smollm2
 from .evidence import command_line, ratios_to, summarize, write_pack
+from .models import llama_layout, synthetic_weight
 from .netns import SERVER_ADDRESS, ShapedLink, shaped_link
 
 REFERENCE = "runai_streamer"
@@ -68,21 +69,11 @@ def synthetic_llama(directory: Path, tokenizer_from: Path) -> Path:
     if (directory / "model.safetensors").is_file():
         return directory
     import torch
-    import transformers
     from safetensors.torch import save_file
 
-    config = transformers.LlamaConfig(architectures=["LlamaForCausalLM"], **SYNTHETIC_SHAPE)
-    with torch.device("meta"):
-        shapes = {
-            name: tuple(t.shape) for name, t in transformers.LlamaForCausalLM(config).state_dict().items()
-        }
+    config, shapes = llama_layout(SYNTHETIC_SHAPE)
     generator = torch.Generator().manual_seed(0)
-    tensors = {}
-    for name, shape in shapes.items():
-        if name.endswith("norm.weight"):
-            tensors[name] = torch.ones(shape, dtype=torch.bfloat16)
-        else:
-            tensors[name] = (torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16)
+    tensors = {name: synthetic_weight(name, shape, generator) for name, shape in shapes.items()}
     staging = Path(tempfile.mkdtemp(dir=directory.parent))
     save_file(tensors, staging / "model.safetensors", metadata={"format": "pt"})
     config.save_pretrained(staging)

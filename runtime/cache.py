@@ -30,11 +30,13 @@ TRIM_BYTES = 64 << 20
 
 def _malloc_trim() -> Callable[[int], int] | None:
     name = ctypes.util.find_library("c")
+    if name is None:
+        return None
     try:
         trim: Callable[[int], int] = ctypes.CDLL(name).malloc_trim
-        return trim if name else None
     except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
         return None
+    return trim
 
 
 _TRIM = _malloc_trim()
@@ -148,8 +150,8 @@ class TensorCache:
                     continue
                 if not prefetch:
                     self.stats.hits += 1
-            if sizes is not None and claimed:
-                self._make_room(sum(sizes[p] for p in claimed if requests[p][1]))
+            if sizes is not None and claimed:  # room for the claimed static tensors, before decoding
+                self._evict(sum(sizes[p] for p in claimed if requests[p][1]))
         if claimed:
             loaded = self._load_claimed(requests, claimed, load_many, batch)
             found.update((position, loaded[requests[position][0]]) for position in claimed)
@@ -185,11 +187,6 @@ class TensorCache:
         if trim:
             return_freed_memory()
         return loaded
-
-    def _make_room(self, incoming: int) -> None:
-        """Evict the coldest evictable entries until `incoming` more bytes fit the budget."""
-        if incoming:
-            self._evict(incoming)
 
     def _evict(self, room: int, keep: Hashable | None = None) -> None:
         """Evict the coldest evictable entries (never `keep`) until `room` more bytes fit."""

@@ -2,10 +2,10 @@
 
 From an object store a lazy model's first forward waited on one round trip per tensor, module by
 module: the link sat idle while each layer computed, and a first token took longer than streaming
-the whole file. `Readahead` walks the tensors in forward order (`forward_order`: embeddings, layer 0, layer 1,
-..., the head) from the moment the store is opened, while the model is still being built, in
-groups of about
-`GROUP_BYTES`, with `DEPTH` groups in flight so the link never waits for a group's slowest chunk.
+the whole file. `Readahead` walks the tensors in forward order (`forward_order`: embeddings,
+layer 0, layer 1, ..., the head) from the moment the store is opened, while the model is still
+being built, in groups of about `GROUP_BYTES`, with `DEPTH` groups in flight so the link never
+waits for a group's slowest chunk.
 The forward finds its tensors decoded or being decoded (the tensor cache's single-flight loading
 makes it wait for the group that holds a tensor instead of fetching it again), and one that the
 readahead has not reached yet it fetches itself.
