@@ -99,3 +99,25 @@ def test_close_writes_everything_pending(remote, tmp_path: Path) -> None:
         _read_all(cache, items)
     with LmdbStore(tmp_path / "cache") as local:
         assert sorted(local.iter_keys()) == sorted(items)
+
+
+def test_the_cache_is_under_its_budget_after_every_write(
+    remote, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, items = remote
+    budget = 10 * (32 << 10)
+    cache = ReadThroughCache(store, tmp_path / "cache", budget=budget)
+    put_batch = cache.local.put_batch
+    held: list[int] = []
+
+    def watched_put_batch(batch):
+        added = put_batch(batch)
+        held.append(sum(cache.local.stored_sizes(cache.local.iter_keys()).values()))
+        return added
+
+    monkeypatch.setattr(cache.local, "put_batch", watched_put_batch)
+    _read_all(cache, items)
+    cache.flush()  # and, once flushed, eviction has happened too: no write is left to catch up
+    assert held and max(held) <= budget
+    assert 0 < sum(cache.local.stored_sizes(cache.local.iter_keys()).values()) <= budget
+    cache.close()

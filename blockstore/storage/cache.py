@@ -52,10 +52,13 @@ class _WriteBehind:
     Started on first use and afresh in a forked child (threads do not survive fork; a child
     forgets what its parent had pending: the parent writes it)."""
 
-    def __init__(self, local: LmdbStore, written: Callable[[int], None], limit: int) -> None:
+    def __init__(
+        self, local: LmdbStore, store: Callable[[list[tuple[ChunkKey, Value]]], None], limit: int, batch: int
+    ) -> None:
         self._local = local
-        self._written = written
+        self._store = store
         self._limit = limit
+        self._batch = batch
         self._reset()
 
     def _reset(self) -> None:
@@ -102,7 +105,7 @@ class _WriteBehind:
             batch: list[tuple[ChunkKey, Value]] = []
             size = 0
             for key, value in self._pending.items():
-                if batch and size + len(value) > _BATCH_BYTES:
+                if batch and size + len(value) > self._batch:
                     break
                 batch.append((key, value))
                 size += len(value)
@@ -112,7 +115,7 @@ class _WriteBehind:
     def _run(self) -> None:
         while (batch := self._take()) is not None:
             try:
-                added = self._local.put_batch(batch)
+                self._store(batch)
             except Exception as exc:  # the cache is a copy: a failed write must not fail a load
                 self._fail(exc)
                 return
@@ -122,7 +125,6 @@ class _WriteBehind:
                     self._pending_bytes -= len(value)
                 self._writing = False
                 self._condition.notify_all()
-            self._written(added)
 
     def _fail(self, exc: Exception) -> None:
         print(
@@ -169,7 +171,10 @@ class ReadThroughCache(StoreWrapper):
         self.misses = 0
         self._lock = threading.Lock()
         self._cached_bytes = sum(self.local.stored_sizes(self.local.iter_keys()).values())
-        self._writer = _WriteBehind(self.local, self._written, WRITE_BEHIND_BYTES)
+        # A batch never exceeds the budget, so making room for it before writing keeps the cache
+        # under its budget at every moment, not only after an eviction catches up.
+        batch = max(1, min(_BATCH_BYTES, budget // 5))
+        self._writer = _WriteBehind(self.local, self._store_batch, WRITE_BEHIND_BYTES, batch)
 
     @property
     def remote(self) -> Store:
@@ -212,20 +217,25 @@ class ReadThroughCache(StoreWrapper):
             else:
                 self.misses += 1
 
-    def _written(self, added: int) -> None:
+    def _store_batch(self, batch: list[tuple[ChunkKey, Value]]) -> None:
+        """Write `batch` to the cache after evicting enough that it fits in the budget (a value
+        larger than the whole budget is not kept)."""
+        batch = [(key, value) for key, value in batch if len(value) <= self.budget]
+        incoming = sum(len(value) for _, value in batch)
+        if self._cached_bytes + incoming > self.budget:
+            self._evict(room=incoming)
+        added = self.local.put_batch(batch)
         with self._lock:
             self._cached_bytes += added
-            over = self._cached_bytes > self.budget
-        if over:
-            self._evict()
 
     def flush(self) -> None:
         """Wait until every value fetched so far is in the cache."""
         self._writer.flush()
 
-    def _evict(self) -> None:
-        """Drop entries until the cache is at 80% of its budget (room before the next eviction)."""
-        target = int(self.budget * 0.8)
+    def _evict(self, room: int) -> None:
+        """Drop entries until `room` more bytes fit, and the cache is at most 80% of its budget
+        (slack, so that not every batch has to evict)."""
+        target = min(int(self.budget * 0.8), self.budget - room)
         doomed, freed = [], 0
         sizes = self.local.stored_sizes(self.local.iter_keys())
         for key, size in sizes.items():
