@@ -13,12 +13,21 @@ from __future__ import annotations
 import os
 import re
 import string
+import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from blockstore.core.chunks import DEFAULT_CHUNK_SIZE, check_chunk_size, decode_chunk, decode_chunk_into
+from blockstore.core.chunks import (
+    DEFAULT_CHUNK_SIZE,
+    check_chunk_size,
+    decode_chunk,
+    decode_chunk_into,
+    delta_base,
+    is_delta_value,
+)
 from blockstore.core.hashing import ChunkKey, digest, new_digest, strong_digest
 from blockstore.core.manifests import ChunkRef, ManifestError, Snapshot, SnapshotId, TensorEntry
 from blockstore.errors import (
@@ -31,6 +40,7 @@ from blockstore.errors import (
     StoreCorrupt,
     TensorCorrupt,
 )
+from blockstore.sizes import parse_size
 from blockstore.storage import Location, Store, create_store, is_url, open_store  # also re-exported
 from blockstore.storage.base import Fingerprint, Lease, ReflogEntry, short_id
 
@@ -110,9 +120,18 @@ class StoreStats:
     """At least `refs`, `snapshots`, `chunks` and `file_bytes` (bytes the store occupies)."""
     chunk_bytes: int
     """Bytes of stored chunk values."""
+    delta_chunks: int = 0
+    delta_bytes: int = 0
+    """Chunks stored as deltas against a base chunk, and their stored bytes."""
 
     def to_json(self) -> dict[str, object]:
-        return {**self.counts, "chunk_bytes": self.chunk_bytes, "store": self.location}
+        return {
+            **self.counts,
+            "chunk_bytes": self.chunk_bytes,
+            "delta_chunks": self.delta_chunks,
+            "delta_bytes": self.delta_bytes,
+            "store": self.location,
+        }
 
 
 class Repository:
@@ -226,10 +245,13 @@ class Repository:
         return self.store.reflog(ref)
 
     def stats(self) -> StoreStats:
-        """Entry counts and stored sizes (one pass over the chunk keys)."""
+        """Entry counts and stored sizes (one pass over the chunk keys; in a store marked as holding
+        deltas, a second over the values' envelopes)."""
         counts = self.store.stat()
-        stored = sum(self.store.stored_sizes(list(self.store.iter_keys())).values())
-        return StoreStats(str(self.path), counts, stored)
+        sizes = self.store.stored_sizes(list(self.store.iter_keys()))
+        deltas = self.delta_bases(sizes)
+        delta_bytes = sum(sizes[key] for key in deltas)
+        return StoreStats(str(self.path), counts, sum(sizes.values()), len(deltas), delta_bytes)
 
     def pin(self, spec: str | None) -> tuple[SnapshotId, bytes | None]:
         """Resolve `spec` and pin that snapshot so gc keeps it while it is read: (id, lease id to
@@ -324,10 +346,51 @@ class Repository:
         map, so nothing is copied but the decoded bytes. Raises ChunkMissing or ChunkCorrupt."""
 
         def decode(value: bytes | memoryview) -> int:
-            decode_chunk_into(chunk.key, value, out, chunk.strong)
+            decode_chunk_into(chunk.key, value, out, chunk.strong, self.read_base)
             return len(value)
 
         return self.store.with_value(chunk.key, decode)
+
+    def read_base(self, key: ChunkKey, raw_len: int) -> bytes | bytearray:
+        """What base chunk `key` decodes to, checked against its key: how a delta chunk is read
+        (FORMAT.md §1). A base is never itself a delta, so this reads one value and no more."""
+        place = (str(self.path), key)
+        kept = BASES.get(place, raw_len)
+        if kept is not None:
+            return kept
+        decoded = self.store.with_value(key, lambda value: decode_chunk(key, value, raw_len))
+        BASES.put(place, decoded)
+        return decoded
+
+    def delta_root(self, chunk: ChunkRef) -> tuple[ChunkKey, bytearray]:
+        """(key, decoded bytes) of the chunk a new delta against `chunk` is taken against: `chunk`
+        itself, or its base when it is stored as a delta (so chains stay one deep)."""
+
+        def root(value: bytes | memoryview) -> tuple[ChunkKey, bytearray]:
+            base = delta_base(value)
+            if base is None:
+                return chunk.key, decode_chunk(chunk.key, value, chunk.raw_len, chunk.strong)
+            return base, self.read_base(base, chunk.raw_len)
+
+        return self.store.with_value(chunk.key, root)
+
+    def delta_bases(self, keys: Iterable[ChunkKey]) -> dict[ChunkKey, ChunkKey]:
+        """The base of each of `keys` that the store holds as a delta chunk (others are left out).
+        Reads each stored value's envelope (on an object store, one GET per key), unless the store
+        is not marked as holding deltas. A value too damaged to say is left out too (verify
+        reports it)."""
+        if not self.store.deltas_allowed:
+            return {}
+
+        def base_of(key: ChunkKey) -> ChunkKey | None:
+            try:
+                return self.store.with_value(key, delta_base)
+            except CHUNK_DAMAGE:
+                return None
+
+        keys = list(keys)
+        bases = self.store.map_ordered(base_of, keys)
+        return {key: base for key, base in zip(keys, bases, strict=True) if base is not None}
 
     def read_chunk(self, chunk: ChunkRef) -> bytearray:
         """`chunk` decoded into a new buffer and checked against its key (see `read_chunk_into`)."""
@@ -388,7 +451,7 @@ class Repository:
             entry, chunk = item
             try:
                 value = self.store.get(chunk.key)
-                decode_chunk(chunk.key, value, chunk.raw_len, chunk.strong)
+                decode_chunk(chunk.key, value, chunk.raw_len, chunk.strong, self.read_base)
             except CHUNK_DAMAGE as exc:
                 raise tensor_damage(snapshot_id, entry.name, exc) from None
             return chunk.key, value
@@ -424,8 +487,15 @@ class Repository:
     def put_chunks(self, items: Iterable[tuple[ChunkKey, bytes]], limit: int = BATCH_BYTES) -> int:
         """Add the chunks the store lacks, committed in batches of about `limit` stored bytes;
         returns the bytes newly written. Call it under `writer_lease`: until a snapshot references
-        them, the new chunks look like garbage to gc."""
-        return sum(self.store.put_batch(batch) for batch in chunk_batches(items, limit))
+        them, the new chunks look like garbage to gc. Before the first delta chunk goes in, the
+        store is marked as holding them (format /3), so an older reader refuses it by its format
+        instead of calling the deltas damage."""
+        written = 0
+        for batch in chunk_batches(items, limit):
+            if any(is_delta_value(value) for _, value in batch):
+                self.store.allow_deltas()
+            written += self.store.put_batch(batch)
+        return written
 
     # leases, pins, collection and health ---------------------------------------------------------------
 
@@ -460,6 +530,56 @@ class Repository:
         """Requests sent per verb (GET, PUT, ...) by an object store, through its cache if it has
         one; empty for a local store. For benchmarks that report what a load cost on the wire."""
         return dict(getattr(self.store, "requests", {}))
+
+
+BASE_CACHE_ENV = "BLOCKSTORE_BASE_CACHE_SIZE"
+"""Bytes of decoded base chunks a repository keeps (`BaseCache`); default none."""
+
+
+def base_cache_bytes() -> int:
+    """The base cache size `BLOCKSTORE_BASE_CACHE_SIZE` asks for (a size such as 512MiB), or 0."""
+    text = os.environ.get(BASE_CACHE_ENV)
+    try:
+        return (parse_size(text, BASE_CACHE_ENV) or 0) if text else 0
+    except InvalidArgument:  # read at import: a bad value must not break `import blockstore`
+        return 0
+
+
+class BaseCache:
+    """A byte-bounded LRU of decoded base chunks, by store and key, shared by every repository of
+    the process: a process loading several fine-tunes of one model decodes each base chunk once.
+    Thread-safe (decode threads share it); entries are immutable `bytes`, so decoding a delta
+    can never change one. A wrong entry could only make a delta fail its own check, never pass."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._entries: OrderedDict[tuple[str, ChunkKey], bytes] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[str, ChunkKey], raw_len: int) -> bytes | None:
+        with self._lock:
+            found = self._entries.get(key)
+            if found is None or len(found) != raw_len:
+                return None
+            self._entries.move_to_end(key)
+            return found
+
+    def put(self, key: tuple[str, ChunkKey], decoded: bytearray) -> None:
+        if len(decoded) > self.limit:
+            return
+        with self._lock:
+            if key in self._entries:
+                return
+            self._entries[key] = bytes(decoded)
+            self._bytes += len(decoded)
+            while self._bytes > self.limit:
+                _, dropped = self._entries.popitem(last=False)
+                self._bytes -= len(dropped)
+
+
+BASES = BaseCache(base_cache_bytes())
+"""The process's base cache, sized by `BLOCKSTORE_BASE_CACHE_SIZE` at import (set `limit` to change)."""
 
 
 class StoredDigests:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO
 
-from blockstore.core.chunks import decode_chunk, strong_mismatch
+from blockstore.core.chunks import decode_chunk, delta_base_at_start, strong_mismatch
 from blockstore.core.hashing import ChunkKey, new_digest, strong_digest
 from blockstore.core.manifests import (
     MANIFEST_VERSION,
@@ -36,7 +36,7 @@ from blockstore.core.manifests import (
     TensorEntry,
     merkle_digest,
 )
-from blockstore.errors import BlockstoreError, BundleRejected, InvalidArgument, WrongBase
+from blockstore.errors import BlockstoreError, BundleRejected, ChunkCorrupt, InvalidArgument, WrongBase
 from blockstore.repo import DEFAULT_REF, Repository, StoredDigests, check_ref_name
 from blockstore.storage.base import short_id
 
@@ -199,7 +199,7 @@ class _ChunkSource:
         """A shipped chunk decoded from the bundle and checked against its key (and the store's
         chunk under that key), with its strong digest."""
         self.handle.seek(chunk.offset)
-        raw = decode_chunk(chunk.key, self.handle.read(chunk.stored_len), chunk.raw_len)
+        raw = decode_chunk(chunk.key, self.handle.read(chunk.stored_len), chunk.raw_len, base=self.base_bytes)
         strong = strong_digest(raw)
         if chunk.key in self.present and self.digests.of(chunk.key, chunk.raw_len) != strong:
             raise BundleRejected(
@@ -207,6 +207,17 @@ class _ChunkSource:
             )
         self.checked.add(chunk.key)
         return raw, strong
+
+    def base_bytes(self, key: ChunkKey, raw_len: int) -> bytearray:
+        """The base of a shipped delta chunk, decoded and checked against its key: from the bundle
+        when it ships the base, else from the store (`_verified_shipment` made sure one has it)."""
+        chunk = self.shipped.get(key)
+        if chunk is None:
+            return self.repo.read_base(key, raw_len)
+        if chunk.raw_len != raw_len:
+            raise ChunkCorrupt(key.hex(), f"a base of {chunk.raw_len} bytes for a delta of {raw_len}")
+        self.handle.seek(chunk.offset)
+        return decode_chunk(key, self.handle.read(chunk.stored_len), raw_len)
 
     def strong_of(self, key: ChunkKey, raw_len: int) -> bytes:
         """The strong digest of the bytes chunk `key` would have in the store after the apply."""
@@ -285,13 +296,25 @@ def _verified_shipment(
     problem."""
     shipped = {chunk.key: chunk for chunk in bundle.chunks}
     needed = target.chunk_keys()
-    present = repo.has_chunks(needed | shipped.keys())
+    delta_bases = _shipped_delta_bases(bundle)
+    wanted_bases = set(delta_bases.values())
+    present = repo.has_chunks(needed | shipped.keys() | wanted_bases)
     absent = needed - shipped.keys() - present
     if absent:
         raise BundleRejected(
             bundle.path, f"target needs chunk {min(absent).hex()} which neither the bundle nor the store has"
         )
-    unused = shipped.keys() - needed
+    unmet = sorted(
+        (key, base) for key, base in delta_bases.items() if base not in shipped and base not in present
+    )
+    if unmet:
+        key, base = unmet[0]
+        raise BundleRejected(
+            bundle.path,
+            f"ships chunk {key.hex()} as a delta against chunk {base.hex()}, which neither the bundle "
+            "nor the store has (make the bundle against a version this store holds)",
+        )
+    unused = shipped.keys() - needed - wanted_bases
     if unused:
         raise BundleRejected(bundle.path, f"ships chunk {min(unused).hex()} which the target does not use")
     fresh = new_tensors(target, bases)
@@ -311,6 +334,22 @@ def _verified_shipment(
                 except BlockstoreError as exc:
                     raise _reject_as_bundle(bundle, None, exc) from None
     return [chunk for key, chunk in shipped.items() if key not in present]
+
+
+def _shipped_delta_bases(bundle: Bundle) -> dict[ChunkKey, ChunkKey]:
+    """The base each shipped delta chunk names, from the start of its value (no payload is read)."""
+    found: dict[ChunkKey, ChunkKey] = {}
+    with open(bundle.path, "rb") as handle:
+        for chunk in bundle.chunks:
+
+            def read(length: int, chunk: BundleChunk = chunk) -> bytes:
+                handle.seek(chunk.offset)
+                return handle.read(min(length, chunk.stored_len))
+
+            base = delta_base_at_start(read)
+            if base is not None:
+                found[chunk.key] = base
+    return found
 
 
 def _bases(repo: Repository, bundle: Bundle, current: SnapshotId | None) -> list[Snapshot]:

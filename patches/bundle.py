@@ -24,7 +24,7 @@ from pathlib import Path
 
 import msgpack
 
-from blockstore.core.chunks import MAX_CHUNK_SIZE
+from blockstore.core.chunks import MAX_CHUNK_SIZE, is_delta_value
 from blockstore.core.hashing import DIGEST_SIZE, KEY_SIZE, ChunkKey, digest
 from blockstore.core.manifests import SnapshotId, is_count
 from blockstore.errors import BundleRejected, InvalidArgument
@@ -32,10 +32,12 @@ from blockstore.ops.export import write_atomically
 
 MAGIC = b"\x89BSP\r\n\x1a\n"
 FORMAT_VERSION = 3
-READABLE_VERSIONS = (1, 2, FORMAT_VERSION)
+DELTA_VERSION = 4
+READABLE_VERSIONS = (1, 2, FORMAT_VERSION, DELTA_VERSION)
 """Version 2 bundles may carry framed chunk values (FORMAT.md §1), which version-1 readers cannot
 decode; version 3 bundles may carry a version 3 target snapshot (strong chunk digests), which
-earlier readers cannot parse. The layout of the bundle itself is unchanged."""
+earlier readers cannot parse; version 4 bundles may carry delta chunks (written only for those
+that do). The layout of the bundle itself is unchanged."""
 FLAG_MAC = 1
 _PREAMBLE = struct.Struct("<8sHHQ")
 _MAX_HEADER = 1 << 30
@@ -96,13 +98,15 @@ def write_bundle(
 ) -> int:
     """Write a bundle atomically; `chunks` yields (chunk, stored value). Returns the file size."""
     chunk_list = list(chunks)
+    version = DELTA_VERSION if any(is_delta_value(value) for _, value in chunk_list) else FORMAT_VERSION
     header = msgpack.packb(
         {
             "base": base,
             "base_content": base_content,
             "target": target,
             "snapshot_len": len(snapshot),
-            "chunks": [[c.key, c.raw_len, c.stored_len] for c, _ in chunk_list],
+            # The value's own length: a snapshot's stored_len is what the store that wrote it held.
+            "chunks": [[c.key, c.raw_len, len(value)] for c, value in chunk_list],
         },
         use_bin_type=True,
     )
@@ -111,7 +115,7 @@ def write_bundle(
         hasher = hashlib.blake2b(digest_size=DIGEST_SIZE)
         mac = _mac(key) if key is not None else None
         flags = FLAG_MAC if key is not None else 0
-        body = [_PREAMBLE.pack(MAGIC, FORMAT_VERSION, flags, len(header)), header, snapshot]
+        body = [_PREAMBLE.pack(MAGIC, version, flags, len(header)), header, snapshot]
         for block in [*body, *(value for _, value in chunk_list)]:
             hasher.update(block)
             if mac is not None:

@@ -80,13 +80,17 @@ def tensor_changes(old: Snapshot, new: Snapshot) -> TensorChanges:
     )
 
 
-def resolve_version(repo: Repository, spec: str, notes: list[str] | None = None) -> SnapshotId:
-    """A ref, an id (prefix), or a path to a model that is packed on the fly. Packing stores a
-    snapshot the user never asked for, so it appends a line to `notes` naming that snapshot."""
+def resolve_version(
+    repo: Repository, spec: str, notes: list[str] | None = None, base: SnapshotId | None = None
+) -> SnapshotId:
+    """A ref, an id (prefix), or a path to a model that is packed on the fly (its new chunks as
+    deltas against `base` where that pays). Packing stores a snapshot the user never asked for, so
+    it appends a line to `notes` naming that snapshot."""
     path = Path(spec)
     if not (path.suffix == ".safetensors" or path.is_dir()):
         return repo.resolve(spec)
-    snapshot_id = pack(repo, [path], ref=None, message=f"packed by diff from {path.name}").snapshot_id
+    message = f"packed by diff from {path.name}"
+    snapshot_id = pack(repo, [path], ref=None, message=message, base=base.hex() if base else None).snapshot_id
     if notes is not None:
         fate = (
             "it stays while a ref or reader reaches it"
@@ -100,7 +104,8 @@ def resolve_version(repo: Repository, spec: str, notes: list[str] | None = None)
 def diff(repo: Repository, old: str, new: str, out: Path, *, key: bytes | None = None) -> DiffResult:
     """Write the bundle that upgrades OLD to NEW; returns what it holds."""
     notes: list[str] = []
-    base_id, target_id = resolve_version(repo, old, notes), resolve_version(repo, new, notes)
+    base_id = resolve_version(repo, old, notes)
+    target_id = resolve_version(repo, new, notes, base=base_id)
     base, target = repo.snapshot(base_id), repo.snapshot(target_id)
     have = base.chunk_keys()
     shipped: dict[bytes, BundleChunk] = {}
@@ -108,6 +113,14 @@ def diff(repo: Repository, old: str, new: str, out: Path, *, key: bytes | None =
         for chunk in entry.chunks:
             if chunk.key not in have and chunk.key not in shipped:
                 shipped[chunk.key] = BundleChunk(chunk.key, chunk.raw_len, chunk.stored_len)
+    # A delta chunk ships as it is stored; its base with it, unless OLD (which the receiver holds)
+    # references that base already.
+    for delta_key, delta_base in repo.delta_bases(shipped).items():
+        if delta_base not in have and delta_base not in shipped:
+            raw_len = shipped[delta_key].raw_len
+            shipped[delta_base] = BundleChunk(
+                delta_base, raw_len, repo.stored_sizes([delta_base]).get(delta_base, 0)
+            )
     # Stored values go out unchecked: `apply` decodes and checks every one before it writes.
     values = zip(shipped.values(), repo.stored_values(shipped), strict=True)
     snapshot_bytes = repo.snapshot_bytes(target_id)

@@ -42,6 +42,22 @@ def write_version(path: Path, changed_seed: int) -> Path:
     return write_safetensors(path, tensors)
 
 
+def write_fine_tune(path: Path, base_seed: int = 1) -> Path:
+    """`write_version(changed_seed=base_seed)` with every weight of the odd layers moved a little:
+    packed over that version, their chunks are stored as deltas."""
+    tensors = {"embed.weight": float_tensor((1024, 256), seed=1, dtype="BF16")}
+    for layer in range(8):
+        seed = 10 + layer if layer % 2 == 0 else 100 * base_seed + layer
+        tensor = float_tensor((512, 512), seed=seed)
+        if layer % 2:
+            values = np.frombuffer(tensor.data, np.float32)
+            noise = np.random.default_rng(layer).normal(0, 2e-5, size=values.size).astype(np.float32)
+            tensor = RawTensor(tensor.dtype, tensor.shape, (values + noise).astype(np.float32).tobytes())
+        tensors[f"layers.{layer}.mlp.weight"] = tensor
+    tensors["norm.weight"] = float_tensor((256,), seed=base_seed)
+    return write_safetensors(path, tensors)
+
+
 @dataclass
 class Operation:
     """One write operation on a prepared store: the CLI arguments and the model it leaves at main."""

@@ -24,6 +24,7 @@ from .faults import (
     rerun_succeeds,
     run_to_crash_point,
     timed_run,
+    write_fine_tune,
     write_version,
 )
 from .helpers import cli
@@ -53,11 +54,27 @@ def operations(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Operation]
     bundle = models / "update.bsp"
     assert cli("diff", both, v1_id, "main", "-o", bundle).exit_code == 0
     old, new = content_at(only_v1), content_at(both)
+    # The same with a fine-tune of v1 whose changed chunks are stored and shipped as deltas.
+    tuned = write_fine_tune(models / "tuned.safetensors")
+    with_tuned = _packed(tmp_path_factory.mktemp("tuned"), v1, tuned)
+    assert cli("show", with_tuned, "--json").json()["deltas"]["delta_chunks"] > 0
+    delta_bundle = models / "tuned.bsp"
+    assert cli("diff", with_tuned, _first_id(with_tuned), "main", "-o", delta_bundle).exit_code == 0
+    tuned_content = content_at(with_tuned)
     return {
         "pack": Operation("pack", only_v1, ["pack", str(v2), "--store", "STORE"], old, new),
         "apply": Operation("apply", only_v1, ["apply", "STORE", str(bundle)], old, new),
         "rollback": Operation("rollback", both, ["rollback", "STORE", "--to", v1_id], new, old),
         "gc": Operation("gc", both, ["gc", "STORE", "--keep", "0"], new, new),
+        "pack-delta": Operation(
+            "pack-delta", only_v1, ["pack", str(tuned), "--store", "STORE"], old, tuned_content
+        ),
+        "apply-delta": Operation(
+            "apply-delta", only_v1, ["apply", "STORE", str(delta_bundle)], old, tuned_content
+        ),
+        "gc-delta": Operation(
+            "gc-delta", with_tuned, ["gc", "STORE", "--keep", "0"], tuned_content, tuned_content
+        ),
     }
 
 
@@ -71,7 +88,7 @@ WRITER_STEPS = ("lease", "chunks", "snapshot", "ref", "unlease")
 CRASH_CASES = [
     *(
         (op, f"{step}.{when}")
-        for op in ("pack", "apply")
+        for op in ("pack", "apply", "pack-delta", "apply-delta")
         for step in WRITER_STEPS
         for when in ("before-commit", "committed")
     ),
@@ -79,6 +96,8 @@ CRASH_CASES = [
     ("rollback", "ref.committed"),
     ("gc", "gc.before-commit"),
     ("gc", "gc.committed"),
+    ("gc-delta", "gc.before-commit"),
+    ("gc-delta", "gc.committed"),
 ]
 
 
@@ -107,7 +126,7 @@ def test_death_at_a_crash_point(
         pytest.param(KILLS_IN_CAMPAIGN, marks=pytest.mark.faults),
     ],
 )
-@pytest.mark.parametrize("op", ["pack", "apply", "rollback", "gc"])
+@pytest.mark.parametrize("op", ["pack", "apply", "rollback", "gc", "pack-delta", "apply-delta", "gc-delta"])
 def test_random_sigkills(operations: dict[str, Operation], tmp_path: Path, op: str, kills: int) -> None:
     """SIGKILL at a uniformly random moment between the end of interpreter start-up and the end of
     an undisturbed run (both measured here), `kills` times."""

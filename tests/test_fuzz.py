@@ -34,11 +34,11 @@ from blockstore.ops.export import export
 from blockstore.ops.pack import pack
 from blockstore.ops.verify import verify
 from blockstore.patches import apply
-from blockstore.patches.bundle import _PREAMBLE, MAGIC, read_bundle
+from blockstore.patches.bundle import _PREAMBLE, DELTA_VERSION, MAGIC, read_bundle
 from blockstore.repo import Repository
 
 from .faults import float_tensor
-from .helpers import FUZZ_EXAMPLES, cli, write_safetensors
+from .helpers import FUZZ_EXAMPLES, RawTensor, cli, write_safetensors
 
 FUZZ = settings(
     max_examples=FUZZ_EXAMPLES,
@@ -183,16 +183,24 @@ def test_hostile_safetensors_is_refused_or_packed_exactly(scratch: Path, data: b
 # --- bundle reader -----------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def bundle_case(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, bytes]:
-    """(template store at v1, the bytes of a valid v1 -> v2 bundle)."""
+def _fine_tuned(tensor: RawTensor, seed: int) -> RawTensor:
+    """`tensor` (F32) with every weight moved a little: a v2 whose chunks pack as deltas."""
+    values = np.frombuffer(tensor.data, np.float32)
+    moved = values + np.random.default_rng(seed).normal(0, 2e-5, size=values.size).astype(np.float32)
+    return RawTensor(tensor.dtype, tensor.shape, moved.astype(np.float32).tobytes())
+
+
+@pytest.fixture(scope="module", params=["whole", "deltas"])
+def bundle_case(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, bytes]:
+    """(template store at v1, the bytes of a valid v1 -> v2 bundle); with "deltas", v2 is v1 moved
+    a little, so the bundle ships delta chunks (version 4)."""
     directory = tmp_path_factory.mktemp("bundle")
-    v1 = write_safetensors(
-        directory / "v1.safetensors", {"w": float_tensor((64, 64), 1), "n": float_tensor((64,), 2)}
-    )
-    v2 = write_safetensors(
-        directory / "v2.safetensors", {"w": float_tensor((64, 64), 3), "n": float_tensor((64,), 2)}
-    )
+    weights = float_tensor((64, 64), 1)
+    v1 = write_safetensors(directory / "v1.safetensors", {"w": weights, "n": float_tensor((64,), 2)})
+    changed = _fine_tuned(weights, 3) if request.param == "deltas" else float_tensor((64, 64), 3)
+    v2 = write_safetensors(directory / "v2.safetensors", {"w": changed, "n": float_tensor((64,), 2)})
     publisher, consumer = directory / "publisher", directory / "consumer"
     for store, versions in ((publisher, (v1, v2)), (consumer, (v1,))):
         assert cli("init", store, "--chunk-size", 4096).exit_code == 0
@@ -202,7 +210,9 @@ def bundle_case(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, bytes]:
         first = repo.store.reflog("main")[0].new.hex()
     bundle = directory / "update.bsp"
     assert cli("diff", publisher, first, "main", "-o", bundle).exit_code == 0
-    return consumer, _blob(bundle.read_bytes(), "valid")
+    data = bundle.read_bytes()
+    assert (_PREAMBLE.unpack(data[: _PREAMBLE.size])[1] == DELTA_VERSION) == (request.param == "deltas")
+    return consumer, _blob(data, "valid")
 
 
 def _sections(data: bytes) -> tuple[tuple, dict, bytes, bytes]:
@@ -390,6 +400,35 @@ def warm_decoders() -> None:
     for codec in (Raw(), Zstd(), ByteGroupZstd(itemsize=4), *lossy):
         with contextlib.suppress(ChunkCorrupt):  # right bytes, wrong key: decoded all the same
             decode_chunk(b"\x00" * 16, chunk_value(codec, codec.encode(raw)), len(raw))
+
+
+delta_params = st.one_of(
+    st.fixed_dictionaries(
+        {
+            "base": st.one_of(st.binary(min_size=16, max_size=16), header_values),
+            "width": st.one_of(st.sampled_from([1, 2, 4, 8]), header_values),
+            "codec": st.one_of(codec_ids, st.just("delta"), header_values),
+            "params": params,
+        }
+    ),
+    params,
+)
+delta_values: st.SearchStrategy[bytes] = st.builds(_framed_envelope, st.just("delta"), delta_params, payloads)
+
+
+@FUZZ
+@given(value=delta_values, raw_len=sizes, base_len=sizes)
+@pytest.mark.usefixtures("warm_decoders")
+def test_hostile_delta_values_are_corrupt_within_bounds(value: bytes, raw_len: int, base_len: int) -> None:
+    """A delta chunk's envelope, difference and base are all the attacker's: still only damage."""
+    base = np.random.default_rng(raw_len).bytes(base_len)
+    # The output, the difference's frames and planes, the base and numpy's temporaries: about 4x.
+    with (
+        allocation_bound(4 * raw_len + base_len + 4 * len(value) + SLACK),
+        pytest.raises(ChunkCorrupt) as caught,
+    ):
+        decode_chunk(b"\x00" * 16, value, raw_len, base=lambda key, length: base)
+    refused_cleanly(caught.value)
 
 
 @FUZZ

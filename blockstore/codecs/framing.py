@@ -26,6 +26,10 @@ class FrameError(ValueError):
     """A framed value that does not parse; the caller names what it belonged to."""
 
 
+PREFIX_LEN = 5
+"""Bytes at the start of every framed value that say how long its header is (`header_len`)."""
+
+
 def is_framed(value: bytes | memoryview) -> bool:
     """Whether `value` is framed (else it is an earlier pack's plain msgpack value)."""
     return len(value) > 0 and value[0] == MARK
@@ -35,6 +39,32 @@ def frame(fields: object, parts: Sequence[bytes | memoryview]) -> bytes:
     """`fields` (anything msgpack encodes) and `parts`, framed."""
     header = msgpack.packb([fields, [len(part) for part in parts]], use_bin_type=True)
     return b"".join([_PREFIX.pack(MARK, len(header)), header, *parts])
+
+
+def header_len(prefix: bytes | memoryview) -> int:
+    """The length of the start of a framed value that holds its fields (`fields_of` reads them),
+    from its first `PREFIX_LEN` bytes."""
+    if len(prefix) < _PREFIX.size:
+        raise FrameError(f"framed value of {len(prefix)} bytes is shorter than its prefix")
+    mark, length = _PREFIX.unpack_from(prefix)
+    if mark != MARK:
+        raise FrameError("not a framed value")
+    return _PREFIX.size + length
+
+
+def fields_of(start: bytes | memoryview) -> object:
+    """The fields of a framed value from its start alone (`header_len` bytes of it): enough to
+    tell what a stored chunk is without reading its payload."""
+    body = header_len(start)
+    if body > len(start):
+        raise FrameError(f"frame header of {body} bytes overruns the {len(start)} bytes given")
+    try:
+        header = msgpack.unpackb(memoryview(start)[_PREFIX.size : body], use_list=True, raw=False)
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise FrameError(f"frame header does not parse ({exc})") from None
+    if not (isinstance(header, list) and len(header) == 2):
+        raise FrameError("frame header is not [fields, part lengths]")
+    return header[0]
 
 
 def unframe(value: bytes | memoryview) -> tuple[object, list[memoryview]]:

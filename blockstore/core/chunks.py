@@ -13,6 +13,10 @@ stored form decodes to, and only a chunk the store lacks needs its stored value.
 (`decode_chunk_into`) finds the codec in the registry the `blockstore.codecs` package fills when it
 is imported, as this module's import of it guarantees, so a lossy chunk decodes whatever else a
 program imported.
+
+A delta chunk (`delta_value`) is stored as its difference from a base chunk that its envelope
+names; decoding one needs a base reader (`BaseReader`, which `Repository` provides), and a base is
+never itself a delta. Its key and checks are those of the bytes it decodes to, like any chunk's.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from dataclasses import dataclass
 import msgpack
 
 from blockstore.codecs import (
+    ByteGroupZstd,
     Codec,
     DecodeError,
     LossyCodec,
@@ -33,9 +38,10 @@ from blockstore.codecs import (
     is_lossy,
     stored_codec,
 )
+from blockstore.codecs import delta as deltas
 from blockstore.core.dtypes import byte_unit, nbytes_of
 from blockstore.core.hashing import ChunkKey, chunk_key, strong_digest
-from blockstore.errors import ChunkCorrupt, InvalidArgument
+from blockstore.errors import ChunkCorrupt, ChunkMissing, InvalidArgument
 
 DEFAULT_CHUNK_SIZE = 4 << 20
 MIN_CHUNK_SIZE = 64
@@ -63,6 +69,27 @@ def chunk_ranges(dtype: str, shape: tuple[int, ...], nbytes: int, chunk_size: in
     return [(start, min(start + stride, nbytes)) for start in range(0, nbytes, stride)]
 
 
+_MALFORMED = (DecodeError, InvalidArgument, ValueError, TypeError, msgpack.UnpackException)
+"""What a stored value that does not parse or decode raises (reported as the chunk's damage)."""
+
+DELTA_ID = "delta"
+"""The codec id of a delta chunk's envelope (FORMAT.md §1): decoding it needs its base chunk."""
+
+BaseReader = Callable[[ChunkKey, int], "bytes | bytearray | memoryview"]
+"""(base key, length) → the bytes that base chunk decodes to, checked against its key: how a
+reader hands a delta chunk its base (raises ChunkMissing or ChunkCorrupt for the base)."""
+
+
+@dataclass(frozen=True)
+class DeltaHeader:
+    """What a delta chunk's envelope says: the chunk it is a difference against, the element
+    width of the difference, and the lossless codec the difference bytes are stored with."""
+
+    base: ChunkKey
+    width: int
+    codec: Codec
+
+
 def chunk_value(codec: Codec, payload: bytes) -> bytes:
     """The stored form of an encoded chunk: codec id and params travel with the payload."""
     return framing.frame([codec.id, codec_params(codec)], [payload])
@@ -84,6 +111,71 @@ def _envelope(value: bytes | memoryview) -> tuple[str, dict[str, object], bytes 
     if not (well_formed and isinstance(payload, bytes | memoryview)):
         raise DecodeError("malformed chunk envelope")
     return codec_id, params, payload
+
+
+def delta_header(value: bytes | memoryview) -> DeltaHeader | None:
+    """The delta envelope of a stored value, or None for a chunk that decodes on its own. Raises
+    DecodeError for a malformed value (so a reader reports it as the chunk's damage)."""
+    codec_id, params, _ = _envelope(value)
+    return _delta_header(params) if codec_id == DELTA_ID else None
+
+
+def delta_base(value: bytes | memoryview) -> ChunkKey | None:
+    """The base chunk a stored value is a delta against; None for a value that decodes on its own,
+    and for one too malformed to say (its reader reports that as damage)."""
+    try:
+        header = delta_header(value)
+    except _MALFORMED:
+        return None
+    return header.base if header is not None else None
+
+
+def delta_base_at_start(read: Callable[[int], bytes]) -> ChunkKey | None:
+    """`delta_base` from the start of a stored value, read by `read(n)` (the first n bytes): what a
+    bundle reader learns of a shipped chunk without reading its payload. None also for a value too
+    malformed to say (decoding it reports that)."""
+    try:
+        prefix = read(framing.PREFIX_LEN)
+        if not framing.is_framed(prefix):
+            return None
+        fields = framing.fields_of(read(framing.header_len(prefix)))
+        if not (isinstance(fields, list) and len(fields) == 2 and fields[0] == DELTA_ID):
+            return None
+        params = fields[1]
+        return _delta_header(params).base if isinstance(params, dict) else None
+    except _MALFORMED:
+        return None
+
+
+def is_delta_value(value: bytes | memoryview) -> bool:
+    """Whether a stored value is a delta chunk (what makes a store format /3)."""
+    return delta_base(value) is not None
+
+
+def _delta_header(params: dict[str, object]) -> DeltaHeader:
+    if set(params) != {"base", "width", "codec", "params"}:
+        raise DecodeError(f"delta params {sorted(params)} are not base, width, codec and params")
+    base, width, inner_id, inner_params = params["base"], params["width"], params["codec"], params["params"]
+    if not (isinstance(base, bytes) and len(base) == 16):
+        raise DecodeError("a delta's base is not a 16-byte chunk key")
+    if not (type(width) is int and width in deltas.WIDTHS):
+        raise DecodeError(f"delta width {width!r} is not one of {deltas.WIDTHS}")
+    if not (isinstance(inner_id, str) and isinstance(inner_params, dict)) or inner_id == DELTA_ID:
+        raise DecodeError("a delta's difference names no codec")
+    inner = stored_codec(inner_id, inner_params)
+    if is_lossy(inner):
+        raise DecodeError(f"a delta's difference is stored with lossy codec {inner_id!r}")
+    return DeltaHeader(base, width, inner)
+
+
+def delta_value(
+    raw: memoryview, base: ChunkKey, base_raw: bytes | bytearray | memoryview, width: int, level: int
+) -> bytes:
+    """The stored value of `raw` as a delta against chunk `base` (which decodes to `base_raw`)."""
+    inner = ByteGroupZstd(width, level)
+    payload = inner.encode(memoryview(deltas.difference(raw, base_raw, width)))
+    params = {"base": base, "width": width, "codec": inner.id, "params": codec_params(inner)}
+    return framing.frame([DELTA_ID, params], [payload])
 
 
 def encode_chunk(codec: Codec, raw: memoryview) -> bytes:
@@ -128,24 +220,56 @@ def prepare_chunk(codec: Codec, raw: bytes) -> PreparedChunk:
 
 
 def decode_chunk_into(
-    key: ChunkKey, value: bytes | memoryview, out: memoryview, strong: bytes | None = None
+    key: ChunkKey,
+    value: bytes | memoryview,
+    out: memoryview,
+    strong: bytes | None = None,
+    base: BaseReader | None = None,
 ) -> None:
     """Decode a stored chunk straight into `out` (exactly its raw length) and check it is the chunk
     `key` names; raises ChunkCorrupt otherwise. The lazy runtime decodes into one tensor buffer.
 
     With `strong` (the BLAKE3 digest a version 3 snapshot promises) the decoded bytes are checked
     against it instead of the key: it implies the key check, and unlike xxh3 it cannot be met by
-    other bytes built to collide, so no reader hands out a chunk the snapshot did not promise."""
+    other bytes built to collide, so no reader hands out a chunk the snapshot did not promise.
+
+    A delta chunk is decoded with its base chunk's bytes from `base`; without one (a base being
+    decoded: chains are one deep, FORMAT.md §1) a delta is refused as damage. Its check is that of
+    any chunk, on the bytes it decodes to, so a wrong base can never pass as the chunk."""
     try:
         codec_id, params, payload = _envelope(value)
-        stored_codec(codec_id, params).decode_into(payload, out)
-    except (DecodeError, InvalidArgument, ValueError, TypeError, msgpack.UnpackException) as exc:
+        if codec_id == DELTA_ID:
+            _decode_delta(key, _delta_header(params), payload, out, base)
+        else:
+            stored_codec(codec_id, params).decode_into(payload, out)
+    except _MALFORMED as exc:
         raise ChunkCorrupt(key.hex(), exc) from None
     if strong is not None:
         if strong_digest(out) != strong:
             raise ChunkCorrupt(key.hex(), strong_mismatch(chunk_key(out) == key))
     elif chunk_key(out) != key:
         raise ChunkCorrupt(key.hex(), "decoded bytes do not hash to the chunk's key")
+
+
+def _decode_delta(
+    key: ChunkKey,
+    header: DeltaHeader,
+    payload: bytes | memoryview,
+    out: memoryview,
+    base: BaseReader | None,
+) -> None:
+    if base is None:
+        raise DecodeError(
+            f"a delta against chunk {header.base.hex()} where a base was being read (chains are one deep)"
+        )
+    if header.base == key:
+        raise DecodeError("a delta against itself")
+    header.codec.decode_into(payload, out)
+    try:
+        base_bytes = base(header.base, len(out))
+    except (ChunkCorrupt, ChunkMissing) as exc:
+        raise ChunkCorrupt(key.hex(), f"its base: {exc}") from None
+    deltas.restore(out, base_bytes, header.width)
 
 
 def strong_mismatch(key_matches: bool) -> str:
@@ -156,9 +280,13 @@ def strong_mismatch(key_matches: bool) -> str:
 
 
 def decode_chunk(
-    key: ChunkKey, value: bytes | memoryview, raw_len: int, strong: bytes | None = None
+    key: ChunkKey,
+    value: bytes | memoryview,
+    raw_len: int,
+    strong: bytes | None = None,
+    base: BaseReader | None = None,
 ) -> bytearray:
     """Decode a stored chunk into a new buffer (see `decode_chunk_into`)."""
     out = bytearray(raw_len)
-    decode_chunk_into(key, value, memoryview(out), strong)
+    decode_chunk_into(key, value, memoryview(out), strong, base)
     return out

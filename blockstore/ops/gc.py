@@ -1,5 +1,8 @@
 """`gc`: delete snapshots and chunks that no ref, kept reflog entry or live reader reaches.
 
+A chunk is reached by being referenced or by being the base of a referenced delta chunk (found in
+the stored values: chains are one deep, so one look per referenced chunk finds every base).
+
 Nothing is deleted by apply or rollback; space comes back only here. The plan (what is unreachable)
 is made from a read view; the deletion is one write transaction that first re-checks that no
 writer holds a lease (an in-flight pack or apply has chunks no snapshot references yet) and that
@@ -56,6 +59,7 @@ def gc(repo: Repository, *, keep: int | None = None, dry_run: bool = False) -> G
     referenced: set[ChunkKey] = set()
     for snapshot_id in live:
         referenced |= repo.snapshot(snapshot_id).chunk_keys()
+    referenced |= set(repo.delta_bases(referenced).values())  # a kept delta keeps its base
     dead_snapshots = sorted(existing - live)
     dead_chunks = [key for key in repo.chunk_keys() if key not in referenced]
     freed = sum(repo.stored_sizes(dead_chunks).values())

@@ -23,7 +23,15 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from blockstore.codecs import ByteGroupZstd, Codec, ErrorMeter, Raw, Zstd, is_lossy, lossy_codec
-from blockstore.core.chunks import PreparedChunk, check_chunk_size, chunk_ranges, prepare_chunk, raw_value_len
+from blockstore.core.chunks import (
+    PreparedChunk,
+    check_chunk_size,
+    chunk_ranges,
+    delta_value,
+    is_delta_value,
+    prepare_chunk,
+    raw_value_len,
+)
 from blockstore.core.dtypes import plane_count
 from blockstore.core.hashing import ChunkKey, strong_digest
 from blockstore.core.manifests import (
@@ -47,12 +55,15 @@ from blockstore.core.source import (
 )
 from blockstore.errors import BlockstoreError, ChunkCollision, InvalidArgument
 from blockstore.progress import Progress, Silent
-from blockstore.repo import BATCH_BYTES, Repository, check_ref_name
+from blockstore.repo import BATCH_BYTES, CHUNK_DAMAGE, Repository, check_ref_name
 
 CODEC_CHOICES = ("bytegroup+zstd", "zstd", "raw")
 DEFAULT_CODEC = "bytegroup+zstd"
 # Float dtypes whose sign bit is moved out of the exponent byte before byte grouping.
 SIGN_SPLIT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
+AUTO_BASE = "auto"
+"""`pack(base=AUTO_BASE)`: store new chunks as deltas against a snapshot already in the store that
+holds the same tensors (names, dtypes, shapes): the ref's own first, then the other refs'."""
 
 
 @dataclass(frozen=True)
@@ -69,6 +80,10 @@ class PackResult:
     total_chunks: int
     seconds: float
     unchanged: bool
+    delta_base: SnapshotId | None = None
+    """The snapshot new chunks were stored as deltas against (None: no base was used)."""
+    delta_chunks: int = 0
+    """New chunks stored as deltas (each where it was smaller than the chunk stored on its own)."""
     decisions: dict[str, Decision] = field(default_factory=dict)
     groups: dict[str, GroupStats] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -91,6 +106,8 @@ class PackResult:
             "chunks": self.total_chunks,
             "new_chunks": self.new_chunks,
             "new_bytes": self.new_bytes,
+            "delta_base": self.delta_base.hex() if self.delta_base else None,
+            "delta_chunks": self.delta_chunks,
             "seconds": round(self.seconds, 3),
             "mb_per_s": round(self.raw_bytes / 1e6 / self.seconds, 1) if self.seconds else None,
             "groups": {
@@ -173,12 +190,13 @@ class _ChunkWriter:
         """The strong digest of every chunk this pack references, by key."""
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="blockstore-encode")
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blockstore-pack-writer")
-        self._writing: Future[tuple[int, list[tuple[ChunkKey, int]]]] | None = None
+        self._writing: Future[tuple[int, list[tuple[ChunkKey, int]], int]] | None = None
         self.sizes: dict[ChunkKey, int] = {}
         self._pending: dict[ChunkKey, Future[bytes]] = {}
         self._pending_raw = 0
         self.new_chunks = 0
         self.new_bytes = 0
+        self.delta_chunks = 0
         self.reused: dict[ChunkKey, str] = {}
         """Chunks the store already held, each with the lossless codec this pack would have used."""
 
@@ -222,25 +240,93 @@ class _ChunkWriter:
         if wait:
             self._collect()
 
-    def _write(self, pending: list[tuple[ChunkKey, Future[bytes]]]) -> tuple[int, list[tuple[ChunkKey, int]]]:
-        """(bytes newly written, stored size of each chunk) of one committed batch."""
+    def _write(
+        self, pending: list[tuple[ChunkKey, Future[bytes]]]
+    ) -> tuple[int, list[tuple[ChunkKey, int]], int]:
+        """(bytes newly written, stored size of each chunk, delta chunks) of one committed batch."""
         encoded = [(key, future.result()) for key, future in pending]
         written = self._repo.put_chunks(encoded, limit=BATCH_BYTES)
-        return written, [(key, len(value)) for key, value in encoded]
+        deltas = sum(is_delta_value(value) for _, value in encoded)
+        return written, [(key, len(value)) for key, value in encoded], deltas
 
     def _collect(self) -> None:
         """Wait for the batch being written, and count it."""
         if self._writing is None:
             return
         writing, self._writing = self._writing, None
-        written, sizes = writing.result()
+        written, sizes, deltas = writing.result()
         self.new_bytes += written
         self.new_chunks += len(sizes)
+        self.delta_chunks += deltas
         self.sizes.update(sizes)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._writer.shutdown(wait=True, cancel_futures=True)
+
+
+class _DeltaEncoder:
+    """Stores a new chunk as a delta against the chunk at the same place of the same tensor in a
+    base snapshot, where that is smaller than the chunk stored on its own (FORMAT.md §1).
+
+    A delta's base is always a chunk that decodes on its own: when the base snapshot's chunk is
+    itself a delta, the new one is taken against that chunk's own base, so chains stay one deep
+    however many fine-tunes follow one another."""
+
+    def __init__(self, repo: Repository, base: Snapshot, level: int) -> None:
+        self._repo = repo
+        self._base = base
+        self._level = level
+
+    def bases_of(self, tensor: TensorInfo, ranges: list[tuple[int, int]]) -> tuple[ChunkRef, ...] | None:
+        """The base snapshot's chunks of `tensor`, if they line up with `ranges` one for one."""
+        entry = self._base.tensors.get(tensor.name)
+        if (
+            entry is None
+            or entry.tier != LOSSLESS
+            or (entry.dtype, entry.shape) != (tensor.dtype, tensor.shape)
+        ):
+            return None
+        if [chunk.raw_len for chunk in entry.chunks] != [end - start for start, end in ranges]:
+            return None  # cut at another chunk size
+        return entry.chunks
+
+    def against(self, chunk: PreparedChunk, base: ChunkRef, dtype: str) -> PreparedChunk:
+        """`chunk`, its stored value made the smaller of itself and its delta against `base`."""
+
+        def smaller() -> bytes:
+            plain = chunk.stored_value()
+            try:
+                root_key, root = self._repo.delta_root(base)
+            except CHUNK_DAMAGE:  # verify's to report; the chunk is stored on its own
+                return plain
+            delta = delta_value(memoryview(chunk.decoded), root_key, root, plane_count(dtype), self._level)
+            return delta if len(delta) < len(plain) else plain
+
+        return replace(chunk, stored_value=smaller)
+
+
+def choose_base(repo: Repository, model: ModelSource, spec: str | None, ref: str | None) -> Snapshot | None:
+    """The snapshot new chunks are stored as deltas against (`pack(base=...)`): the one `spec`
+    names, or with `AUTO_BASE` the first snapshot at a ref (`ref`'s first) holding exactly the
+    model's tensors, or None."""
+    if spec is None:
+        return None
+    if spec != AUTO_BASE:
+        return repo.snapshot(repo.resolve(spec))
+    wanted = {
+        tensor.name: (tensor.dtype, tensor.shape) for source in model.files for tensor in source.tensors
+    }
+    refs = repo.refs()
+    order = sorted(refs, key=lambda name: name != ref)
+    for snapshot_id in dict.fromkeys(refs[name] for name in order):
+        try:
+            candidate = repo.snapshot(snapshot_id)
+        except BlockstoreError:  # a damaged catalog is verify's to report, not pack's
+            continue
+        if {name: (e.dtype, e.shape) for name, e in candidate.tensors.items()} == wanted:
+            return candidate
+    return None
 
 
 def _pack_tensor(
@@ -251,17 +337,23 @@ def _pack_tensor(
     chunk_size: int,
     writer: _ChunkWriter,
     progress: Progress,
+    deltas: _DeltaEncoder | None = None,
 ) -> tuple[tuple[ChunkRef, ...], bytes, TensorError | None]:
     """Cut one tensor into chunks, encode, key and hash each, and hand it to `writer`: (the chunks,
-    stored lengths not yet known, their chunk-list digest, the error of a lossy codec)."""
+    stored lengths not yet known, their chunk-list digest, the error of a lossy codec). With
+    `deltas`, a new chunk is stored as a delta against its base chunk where that is smaller."""
     meter = ErrorMeter(tensor.dtype) if is_lossy(codec) else None
+    ranges = chunk_ranges(tensor.dtype, tensor.shape, tensor.nbytes, chunk_size)
+    bases = deltas.bases_of(tensor, ranges) if deltas is not None and not is_lossy(codec) else None
     chunks = []
-    for start, end in chunk_ranges(tensor.dtype, tensor.shape, tensor.nbytes, chunk_size):
+    for index, (start, end) in enumerate(ranges):
         raw = read_range(handle, source.data_start + tensor.begin + start, end - start, source.path)
         try:
             chunk = prepare_chunk(codec, raw)
         except InvalidArgument as exc:
             raise InvalidArgument(f"{source.path}: tensor {tensor.name!r}: {exc}") from None
+        if bases is not None and deltas is not None and bases[index].key != chunk.key:
+            chunk = deltas.against(chunk, bases[index], tensor.dtype)
         if meter is not None:
             meter.add(raw, chunk.decoded)
         strong = strong_digest(chunk.decoded)
@@ -297,13 +389,15 @@ def pack(
     workers: int | None = None,
     policy: Policy | None = None,
     progress: Progress | None = None,
+    base: str | None = AUTO_BASE,
 ) -> PackResult:
     """Pack safetensors files (or a model directory) into `repo` and point `ref` at the result.
 
     With `ref=None` the snapshot is stored but no ref moves (`diff` packs a file on the fly so).
     `chunk_size` defaults to the store's own, so versions of a model dedup against each other.
     `policy` decides each tensor's side and tier (default: the built-in rules, everything lossless);
-    `codec` is the lossless codec.
+    `codec` is the lossless codec. `base` (a ref or snapshot id, `AUTO_BASE`, or None for none) is
+    the snapshot new lossless chunks may be stored as deltas against (see `choose_base`).
     """
     started = time.perf_counter()
     if ref is not None:
@@ -319,8 +413,11 @@ def pack(
         for tensor in source.tensors
     }
     notes = [] if chunk_size is None else _chunk_size_notes(chunk_size, repo.chunk_size)
+    base_snapshot = choose_base(repo, model, base, ref)
     with repo.writer_lease():
-        result = _pack_model(repo, model, ref, message, options, decisions, codecs, progress or Silent())
+        result = _pack_model(
+            repo, model, ref, message, options, decisions, codecs, progress or Silent(), base_snapshot
+        )
     return replace(result, seconds=time.perf_counter() - started, notes=notes + result.notes)
 
 
@@ -349,8 +446,10 @@ def _pack_model(
     decisions: dict[str, Decision],
     codecs: dict[str, Codec],
     progress: Progress,
+    base: Snapshot | None,
 ) -> PackResult:
     expected = repo.ref(ref) if ref is not None else None
+    deltas = _DeltaEncoder(repo, base, options.level) if base is not None else None
     progress.start("pack", sum(source.nbytes for source in model.files))
     writer = _ChunkWriter(repo, options.workers or os.cpu_count() or 1)
     packed: dict[str, tuple[TensorInfo, tuple[ChunkRef, ...], bytes, TensorError | None]] = {}
@@ -363,7 +462,14 @@ def _pack_model(
                     packed[tensor.name] = (
                         tensor,
                         *_pack_tensor(
-                            handle, source, tensor, codecs[tensor.name], options.chunk_size, writer, progress
+                            handle,
+                            source,
+                            tensor,
+                            codecs[tensor.name],
+                            options.chunk_size,
+                            writer,
+                            progress,
+                            deltas,
                         ),
                     )
                 check_unchanged(source, handle)  # not written to while it was read
@@ -411,6 +517,8 @@ def _pack_model(
         total_chunks=sum(len(entry.chunks) for entry in entries.values()),
         seconds=0.0,
         unchanged=unchanged,
+        delta_base=base.id if base is not None and writer.delta_chunks else None,
+        delta_chunks=writer.delta_chunks,
         decisions=decisions,
         groups=group_stats(entries.values()),
         notes=notes,

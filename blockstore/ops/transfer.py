@@ -7,13 +7,14 @@ compare-and-set under a writer lease — so an interrupted copy leaves only unre
 A version 3 snapshot promises each chunk's strong digest. Chunks sent are checked against it, and a
 chunk the destination already holds under the same key must be the promised bytes too (keys are
 xxh3 and can collide): the destination then vouches for every chunk its snapshots reference.
+A delta chunk travels as it is stored, with its base when the destination lacks that.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from blockstore.core.manifests import Snapshot, SnapshotId
+from blockstore.core.manifests import ChunkRef, Snapshot, SnapshotId, TensorEntry
 from blockstore.errors import ChunkCollision, StoreCorrupt
 from blockstore.repo import DEFAULT_REF, Repository, check_ref_name
 
@@ -46,6 +47,7 @@ def transfer(source: Repository, destination: Repository, ref: str = DEFAULT_REF
         present = destination.has_chunks(owners)
         _check_present(source, destination, snapshot, present)
         missing = [owners[key] for key in owners if key not in present]
+        missing += _missing_bases(source, destination, missing)
         # Each value is decoded once on the way: a damaged chunk is never spread to another store.
         sent = destination.put_chunks(source.checked_values(snapshot_id, missing))
         destination.store_snapshot_bytes(record)
@@ -53,6 +55,23 @@ def transfer(source: Repository, destination: Repository, ref: str = DEFAULT_REF
         if current != snapshot_id:
             destination.move_ref(ref, snapshot_id, current, "pull", snapshot.message)
     return TransferResult(ref, snapshot_id, len(missing), sent, len(present))
+
+
+def _missing_bases(
+    source: Repository, destination: Repository, missing: list[tuple[TensorEntry, ChunkRef]]
+) -> list[tuple[TensorEntry, ChunkRef]]:
+    """The bases of the delta chunks being sent that the destination lacks and that are not sent
+    already, each named after the tensor of its delta (a base decodes to as many bytes)."""
+    sending = {chunk.key for _, chunk in missing}
+    owners = {chunk.key: (entry, chunk) for entry, chunk in missing}
+    bases = source.delta_bases(sending)
+    present = destination.has_chunks(set(bases.values()))
+    extra: dict[bytes, tuple[TensorEntry, ChunkRef]] = {}
+    for key, base in bases.items():
+        if base not in present and base not in sending and base not in extra:
+            entry, chunk = owners[key]
+            extra[base] = (entry, ChunkRef(base, chunk.raw_len, 0))
+    return list(extra.values())
 
 
 def _check_present(

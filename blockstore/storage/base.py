@@ -180,6 +180,18 @@ class Store(Protocol):
         """Delete chunks; returns how many were there."""
         ...
 
+    @property
+    def deltas_allowed(self) -> bool:
+        """Whether the store is marked as one that may hold delta chunks (`allow_deltas`): a store
+        that is not needs no look at its values to find them (gc, transfers)."""
+        ...
+
+    def allow_deltas(self) -> None:
+        """Mark the store as one that may hold delta chunk values (format /3, FORMAT.md §6), before
+        the first is written: a reader that cannot decode them then refuses the store by its
+        format instead of reporting its deltas as damage. Idempotent."""
+        ...
+
     def iter_keys(self) -> Iterator[ChunkKey]:
         """Every chunk key stored (a snapshot of the listing, safe to consume while writing)."""
         ...

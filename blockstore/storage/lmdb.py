@@ -63,9 +63,11 @@ from blockstore.storage.base import (
 from blockstore.storage.faults import crash_point
 
 STORE_FORMAT = "blockstore-lmdb/2"
-READABLE_FORMATS = ("blockstore-lmdb/1", STORE_FORMAT)
+DELTA_FORMAT = "blockstore-lmdb/3"
+READABLE_FORMATS = ("blockstore-lmdb/1", STORE_FORMAT, DELTA_FORMAT)
 """/1 holds chunk values in plain msgpack only; /2 may also hold framed ones (FORMAT.md §1), which
-older readers cannot decode. A /1 store becomes /2 in the transaction of its first chunk write."""
+older readers cannot decode. A /1 store becomes /2 in the transaction of its first chunk write.
+/3 may also hold delta chunks: a store becomes /3 (`allow_deltas`) before its first one is written."""
 INITIAL_MAP_SIZE = 1 << 30
 MAX_READERS = 256
 _DB_NAMES = (b"chunks", b"snapshots", b"refs", b"reflog", b"meta")
@@ -177,6 +179,7 @@ class LmdbStore(StoreBase):
         self.readonly = readonly
         self._pid = -1
         self._key: tuple[int, str] | None = None
+        self._deltas_allowed = False
         self._open_env()
 
     @classmethod
@@ -306,6 +309,7 @@ class LmdbStore(StoreBase):
             found_format = bytes(found).decode(errors="replace") if found is not None else None
             if found_format not in READABLE_FORMATS:
                 raise StoreFormatMismatch(self.path, found_format, " or ".join(READABLE_FORMATS))
+            self._deltas_allowed = found_format == DELTA_FORMAT
         except lmdb.Error as exc:
             env.close()
             raise _lmdb_failure(self.path, exc, "opening it", writing=False) from None
@@ -482,13 +486,27 @@ class LmdbStore(StoreBase):
                     sizes[key] = len(value)
         return sizes
 
+    @property
+    def deltas_allowed(self) -> bool:
+        """Marked format /3: the store may hold delta chunks (see `allow_deltas`)."""
+        return self._deltas_allowed
+
+    def allow_deltas(self) -> None:
+        def body(txn: lmdb.Transaction[bytes]) -> None:
+            if txn.get(b"format", db=self._dbs["meta"]) != DELTA_FORMAT.encode():
+                txn.put(b"format", DELTA_FORMAT.encode(), db=self._dbs["meta"])
+
+        if not self._deltas_allowed:
+            self._write("chunks", body)
+            self._deltas_allowed = True
+
     def put_batch(self, items: Iterable[tuple[ChunkKey, bytes | memoryview]]) -> int:
         """Insert chunks that are not there yet, in one transaction; returns bytes newly written.
         A value may be any buffer (the read-through cache writes GET bodies as they came)."""
         pending = list(items)
 
         def body(txn: lmdb.Transaction[bytes]) -> int:
-            if txn.get(b"format", db=self._dbs["meta"]) != STORE_FORMAT.encode():
+            if txn.get(b"format", db=self._dbs["meta"]) == READABLE_FORMATS[0].encode():
                 txn.put(b"format", STORE_FORMAT.encode(), db=self._dbs["meta"])
             written = 0
             for key, value in pending:

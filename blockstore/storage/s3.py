@@ -72,9 +72,11 @@ from blockstore.storage.base import (
 from blockstore.storage.faults import crash_point
 
 OBJECT_FORMAT = "blockstore-s3/2"
-READABLE_OBJECT_FORMATS = ("blockstore-s3/1", OBJECT_FORMAT)
-"""As the LMDB store's formats: /2 may hold framed chunk values. A /1 store is marked /2 before its
-first chunk write (a /2 mark over /1 chunks only is still a valid /2 store)."""
+DELTA_OBJECT_FORMAT = "blockstore-s3/3"
+READABLE_OBJECT_FORMATS = ("blockstore-s3/1", OBJECT_FORMAT, DELTA_OBJECT_FORMAT)
+"""As the LMDB store's formats: /2 may hold framed chunk values, /3 delta chunks too. A /1 store is
+marked /2 before its first chunk write (a /2 mark over /1 chunks only is still a valid /2 store),
+and any store /3 before its first delta chunk (`allow_deltas`)."""
 DEFAULT_CONCURRENCY = 8
 CONCURRENCY_ENV = "BLOCKSTORE_S3_CONCURRENCY"
 _GENERATION_DIGITS = 20
@@ -339,9 +341,19 @@ class ObjectStore(StoreBase):
         sizes = self._parallel(lambda key: self._size(f"chunks/{key.hex()}"), keys)
         return {key: size for key, size in zip(keys, sizes, strict=True) if size is not None}
 
+    @property
+    def deltas_allowed(self) -> bool:
+        """Marked format /3: the store may hold delta chunks (see `allow_deltas`)."""
+        return self._format == DELTA_OBJECT_FORMAT
+
+    def allow_deltas(self) -> None:
+        if self._format != DELTA_OBJECT_FORMAT:
+            self._call("PUT", obstore.put, "meta/format", DELTA_OBJECT_FORMAT.encode())
+            self._format = DELTA_OBJECT_FORMAT
+
     def put_batch(self, items: Iterable[tuple[ChunkKey, bytes]]) -> int:
         """Create chunks that are not there yet, in parallel; returns bytes newly written."""
-        if self._format != OBJECT_FORMAT:
+        if self._format == READABLE_OBJECT_FORMATS[0]:
             self._call("PUT", obstore.put, "meta/format", OBJECT_FORMAT.encode())
             self._format = OBJECT_FORMAT
         crash_point("chunks.before-commit")

@@ -57,6 +57,13 @@ class StoreWrapper(StoreBase):
     def delete_batch(self, keys: Iterable[ChunkKey]) -> int:
         return self.inner.delete_batch(keys)
 
+    @property
+    def deltas_allowed(self) -> bool:
+        return self.inner.deltas_allowed
+
+    def allow_deltas(self) -> None:
+        self.inner.allow_deltas()
+
     def iter_keys(self) -> Iterator[ChunkKey]:
         return self.inner.iter_keys()
 

@@ -12,7 +12,7 @@ from blockstore.cli.options import JsonOption
 from blockstore.cli.output import escape_control, mib, mib_per_s
 from blockstore.cli.progress import progress_bar
 from blockstore.core.policy import TIERS, Policy, load_policy
-from blockstore.ops.pack import CODEC_CHOICES, DEFAULT_CODEC, PackResult
+from blockstore.ops.pack import AUTO_BASE, CODEC_CHOICES, DEFAULT_CODEC, PackResult
 from blockstore.ops.pack import pack as pack_model
 from blockstore.repo import Repository
 
@@ -44,6 +44,13 @@ def pack(
     static_tier: Annotated[
         str | None, typer.Option(help=f"Tier of static tensors: {', '.join(TIERS)}.")
     ] = None,
+    base: Annotated[
+        str,
+        typer.Option(
+            help="Store new chunks as deltas against this ref or snapshot id where that is smaller; "
+            f"'{AUTO_BASE}': a snapshot at a ref with the same tensors; 'none': never."
+        ),
+    ] = AUTO_BASE,
     explain: Annotated[
         bool, typer.Option("--explain", help="Print each tensor's side, tier and why.")
     ] = False,
@@ -64,6 +71,7 @@ def pack(
             chunk_size=chunk_size,
             policy=chosen,
             progress=bar,
+            base=None if base == "none" else base,
         )
     if output.report(result, as_json, result.to_json(explain=explain) if as_json else None):
         return
@@ -91,6 +99,10 @@ def _print_summary(result: PackResult) -> None:
         f"{result.new_chunks} of {result.total_chunks} chunks new ({mib(result.new_bytes)} written) "
         f"in {result.seconds:.2f} s ({mib_per_s(result.raw_bytes, result.seconds)})"
     )
+    if result.delta_base is not None:
+        output.echo(
+            f"{result.delta_chunks} new chunks stored as deltas against {output.short(result.delta_base)}"
+        )
 
 
 def register(app: typer.Typer) -> None:

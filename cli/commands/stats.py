@@ -21,6 +21,8 @@ def stats(store: StoreArgument, as_json: JsonOption = False) -> None:
         f"{counts['refs']} refs, {counts['snapshots']} snapshots, {counts['chunks']} chunks "
         f"({mib(result.chunk_bytes)} stored), data file {mib(counts['file_bytes'])}"
     )
+    if result.delta_chunks:
+        output.echo(f"{result.delta_chunks} chunks stored as deltas ({mib(result.delta_bytes)})")
 
 
 def register(app: typer.Typer) -> None:

