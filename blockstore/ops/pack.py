@@ -291,7 +291,7 @@ class _DeltaEncoder:
             return None  # cut at another chunk size
         return entry.chunks
 
-    def against(self, chunk: PreparedChunk, base: ChunkRef, dtype: str) -> PreparedChunk:
+    def against(self, chunk: PreparedChunk, base: ChunkRef, tensor: TensorInfo) -> PreparedChunk:
         """`chunk`, its stored value made the smaller of itself and its delta against `base`."""
 
         def smaller() -> bytes:
@@ -300,7 +300,10 @@ class _DeltaEncoder:
                 root_key, root = self._repo.delta_root(base)
             except CHUNK_DAMAGE:  # verify's to report; the chunk is stored on its own
                 return plain
-            delta = delta_value(memoryview(chunk.decoded), root_key, root, plane_count(dtype), self._level)
+            width = plane_count(tensor.dtype)
+            delta = delta_value(memoryview(chunk.decoded), root_key, root, width, self._level)
+            # Each chunk's choice depends on its bytes alone, so a model packs to the same values
+            # (and content id) in any store holding the same base.
             return delta if len(delta) < len(plain) else plain
 
         return replace(chunk, stored_value=smaller)
@@ -353,7 +356,7 @@ def _pack_tensor(
         except InvalidArgument as exc:
             raise InvalidArgument(f"{source.path}: tensor {tensor.name!r}: {exc}") from None
         if bases is not None and deltas is not None and bases[index].key != chunk.key:
-            chunk = deltas.against(chunk, bases[index], tensor.dtype)
+            chunk = deltas.against(chunk, bases[index], tensor)
         if meter is not None:
             meter.add(raw, chunk.decoded)
         strong = strong_digest(chunk.decoded)

@@ -132,10 +132,19 @@ def _check_tensor(
                 hasher.update(raw)
     else:
         present = repo.has_chunks(chunk.key for chunk in entry.chunks)
+        bases = repo.delta_bases(present)
+        held = repo.has_chunks(set(bases.values()))
         problems = [
             (index, chunk.key, MISSING, "is missing")
-            for index, chunk in enumerate(entry.chunks)
             if chunk.key not in present
+            else (
+                index,
+                chunk.key,
+                MISSING,
+                f"is a delta whose base chunk {bases[chunk.key].hex()} is missing",
+            )
+            for index, chunk in enumerate(entry.chunks)
+            if chunk.key not in present or (chunk.key in bases and bases[chunk.key] not in held)
         ]
     if problems:
         index, key, kind, detail = problems[0]
@@ -195,5 +204,6 @@ def verify(
             report.tensors += 1
             progress.advance(entry.nbytes, entry.name)
     if whole_store and not any(d.kind == SNAPSHOT for d in report.damages):
+        referenced |= set(repo.delta_bases(referenced).values())  # a base is reached through its delta
         report.orphans = sorted(key.hex() for key in repo.chunk_keys() if key not in referenced)
     return report
