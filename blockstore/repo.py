@@ -557,6 +557,17 @@ class BaseCache:
         self._bytes = 0
         self._lock = threading.Lock()
 
+    def resize(self, limit: int) -> None:
+        """Keep at most `limit` bytes from now on (0: keep nothing), dropping the oldest entries."""
+        with self._lock:
+            self.limit = limit
+            self._trim()
+
+    def _trim(self) -> None:
+        while self._bytes > self.limit:
+            _, dropped = self._entries.popitem(last=False)
+            self._bytes -= len(dropped)
+
     def get(self, key: tuple[str, ChunkKey], raw_len: int) -> bytes | None:
         with self._lock:
             found = self._entries.get(key)
@@ -573,9 +584,7 @@ class BaseCache:
                 return
             self._entries[key] = bytes(decoded)
             self._bytes += len(decoded)
-            while self._bytes > self.limit:
-                _, dropped = self._entries.popitem(last=False)
-                self._bytes -= len(dropped)
+            self._trim()
 
 
 BASES = BaseCache(base_cache_bytes())

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from blockstore import runtime
+from blockstore.benchmarks.deltas import fine_tune
 from blockstore.codecs import delta as deltas
 from blockstore.core.chunks import decode_chunk, delta_base, delta_value, is_delta_value
 from blockstore.core.hashing import chunk_key
@@ -43,22 +44,6 @@ def _model(seed: int = 0) -> dict[str, torch.Tensor]:
     return {name: tensor.to(torch.bfloat16) for name, tensor in weights.items()}
 
 
-def _fine_tune(
-    model: dict[str, torch.Tensor], seed: int, names: set[str] | None = None
-) -> dict[str, torch.Tensor]:
-    """Every weight (of `names`, default all) moved by 1e-3 of its tensor's std, as a fine-tune."""
-    generator = torch.Generator().manual_seed(seed)
-    tuned = {}
-    for name, tensor in model.items():
-        value = tensor.float()
-        if names is None or name in names:
-            value = value + 1e-3 * max(value.std().item(), 1e-3) * torch.randn(
-                value.shape, generator=generator
-            )
-        tuned[name] = value.to(tensor.dtype)
-    return tuned
-
-
 def _store(path: Path) -> Repository:
     return Repository.init(path, chunk_size=CHUNK)
 
@@ -71,10 +56,10 @@ def _format(repo: Repository) -> bytes:
 @pytest.fixture
 def models(tmp_path: Path) -> tuple[Path, Path, Path]:
     base = _model()
-    tuned = _fine_tune(base, 1)
+    tuned = fine_tune(base, 1)
     save_file(base, tmp_path / "base.safetensors")
     save_file(tuned, tmp_path / "tuned.safetensors")
-    save_file(_fine_tune(tuned, 2), tmp_path / "tuned2.safetensors")
+    save_file(fine_tune(tuned, 2), tmp_path / "tuned2.safetensors")
     return tmp_path / "base.safetensors", tmp_path / "tuned.safetensors", tmp_path / "tuned2.safetensors"
 
 
@@ -160,12 +145,18 @@ def test_gc_keeps_the_bases_of_kept_deltas(models, tmp_path: Path) -> None:
     assert sha256(tmp_path / "out.safetensors") == sha256(tuned)
 
 
-def test_a_missing_base_is_named_never_a_wrong_tensor(models, tmp_path: Path) -> None:
+def _fine_tune_over_base(models, tmp_path: Path) -> tuple[Repository, Snapshot, bytes]:
+    """A store holding the base and the fine-tune (as deltas), the fine-tune's snapshot, and the
+    base chunk of one of its deltas."""
     base, tuned, _ = models
     repo = _store(tmp_path / "store")
     pack(repo, [base])
     top = repo.snapshot(pack(repo, [tuned]).snapshot_id)
-    _, base_key = next(iter(repo.delta_bases(top.chunk_keys()).items()))
+    return repo, top, next(iter(repo.delta_bases(top.chunk_keys()).values()))
+
+
+def test_a_missing_base_is_named_never_a_wrong_tensor(models, tmp_path: Path) -> None:
+    repo, top, base_key = _fine_tune_over_base(models, tmp_path)
     repo.store.delete_batch([base_key])
     with pytest.raises(TensorCorrupt) as caught:
         export(repo, top.id, tmp_path / "out.safetensors")
@@ -177,11 +168,7 @@ def test_a_missing_base_is_named_never_a_wrong_tensor(models, tmp_path: Path) ->
 
 
 def test_a_damaged_base_is_named(models, tmp_path: Path) -> None:
-    base, tuned, _ = models
-    repo = _store(tmp_path / "store")
-    pack(repo, [base])
-    top = repo.snapshot(pack(repo, [tuned]).snapshot_id)
-    _, base_key = next(iter(repo.delta_bases(top.chunk_keys()).items()))
+    repo, _, base_key = _fine_tune_over_base(models, tmp_path)
     other = repo.store.get(next(k for k in repo.chunk_keys() if k != base_key and not repo.delta_bases([k])))
     with repo.store.env.begin(write=True, db=repo.store._dbs["chunks"]) as txn:
         txn.put(base_key, other)  # a whole, decodable value: but not the base's bytes
@@ -307,7 +294,7 @@ def test_a_snapshot_with_deltas_parses_as_any_other(models, tmp_path: Path) -> N
 
 def test_only_some_tensors_changed_ships_only_their_deltas(tmp_path: Path) -> None:
     base = _model()
-    tuned = _fine_tune(base, 1, names={"layers.1.mlp.weight"})
+    tuned = fine_tune(base, 1, names={"layers.1.mlp.weight"})
     save_file(base, tmp_path / "base.safetensors")
     save_file(tuned, tmp_path / "tuned.safetensors")
     repo = _store(tmp_path / "store")
@@ -329,7 +316,8 @@ def test_random_bytes_are_not_stored_as_deltas(tmp_path: Path) -> None:
 def test_decoded_bases_are_kept_when_asked(models, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from blockstore.repo import BASES, BaseCache
 
-    monkeypatch.setattr("blockstore.repo.BASES", BaseCache(64 << 20))
+    kept = BaseCache(64 << 20)
+    monkeypatch.setattr("blockstore.repo.BASES", kept)
     base, tuned, _ = models
     repo = _store(tmp_path / "store")
     pack(repo, [base])
@@ -340,6 +328,9 @@ def test_decoded_bases_are_kept_when_asked(models, tmp_path: Path, monkeypatch: 
     export(repo, top, tmp_path / "second.safetensors")
     assert sha256(tmp_path / "second.safetensors") == sha256(tuned)
     assert BASES.limit == 0  # the process default: nothing kept
+    kept.resize(0)
+    with pytest.raises(TensorCorrupt, match="missing"):
+        export(repo, top, tmp_path / "third.safetensors")
 
 
 def test_the_serving_stream_reads_deltas_bit_exact(models, tmp_path: Path) -> None:
