@@ -362,11 +362,11 @@ class Repository:
         BASES.put(place, decoded)
         return decoded
 
-    def delta_root(self, chunk: ChunkRef) -> tuple[ChunkKey, bytearray]:
+    def delta_root(self, chunk: ChunkRef) -> tuple[ChunkKey, bytes | bytearray]:
         """(key, decoded bytes) of the chunk a new delta against `chunk` is taken against: `chunk`
         itself, or its base when it is stored as a delta (so chains stay one deep)."""
 
-        def root(value: bytes | memoryview) -> tuple[ChunkKey, bytearray]:
+        def root(value: bytes | memoryview) -> tuple[ChunkKey, bytes | bytearray]:
             base = delta_base(value)
             if base is None:
                 return chunk.key, decode_chunk(chunk.key, value, chunk.raw_len, chunk.strong)

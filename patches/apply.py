@@ -208,7 +208,7 @@ class _ChunkSource:
         self.checked.add(chunk.key)
         return raw, strong
 
-    def base_bytes(self, key: ChunkKey, raw_len: int) -> bytearray:
+    def base_bytes(self, key: ChunkKey, raw_len: int) -> bytes | bytearray:
         """The base of a shipped delta chunk, decoded and checked against its key: from the bundle
         when it ships the base, else from the store (`_verified_shipment` made sure one has it)."""
         chunk = self.shipped.get(key)

@@ -18,6 +18,7 @@ import blockstore.core.chunks as chunks_module
 import blockstore.repo as repo_module
 from blockstore import patches, runtime
 from blockstore.codecs import Zstd
+from blockstore.core.chunks import BaseReader
 from blockstore.core.hashing import strong_digest
 from blockstore.core.manifests import ChunkRef, TensorEntry, merkle_digest
 from blockstore.errors import BundleRejected, InvalidArgument, RefNotFound, WriterActive, WrongBase
@@ -440,10 +441,14 @@ def test_apply_decodes_only_the_new_tensors_chunks_each_once(
         plain = chunks_module.decode_chunk_into
 
         def counting(
-            key: bytes, value: bytes | memoryview, out: memoryview, strong: bytes | None = None
+            key: bytes,
+            value: bytes | memoryview,
+            out: memoryview,
+            strong: bytes | None = None,
+            base: BaseReader | None = None,
         ) -> None:
             decoded.append(key)
-            plain(key, value, out, strong)
+            plain(key, value, out, strong, base)
 
         monkeypatch.setattr(chunks_module, "decode_chunk_into", counting)
         monkeypatch.setattr(repo_module, "decode_chunk_into", counting)

@@ -50,5 +50,5 @@ def restore(out: memoryview, base: memoryview | bytes | bytearray, width: int) -
     _check(len(out), len(base), width)
     unsigned = _UNSIGNED[width]
     folded = np.frombuffer(out, unsigned)  # writable: `out` is
-    change = (folded >> 1) ^ (unsigned(0) - (folded & 1))
-    np.add(change, np.frombuffer(base, unsigned), out=folded)
+    sign = np.negative(folded & 1)  # 0 or all ones (unsigned negation wraps)
+    np.add((folded >> 1) ^ sign, np.frombuffer(base, unsigned), out=folded)

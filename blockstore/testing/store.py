@@ -84,6 +84,19 @@ class ChunkTests(_SuiteFixtures):
             store.with_value(chunk_key(b"nope"), called.append)
         assert not called
 
+    def test_a_store_is_marked_for_deltas_once_asked(self, store: Store) -> None:
+        """A new store holds no delta chunks; `allow_deltas` marks it (twice is once), and chunk
+        writes after it neither undo the mark nor lose a value."""
+        assert store.deltas_allowed is False
+        key, value = item("delta")
+        store.put_batch([(key, value)])
+        store.allow_deltas()
+        store.allow_deltas()
+        assert store.deltas_allowed is True
+        other, second = item("after")
+        store.put_batch([(other, second)])
+        assert store.deltas_allowed is True and store.get(key) == value and store.get(other) == second
+
     def test_put_is_idempotent_and_never_overwrites(self, store: Store) -> None:
         key, value = item("b")
         store.put_batch([(key, value)])

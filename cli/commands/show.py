@@ -37,21 +37,32 @@ def _row(e: TensorEntry, deltas: int) -> dict[str, Any]:
     }
 
 
-def _cells(row: dict[str, Any]) -> tuple[str, ...]:
-    """A row as the table prints it, in `_COLUMNS` order, escaped."""
-    cells = (
-        row["name"],
-        row["dtype"],
-        "x".join(map(str, row["shape"])) or "scalar",
-        row["side"],
-        row["tier"],
-        row["codec"],
-        str(row["chunks"]),
-        str(row["delta_chunks"]),
-        "-" if row["ratio"] is None else f"{row['ratio']:.3f}",
-        "-" if row["rel_error"] is None else f"{row['rel_error']:.2e}",
-    )
-    return tuple(escape_control(cell) for cell in cells)
+def _cells(row: dict[str, Any]) -> dict[str, str]:
+    """A row as the table prints it, by column, escaped."""
+    cells = {
+        "name": row["name"],
+        "dtype": row["dtype"],
+        "shape": "x".join(map(str, row["shape"])) or "scalar",
+        "side": row["side"],
+        "tier": row["tier"],
+        "codec": row["codec"],
+        "chunks": str(row["chunks"]),
+        "deltas": str(row["delta_chunks"]),
+        "ratio": "-" if row["ratio"] is None else f"{row['ratio']:.3f}",
+        "rel error": "-" if row["rel_error"] is None else f"{row['rel_error']:.2e}",
+    }
+    return {column: escape_control(cell) for column, cell in cells.items()}
+
+
+def _columns(rows: list[dict[str, Any]]) -> tuple[str, ...]:
+    """Every column, less those that would say nothing (no deltas, no lossy tensor): the table
+    must fit the terminal."""
+    empty = set()
+    if not any(row["delta_chunks"] for row in rows):
+        empty.add("deltas")
+    if all(row["rel_error"] is None for row in rows):
+        empty.add("rel error")
+    return tuple(column for column in _COLUMNS if column not in empty)
 
 
 def show(
@@ -83,8 +94,10 @@ def show(
         )
         return
     title = escape_control(f"snapshot {output.short(snapshot_id)} {snapshot.message}".strip())
-    numeric = {_COLUMNS.index(column) for column in _NUMERIC}
-    output.print_rows(title, _COLUMNS, [_cells(row) for row in rows], numeric)
+    columns = _columns(rows)
+    numeric = {columns.index(column) for column in _NUMERIC if column in columns}
+    table = [tuple(cells[column] for column in columns) for cells in map(_cells, rows)]
+    output.print_rows(title, columns, table, numeric)
     if deltas.delta_chunks:
         output.echo(describe_deltas(deltas))
 
