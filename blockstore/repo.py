@@ -26,6 +26,8 @@ from blockstore.core.chunks import (
     decode_chunk,
     decode_chunk_into,
     delta_base,
+    delta_header,
+    delta_value,
     is_delta_value,
 )
 from blockstore.core.hashing import ChunkKey, digest, new_digest, strong_digest
@@ -52,6 +54,9 @@ _REF_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,199}")
 BATCH_BYTES = 64 << 20
 """Stored bytes a chunk write gathers before it commits: enough to amortize one LMDB transaction or
 one round of parallel object-store PUTs, little enough to bound what a copy holds in memory."""
+
+REROOT_LEVEL = 3
+"""zstd level of a delta re-encoded against another base by a copy (`rooted_value`)."""
 
 CHUNK_DAMAGE = (ChunkCorrupt, ChunkMissing)
 """What reading one chunk can find wrong with it: gone, or there but not decoding to its key."""
@@ -361,6 +366,27 @@ class Repository:
         decoded = self.store.with_value(key, lambda value: decode_chunk(key, value, raw_len))
         BASES.put(place, decoded)
         return decoded
+
+    def rooted_value(self, key: ChunkKey, value: bytes, raw_len: int) -> bytes:
+        """`value` as this store may take it: a delta whose base this store holds as a delta too
+        (it was stored so here by another pack) would be a chain two deep, so it is re-encoded
+        against that base's own base. Copies (apply, pull, push) pass every value through this;
+        a base not in the store yet arrives in the same copy, whole, as the sender held it."""
+        base = delta_base(value) if self.store.deltas_allowed else None
+        if base is None:
+            return value
+        try:
+            root = self.store.with_value(base, delta_base)
+        except ChunkMissing:
+            return value
+        if root is None:
+            return value
+        header = delta_header(value)
+        assert header is not None
+        raw = decode_chunk(
+            key, value, raw_len, base=lambda base_key, length: self.read_chunk(ChunkRef(base_key, length, 0))
+        )
+        return delta_value(memoryview(raw), root, self.read_base(root, raw_len), header.width, REROOT_LEVEL)
 
     def delta_root(self, chunk: ChunkRef) -> tuple[ChunkKey, bytes | bytearray]:
         """(key, decoded bytes) of the chunk a new delta against `chunk` is taken against: `chunk`

@@ -212,8 +212,8 @@ class _ChunkSource:
         """The base of a shipped delta chunk, decoded and checked against its key: from the bundle
         when it ships the base, else from the store (`_verified_shipment` made sure one has it)."""
         chunk = self.shipped.get(key)
-        if chunk is None:
-            return self.repo.read_base(key, raw_len)
+        if chunk is None:  # (a delta here, if another pack stored it so: `rooted_value` re-roots)
+            return self.repo.read_chunk(ChunkRef(key, raw_len, 0))
         if chunk.raw_len != raw_len:
             raise ChunkCorrupt(key.hex(), f"a base of {chunk.raw_len} bytes for a delta of {raw_len}")
         self.handle.seek(chunk.offset)
@@ -392,7 +392,9 @@ def apply(
     bases = _bases(repo, bundle, current) + ([upgraded] if upgraded else [])
     with repo.writer_lease():
         new_chunks = _verified_shipment(repo, bundle, target, bases, max_growth)
-        added = repo.put_chunks(_shipped_values(bundle, new_chunks))
+        sizes = {chunk.key: chunk.raw_len for chunk in new_chunks}
+        shipped = _shipped_values(bundle, new_chunks)
+        added = repo.put_chunks((key, repo.rooted_value(key, value, sizes[key])) for key, value in shipped)
         repo.store_snapshot_bytes(bundle.snapshot)  # read_bundle checked it hashes to bundle.target
         repo.move_ref(ref, bundle.target, current, "apply", target.message)
     return ApplyResult(ref, current, bundle.target, len(new_chunks), added)

@@ -352,3 +352,36 @@ def test_the_serving_stream_reads_deltas_bit_exact(models, tmp_path: Path) -> No
     repo.store.delete_batch(set(repo.delta_bases(top.chunk_keys()).values()))
     with pytest.raises(TensorCorrupt, match="layers"):
         list(stream_tensors(repo, top.id, snapshot_order(top), memory_limit=1 << 20, concurrency=2))
+
+
+def test_a_copy_never_makes_a_chain_two_deep(models, tmp_path: Path) -> None:
+    """The destination stored the base model itself as deltas (against an older model); a copied
+    fine-tune whose deltas name those chunks is re-encoded against their own bases."""
+    base, tuned, tuned2 = models
+    source = _store(tmp_path / "source")
+    pack(source, [tuned])  # whole here
+    top = pack(source, [tuned2]).snapshot_id  # deltas against tuned's chunks
+    destination = _store(tmp_path / "destination")
+    pack(destination, [base])
+    pack(destination, [tuned])  # tuned's chunks are deltas against base's in the destination
+    transfer(source, destination)
+    keys = destination.snapshot(top).chunk_keys()
+    bases = destination.delta_bases(keys)
+    assert bases and not destination.delta_bases(set(bases.values()))  # every base decodes on its own
+    assert verify(destination, deep=True).damages == []
+    export(destination, top, tmp_path / "out.safetensors")
+    assert sha256(tmp_path / "out.safetensors") == sha256(tuned2)
+
+
+def test_rollback_from_a_fine_tune_reads_the_base_back(models, tmp_path: Path) -> None:
+    from blockstore.patches.rollback import rollback
+
+    base, tuned, _ = models
+    store = tmp_path / "store"
+    repo = _store(store)
+    pack(repo, [base])
+    pack(repo, [tuned])
+    rollback(repo)
+    export(repo, repo.resolve("main"), tmp_path / "back.safetensors")
+    assert sha256(tmp_path / "back.safetensors") == sha256(base)
+    assert cli("verify", store, "--deep").exit_code == 0

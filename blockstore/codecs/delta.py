@@ -50,5 +50,9 @@ def restore(out: memoryview, base: memoryview | bytes | bytearray, width: int) -
     _check(len(out), len(base), width)
     unsigned = _UNSIGNED[width]
     folded = np.frombuffer(out, unsigned)  # writable: `out` is
-    sign = np.negative(folded & 1)  # 0 or all ones (unsigned negation wraps)
-    np.add((folded >> 1) ^ sign, np.frombuffer(base, unsigned), out=folded)
+    sign = folded & 1
+    np.negative(sign, out=sign)  # 0 or all ones (unsigned negation wraps)
+    # In place, one temporary: this runs on every delta chunk a load decodes.
+    np.right_shift(folded, 1, out=folded)
+    np.bitwise_xor(folded, sign, out=folded)
+    np.add(folded, np.frombuffer(base, unsigned), out=folded)

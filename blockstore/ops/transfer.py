@@ -49,7 +49,11 @@ def transfer(source: Repository, destination: Repository, ref: str = DEFAULT_REF
         missing = [owners[key] for key in owners if key not in present]
         missing += _missing_bases(source, destination, missing)
         # Each value is decoded once on the way: a damaged chunk is never spread to another store.
-        sent = destination.put_chunks(source.checked_values(snapshot_id, missing))
+        sizes = {chunk.key: chunk.raw_len for _, chunk in missing}
+        checked = source.checked_values(snapshot_id, missing)
+        sent = destination.put_chunks(
+            (key, destination.rooted_value(key, value, sizes[key])) for key, value in checked
+        )
         destination.store_snapshot_bytes(record)
         current = destination.ref(ref)
         if current != snapshot_id:
