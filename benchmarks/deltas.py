@@ -34,9 +34,10 @@ import zstandard
 from safetensors.torch import load_file, save_file
 
 from blockstore import runtime
+from blockstore.core.base_cache import BASES
 from blockstore.ops.pack import pack
 from blockstore.patches.diff import diff
-from blockstore.repo import BASES, Repository
+from blockstore.repo import Repository
 
 from .evidence import command_line, ratios_to, summarize, write_pack
 from .models import zipnn_coder

@@ -13,13 +13,12 @@ from __future__ import annotations
 import os
 import re
 import string
-import threading
-from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from blockstore.core.base_cache import BASES
 from blockstore.core.chunks import (
     DEFAULT_CHUNK_SIZE,
     check_chunk_size,
@@ -42,7 +41,6 @@ from blockstore.errors import (
     StoreCorrupt,
     TensorCorrupt,
 )
-from blockstore.sizes import parse_size
 from blockstore.storage import Location, Store, create_store, is_url, open_store  # also re-exported
 from blockstore.storage.base import Fingerprint, Lease, ReflogEntry, short_id
 
@@ -556,65 +554,6 @@ class Repository:
         """Requests sent per verb (GET, PUT, ...) by an object store, through its cache if it has
         one; empty for a local store. For benchmarks that report what a load cost on the wire."""
         return dict(getattr(self.store, "requests", {}))
-
-
-BASE_CACHE_ENV = "BLOCKSTORE_BASE_CACHE_SIZE"
-"""Bytes of decoded base chunks a repository keeps (`BaseCache`); default none."""
-
-
-def base_cache_bytes() -> int:
-    """The base cache size `BLOCKSTORE_BASE_CACHE_SIZE` asks for (a size such as 512MiB), or 0."""
-    text = os.environ.get(BASE_CACHE_ENV)
-    try:
-        return (parse_size(text, BASE_CACHE_ENV) or 0) if text else 0
-    except InvalidArgument:  # read at import: a bad value must not break `import blockstore`
-        return 0
-
-
-class BaseCache:
-    """A byte-bounded LRU of decoded base chunks, by store and key, shared by every repository of
-    the process: a process loading several fine-tunes of one model decodes each base chunk once.
-    Thread-safe (decode threads share it); entries are immutable `bytes`, so decoding a delta
-    can never change one. A wrong entry could only make a delta fail its own check, never pass."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self._entries: OrderedDict[tuple[str, ChunkKey], bytes] = OrderedDict()
-        self._bytes = 0
-        self._lock = threading.Lock()
-
-    def resize(self, limit: int) -> None:
-        """Keep at most `limit` bytes from now on (0: keep nothing), dropping the oldest entries."""
-        with self._lock:
-            self.limit = limit
-            self._trim()
-
-    def _trim(self) -> None:
-        while self._bytes > self.limit:
-            _, dropped = self._entries.popitem(last=False)
-            self._bytes -= len(dropped)
-
-    def get(self, key: tuple[str, ChunkKey], raw_len: int) -> bytes | None:
-        with self._lock:
-            found = self._entries.get(key)
-            if found is None or len(found) != raw_len:
-                return None
-            self._entries.move_to_end(key)
-            return found
-
-    def put(self, key: tuple[str, ChunkKey], decoded: bytearray) -> None:
-        if len(decoded) > self.limit:
-            return
-        with self._lock:
-            if key in self._entries:
-                return
-            self._entries[key] = bytes(decoded)
-            self._bytes += len(decoded)
-            self._trim()
-
-
-BASES = BaseCache(base_cache_bytes())
-"""The process's base cache, sized by `BLOCKSTORE_BASE_CACHE_SIZE` at import (set `limit` to change)."""
 
 
 class StoredDigests:

@@ -1,6 +1,8 @@
 """`diff`: a bundle that turns a store holding OLD into one holding NEW.
 
-It ships only the chunks OLD's snapshot does not reference, plus NEW's snapshot record. OLD and NEW
+It ships only the chunks OLD's snapshot does not reference, plus NEW's snapshot record; a chunk
+stored as a delta ships so (with its base unless OLD has it), and one stored whole ships as a delta
+against OLD's chunk at the same place where that is smaller. OLD and NEW
 may be refs, snapshot ids (unique prefixes accepted) or safetensors files/model directories, which
 are packed into the store on the fly as snapshots no ref points at (no ref moves); the result's
 notes say which snapshot each became, since it stays in the store until a gc removes it.
@@ -8,10 +10,14 @@ notes say which snapshot each became, since it stays in the store until a gc rem
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from blockstore.core.manifests import Snapshot, SnapshotId
+from blockstore.core.chunks import delta_base
+from blockstore.core.manifests import ChunkRef, Snapshot, SnapshotId, TensorEntry
+from blockstore.core.policy import LOSSLESS
+from blockstore.ops.deltas import DeltaEncoder
 from blockstore.ops.gc import reachable_snapshots
 from blockstore.ops.pack import pack
 from blockstore.repo import Repository
@@ -101,6 +107,38 @@ def resolve_version(
     return snapshot_id
 
 
+DIFF_LEVEL = 3
+"""zstd level of the deltas `diff` makes for chunks the store holds whole."""
+
+
+def _deltas_against(
+    repo: Repository, base: Snapshot, target: Snapshot, have: set[bytes], whole: set[bytes]
+) -> Callable[[bytes, bytes], bytes]:
+    """value → what to ship instead: for a chunk the store holds whole (`whole`), a delta against
+    the chunk at the same place of OLD, when that is smaller and its base is a chunk the receiver
+    holds (so a target packed without deltas still ships as one)."""
+    encoder = DeltaEncoder(repo, base, DIFF_LEVEL)
+    places: dict[bytes, tuple[TensorEntry, ChunkRef]] = {}
+    for entry in target.tensors.values():
+        if entry.tier != LOSSLESS:
+            continue
+        bases = encoder.bases_of(entry.name, entry.dtype, entry.shape, [c.raw_len for c in entry.chunks])
+        for chunk, old in zip(entry.chunks, bases or (), strict=False):
+            if chunk.key in whole and old.key != chunk.key:
+                places.setdefault(chunk.key, (entry, old))
+
+    def ship(key: bytes, value: bytes) -> bytes:
+        place = places.get(key)
+        if place is None:
+            return value
+        entry, old = place
+        raw = repo.read_chunk(next(c for c in entry.chunks if c.key == key))
+        delta = encoder.smaller(raw, value, old, entry.dtype)
+        return delta if delta_base(delta) in have else value
+
+    return ship
+
+
 def diff(repo: Repository, old: str, new: str, out: Path, *, key: bytes | None = None) -> DiffResult:
     """Write the bundle that upgrades OLD to NEW; returns what it holds."""
     notes: list[str] = []
@@ -115,14 +153,15 @@ def diff(repo: Repository, old: str, new: str, out: Path, *, key: bytes | None =
                 shipped[chunk.key] = BundleChunk(chunk.key, chunk.raw_len, chunk.stored_len)
     # A delta chunk ships as it is stored; its base with it, unless OLD (which the receiver holds)
     # references that base already.
-    for delta_key, delta_base in repo.delta_bases(shipped).items():
-        if delta_base not in have and delta_base not in shipped:
+    stored_deltas = repo.delta_bases(shipped)
+    for delta_key, its_base in stored_deltas.items():
+        if its_base not in have and its_base not in shipped:
             raw_len = shipped[delta_key].raw_len
-            shipped[delta_base] = BundleChunk(
-                delta_base, raw_len, repo.stored_sizes([delta_base]).get(delta_base, 0)
-            )
+            shipped[its_base] = BundleChunk(its_base, raw_len, repo.stored_sizes([its_base]).get(its_base, 0))
+    against_old = _deltas_against(repo, base, target, have, set(shipped) - set(stored_deltas))
     # Stored values go out unchecked: `apply` decodes and checks every one before it writes.
-    values = zip(shipped.values(), repo.stored_values(shipped), strict=True)
+    stored = zip(shipped.values(), repo.stored_values(shipped), strict=True)
+    values = ((chunk, against_old(chunk.key, value)) for chunk, value in stored)
     snapshot_bytes = repo.snapshot_bytes(target_id)
     size = write_bundle(out, base_id, base.content_id, target_id, snapshot_bytes, values, key)
     return DiffResult(

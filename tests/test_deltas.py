@@ -198,22 +198,34 @@ def test_a_bundle_ships_deltas_when_the_receiver_holds_the_base(models, tmp_path
     for repo in (sender, receiver):
         pack(repo, [base])
     old = sender.resolve("main").hex()
-    plain = diff(sender, old, str(tuned), tmp_path / "plain.bsp")  # packed on the fly, as deltas
-    assert read_bundle(tmp_path / "plain.bsp").chunks
-    with open(tmp_path / "plain.bsp", "rb") as handle:
+    on_the_fly = diff(sender, old, str(tuned), tmp_path / "tuned.bsp")  # NEW packed as deltas
+    assert read_bundle(tmp_path / "tuned.bsp").chunks
+    with open(tmp_path / "tuned.bsp", "rb") as handle:
         assert int.from_bytes(handle.read(10)[8:], "little") == DELTA_VERSION
-    whole = _store(tmp_path / "whole")
-    pack(whole, [base])
-    undelta = diff(whole, whole.resolve("main").hex(), str(tuned), tmp_path / "x.bsp")
-    assert undelta.bundle_bytes > 0
     no_delta_store = _store(tmp_path / "nd")
     pack(no_delta_store, [base])
-    pack(no_delta_store, [tuned], ref="tuned", base=None)
-    full = diff(no_delta_store, "main", "tuned", tmp_path / "full.bsp")
-    with open(tmp_path / "full.bsp", "rb") as handle:
+    whole_chunks = pack(no_delta_store, [tuned], ref="tuned", base=None)
+    assert whole_chunks.delta_chunks == 0
+    # Stored whole, the fine-tune still ships as deltas against OLD's chunks.
+    made = diff(no_delta_store, "main", "tuned", tmp_path / "made.bsp")
+    with open(tmp_path / "made.bsp", "rb") as handle:
+        assert int.from_bytes(handle.read(10)[8:], "little") == DELTA_VERSION
+    assert made.bundle_bytes < 0.4 * whole_chunks.new_bytes
+    assert on_the_fly.bundle_bytes < 0.4 * whole_chunks.new_bytes
+    unrelated = _store(tmp_path / "unrelated")
+    write_safetensors(tmp_path / "r1.safetensors", {"w": random_tensor("BF16", (256, 256), seed=1)})
+    write_safetensors(tmp_path / "r2.safetensors", {"w": random_tensor("BF16", (256, 256), seed=2)})
+    pack(unrelated, [tmp_path / "r1.safetensors"])
+    pack(unrelated, [tmp_path / "r2.safetensors"], ref="other")
+    diff(unrelated, "main", "other", tmp_path / "whole.bsp")
+    with open(tmp_path / "whole.bsp", "rb") as handle:  # nothing to gain: whole chunks, version 3
         assert int.from_bytes(handle.read(10)[8:], "little") == FORMAT_VERSION
-    assert plain.bundle_bytes < 0.4 * full.bundle_bytes
-    apply(receiver, tmp_path / "plain.bsp")
+    other = _store(tmp_path / "other-receiver")
+    pack(other, [base])
+    apply(other, tmp_path / "made.bsp")
+    export(other, other.resolve("main"), tmp_path / "made.safetensors")
+    assert sha256(tmp_path / "made.safetensors") == sha256(tuned)
+    apply(receiver, tmp_path / "tuned.bsp")
     export(receiver, receiver.resolve("main"), tmp_path / "out.safetensors")
     assert sha256(tmp_path / "out.safetensors") == sha256(tuned)
     assert verify(receiver, deep=True).damages == []
@@ -314,7 +326,7 @@ def test_random_bytes_are_not_stored_as_deltas(tmp_path: Path) -> None:
 
 
 def test_decoded_bases_are_kept_when_asked(models, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from blockstore.repo import BASES, BaseCache
+    from blockstore.core.base_cache import BASES, BaseCache
 
     kept = BaseCache(64 << 20)
     monkeypatch.setattr("blockstore.repo.BASES", kept)

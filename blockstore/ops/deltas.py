@@ -1,4 +1,6 @@
-"""How much of a snapshot is stored as delta chunks, and against which snapshots (`show`, `stats`).
+"""Delta chunks above the chunk format: choosing what a new chunk is a delta against
+(`DeltaEncoder`, shared by `pack` and `diff`), and how much of a snapshot is stored as deltas and
+against which snapshots (`delta_summary`, for `show`).
 
 Whether a chunk is a delta is a property of its stored value in this store (the snapshot names only
 keys: the same chunk may be a delta here and whole in a store it was copied to), so this reads each
@@ -11,10 +13,49 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
+from blockstore.core.chunks import delta_value
+from blockstore.core.dtypes import plane_count
 from blockstore.core.hashing import ChunkKey
-from blockstore.core.manifests import Snapshot, SnapshotId
+from blockstore.core.manifests import ChunkRef, Snapshot, SnapshotId
+from blockstore.core.policy import LOSSLESS
 from blockstore.errors import BlockstoreError
-from blockstore.repo import Repository
+from blockstore.repo import CHUNK_DAMAGE, Repository
+
+
+class DeltaEncoder:
+    """Stores a chunk as a delta against the chunk at the same place of the same tensor in a base
+    snapshot, where that is smaller than the chunk stored on its own (FORMAT.md §1).
+
+    A delta's base is always a chunk that decodes on its own: when the base snapshot's chunk is
+    itself a delta, the new one is taken against that chunk's own base, so chains stay one deep
+    however many fine-tunes follow one another. Each chunk's choice depends on its bytes alone, so
+    a model packs to the same values (and content id) in any store holding the same base."""
+
+    def __init__(self, repo: Repository, base: Snapshot, level: int) -> None:
+        self._repo = repo
+        self.base = base
+        self._level = level
+
+    def bases_of(
+        self, name: str, dtype: str, shape: tuple[int, ...], lengths: list[int]
+    ) -> tuple[ChunkRef, ...] | None:
+        """The base snapshot's chunks of tensor `name`, if it is lossless there, of the same dtype
+        and shape, and cut into chunks of these `lengths`."""
+        entry = self.base.tensors.get(name)
+        if entry is None or entry.tier != LOSSLESS or (entry.dtype, entry.shape) != (dtype, shape):
+            return None
+        if [chunk.raw_len for chunk in entry.chunks] != lengths:
+            return None  # cut at another chunk size
+        return entry.chunks
+
+    def smaller(self, raw: bytes | bytearray, plain: bytes, base: ChunkRef, dtype: str) -> bytes:
+        """The smaller of `plain` (the chunk's value on its own) and its delta against `base`."""
+        try:
+            root_key, root = self._repo.delta_root(base)
+        except CHUNK_DAMAGE:  # verify's to report; the chunk is stored on its own
+            return plain
+        delta = delta_value(memoryview(raw), root_key, root, plane_count(dtype), self._level)
+        return delta if len(delta) < len(plain) else plain
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,6 @@ from blockstore.core.chunks import (
     PreparedChunk,
     check_chunk_size,
     chunk_ranges,
-    delta_value,
     is_delta_value,
     prepare_chunk,
     raw_value_len,
@@ -54,8 +53,9 @@ from blockstore.core.source import (
     read_range,
 )
 from blockstore.errors import BlockstoreError, ChunkCollision, InvalidArgument
+from blockstore.ops.deltas import DeltaEncoder
 from blockstore.progress import Progress, Silent
-from blockstore.repo import BATCH_BYTES, CHUNK_DAMAGE, Repository, check_ref_name
+from blockstore.repo import BATCH_BYTES, Repository, check_ref_name
 
 CODEC_CHOICES = ("bytegroup+zstd", "zstd", "raw")
 DEFAULT_CODEC = "bytegroup+zstd"
@@ -265,48 +265,12 @@ class _ChunkWriter:
         self._writer.shutdown(wait=True, cancel_futures=True)
 
 
-class _DeltaEncoder:
-    """Stores a new chunk as a delta against the chunk at the same place of the same tensor in a
-    base snapshot, where that is smaller than the chunk stored on its own (FORMAT.md §1).
-
-    A delta's base is always a chunk that decodes on its own: when the base snapshot's chunk is
-    itself a delta, the new one is taken against that chunk's own base, so chains stay one deep
-    however many fine-tunes follow one another."""
-
-    def __init__(self, repo: Repository, base: Snapshot, level: int) -> None:
-        self._repo = repo
-        self._base = base
-        self._level = level
-
-    def bases_of(self, tensor: TensorInfo, ranges: list[tuple[int, int]]) -> tuple[ChunkRef, ...] | None:
-        """The base snapshot's chunks of `tensor`, if they line up with `ranges` one for one."""
-        entry = self._base.tensors.get(tensor.name)
-        if (
-            entry is None
-            or entry.tier != LOSSLESS
-            or (entry.dtype, entry.shape) != (tensor.dtype, tensor.shape)
-        ):
-            return None
-        if [chunk.raw_len for chunk in entry.chunks] != [end - start for start, end in ranges]:
-            return None  # cut at another chunk size
-        return entry.chunks
-
-    def against(self, chunk: PreparedChunk, base: ChunkRef, tensor: TensorInfo) -> PreparedChunk:
-        """`chunk`, its stored value made the smaller of itself and its delta against `base`."""
-
-        def smaller() -> bytes:
-            plain = chunk.stored_value()
-            try:
-                root_key, root = self._repo.delta_root(base)
-            except CHUNK_DAMAGE:  # verify's to report; the chunk is stored on its own
-                return plain
-            width = plane_count(tensor.dtype)
-            delta = delta_value(memoryview(chunk.decoded), root_key, root, width, self._level)
-            # Each chunk's choice depends on its bytes alone, so a model packs to the same values
-            # (and content id) in any store holding the same base.
-            return delta if len(delta) < len(plain) else plain
-
-        return replace(chunk, stored_value=smaller)
+def _as_delta(chunk: PreparedChunk, deltas: DeltaEncoder, base: ChunkRef, dtype: str) -> PreparedChunk:
+    """`chunk`, its stored value made the smaller of itself and its delta against `base` (on the
+    encoding pool, like any stored value)."""
+    return replace(
+        chunk, stored_value=lambda: deltas.smaller(chunk.decoded, chunk.stored_value(), base, dtype)
+    )
 
 
 def choose_base(repo: Repository, model: ModelSource, spec: str | None, ref: str | None) -> Snapshot | None:
@@ -340,14 +304,19 @@ def _pack_tensor(
     chunk_size: int,
     writer: _ChunkWriter,
     progress: Progress,
-    deltas: _DeltaEncoder | None = None,
+    deltas: DeltaEncoder | None = None,
 ) -> tuple[tuple[ChunkRef, ...], bytes, TensorError | None]:
     """Cut one tensor into chunks, encode, key and hash each, and hand it to `writer`: (the chunks,
     stored lengths not yet known, their chunk-list digest, the error of a lossy codec). With
     `deltas`, a new chunk is stored as a delta against its base chunk where that is smaller."""
     meter = ErrorMeter(tensor.dtype) if is_lossy(codec) else None
     ranges = chunk_ranges(tensor.dtype, tensor.shape, tensor.nbytes, chunk_size)
-    bases = deltas.bases_of(tensor, ranges) if deltas is not None and not is_lossy(codec) else None
+    lengths = [end - start for start, end in ranges]
+    bases = (
+        deltas.bases_of(tensor.name, tensor.dtype, tensor.shape, lengths)
+        if deltas and not is_lossy(codec)
+        else None
+    )
     chunks = []
     for index, (start, end) in enumerate(ranges):
         raw = read_range(handle, source.data_start + tensor.begin + start, end - start, source.path)
@@ -356,7 +325,7 @@ def _pack_tensor(
         except InvalidArgument as exc:
             raise InvalidArgument(f"{source.path}: tensor {tensor.name!r}: {exc}") from None
         if bases is not None and deltas is not None and bases[index].key != chunk.key:
-            chunk = deltas.against(chunk, bases[index], tensor)
+            chunk = _as_delta(chunk, deltas, bases[index], tensor.dtype)
         if meter is not None:
             meter.add(raw, chunk.decoded)
         strong = strong_digest(chunk.decoded)
@@ -452,7 +421,7 @@ def _pack_model(
     base: Snapshot | None,
 ) -> PackResult:
     expected = repo.ref(ref) if ref is not None else None
-    deltas = _DeltaEncoder(repo, base, options.level) if base is not None else None
+    deltas = DeltaEncoder(repo, base, options.level) if base is not None else None
     progress.start("pack", sum(source.nbytes for source in model.files))
     writer = _ChunkWriter(repo, options.workers or os.cpu_count() or 1)
     packed: dict[str, tuple[TensorInfo, tuple[ChunkRef, ...], bytes, TensorError | None]] = {}
