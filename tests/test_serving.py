@@ -26,6 +26,7 @@ from blockstore.runtime.engines.serving import (
     write_model_dir,
 )
 from blockstore.runtime.stream import StreamReport, snapshot_order, stream_tensors
+from blockstore.storage.cache import ReadThroughCache
 from tests.helpers import assert_one_line_error, cli, random_tensor, write_safetensors
 
 TOKENIZER_FILES = {
@@ -370,3 +371,21 @@ def test_the_command_line_starts_without_torch() -> None:
     probe = "import sys, blockstore.cli.app; print('torch' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"
+
+
+def test_the_cache_takes_its_share_of_the_memory_limit(moto_url: str, packed: Path, tmp_path: Path) -> None:
+    """Fetched values waiting for the read-through cache are host memory as well: the stream and
+    the cache's writer together stay under `memory_limit`."""
+    assert cli("init", moto_url).exit_code == 0
+    assert cli("push", packed, moto_url).exit_code == 0
+    served = write_model_dir(moto_url, None, tmp_path / "served", cache_dir=str(tmp_path / "cache"))
+    limit = 64 << 20
+    with WeightSource(ServeOptions(memory_limit=limit), served) as source:
+        store = source.repo.store
+        assert isinstance(store, ReadThroughCache)
+        pending = store._writer.limit
+        assert pending == limit // 4 and source.memory_limit + pending == limit
+    with WeightSource(
+        ServeOptions(memory_limit=limit), write_model_dir(str(packed), None, tmp_path / "local")
+    ) as local:
+        assert local.memory_limit == limit  # no cache: the whole limit is the stream's

@@ -58,7 +58,7 @@ class _WriteBehind:
     ) -> None:
         self._local = local
         self._store = store
-        self._limit = limit
+        self.limit = limit
         self._batch = batch
         self._reset()
 
@@ -87,7 +87,7 @@ class _WriteBehind:
         with self._condition:
             if self._failed or self._stopped or key in self._pending:
                 return
-            while self._pending_bytes >= self._limit and not self._failed:
+            while self._pending_bytes >= self.limit and not self._failed:
                 self._condition.wait()
             self._pending[key] = value
             self._pending_bytes += len(value)
@@ -234,6 +234,12 @@ class ReadThroughCache(StoreWrapper):
     def flush(self) -> None:
         """Wait until every value fetched so far is in the cache."""
         self._writer.flush()
+
+    def bound_pending(self, limit: int) -> None:
+        """Hold at most `limit` bytes of fetched values waiting for the cache (plus the one that
+        crosses it) instead of `WRITE_BEHIND_BYTES`: a reader with a host-memory budget (the vLLM
+        loader) gives the writer its share of it."""
+        self._writer.limit = max(1, limit)
 
     def _evict(self, room: int) -> None:
         """Drop entries until `room` more bytes fit, and the cache is at most 80% of its budget

@@ -37,6 +37,7 @@ from blockstore.repo import DEFAULT_REF, Repository
 from blockstore.sizes import parse_size
 from blockstore.storage import is_url
 from blockstore.storage.base import short_id
+from blockstore.storage.cache import WRITE_BEHIND_BYTES, ReadThroughCache
 
 from ..stream import StreamReport, snapshot_order, stream_tensors
 
@@ -264,6 +265,12 @@ class WeightSource:
             self.repo.store.capabilities.concurrency if is_url(store) else LOCAL_CONCURRENCY
         )
         self.memory_limit = options.memory_limit
+        if isinstance(self.repo.store, ReadThroughCache):
+            # Fetched values waiting for the cache are host memory too: a quarter of the cap is
+            # theirs, so the stream's decoded tensors and the cache's writes together stay under it.
+            share = min(WRITE_BEHIND_BYTES, self.memory_limit // 4)
+            self.repo.store.bound_pending(share)
+            self.memory_limit -= share
 
     @property
     def label(self) -> str:
