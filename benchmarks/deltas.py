@@ -6,8 +6,9 @@ under ZipNN's byte-grouped coder), measured in one run.
 The fine-tunes are synthetic moves of the real weights: every weight (or every weight of 26 of the
 272 tensors) plus 1e-3 of its tensor's std times Gaussian noise, rounded back to bf16. For each:
 - `bundle_mb`: `diff` from the base to the fine-tune in a store holding both, the fine-tune packed
-  with deltas (blockstore-delta, the default) or without (`base=None`: blockstore-plain, what a
-  bundle cost before deltas); `xor+zstd3` and `zipnn-delta` compress the XOR of the two files.
+  with deltas (blockstore-delta, the default) or without (`base=None`) and diffed with
+  `deltas=False` (blockstore-plain: what a bundle cost before deltas); `xor+zstd3` and
+  `zipnn-delta` compress the XOR of the two files.
 - `pack_mb_s`: packing the fine-tune into the store holding the base.
 - `load_s`: `runtime.open(store, ref).load_all()` of the fine-tune, warm page cache, median of
   `--runs`, in this process; the delta snapshot decodes every base chunk as it goes.
@@ -103,7 +104,7 @@ def _case(base: Path, tuned: Path, work: Path, runs: int) -> dict[str, dict[str,
             started = time.perf_counter()
             packed = pack(repo, [tuned], ref="tuned", base="main" if delta else None)
             seconds = time.perf_counter() - started
-            bundle = diff(repo, "main", "tuned", work / f"{tuned.stem}-{method}.bsp")
+            bundle = diff(repo, "main", "tuned", work / f"{tuned.stem}-{method}.bsp", deltas=delta)
         figures[method] = {
             "bundle_mb": bundle.bundle_bytes / 1e6,
             "pack_mb_s": packed.raw_bytes / 1e6 / seconds,

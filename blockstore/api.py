@@ -119,6 +119,7 @@ def pack(
     workers: int | None = None,
     policy: Policy | None = None,
     progress: Progress | None = None,
+    base: str | None = "auto",
 ) -> PackResult:
     """Pack safetensors files, or a model directory, into the store and point `ref` at the result.
 
@@ -128,7 +129,10 @@ def pack(
     `policy` (`blockstore.core.policy.Policy`) decides each tensor's side and tier, e.g.
     `Policy(static_tier="int8")` to store embedding tables as int8; the default keeps everything
     lossless. `codec` and `level` choose the lossless codec; `chunk_size` defaults to the store's.
-    Returns a `PackResult` (`snapshot_id`, sizes, `ratio`, `to_json()`).
+    `base` is the snapshot (ref or id) new chunks may be stored as deltas against where that is
+    smaller — a fine-tune then costs a fraction of the model; `"auto"` picks a snapshot at a ref
+    holding the same tensors, None never uses one. Returns a `PackResult` (`snapshot_id`, sizes,
+    `ratio`, `to_json()`).
     """
     from blockstore.ops.pack import DEFAULT_CODEC
     from blockstore.ops.pack import pack as _pack
@@ -146,6 +150,7 @@ def pack(
             workers=workers,
             policy=policy,
             progress=progress,
+            base=base,
         )
 
 
@@ -193,18 +198,21 @@ def diff(
     out: PathLike,
     *,
     key: bytes | PathLike | None = None,
+    deltas: bool = True,
 ) -> DiffResult:
     """Write a patch bundle to `out` that upgrades a store holding `old` to `new`.
 
     `old` and `new` are refs or id prefixes of this store, or paths of models (a .safetensors file
     or a model directory), which are packed into the store first, without moving any ref. The
     bundle holds only the chunks `new` has and `old` lacks. `key` (bytes, or the path of a key
-    file) adds a MAC that `apply` checks with the same key.
+    file) adds a MAC that `apply` checks with the same key. Changed chunks ship as deltas against
+    `old`'s where that is smaller; `deltas=False` ships whole chunks only (a bundle that
+    blockstore versions before delta chunks can apply).
     """
     from blockstore.patches.diff import diff as _diff
 
     with _repository(repo, reading=True) as opened:
-        return _diff(opened, _version(old), _version(new), Path(out), key=_key(key))
+        return _diff(opened, _version(old), _version(new), Path(out), key=_key(key), deltas=deltas)
 
 
 def apply(

@@ -14,12 +14,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from blockstore.core.chunks import delta_base
+from blockstore.core.chunks import delta_base, encode_chunk
 from blockstore.core.manifests import ChunkRef, Snapshot, SnapshotId, TensorEntry
 from blockstore.core.policy import LOSSLESS
 from blockstore.ops.deltas import DeltaEncoder
 from blockstore.ops.gc import reachable_snapshots
-from blockstore.ops.pack import pack
+from blockstore.ops.pack import DEFAULT_CODEC, codec_for, pack
 from blockstore.repo import Repository
 from blockstore.storage.base import short_id
 
@@ -139,11 +139,36 @@ def _deltas_against(
     return ship
 
 
-def diff(repo: Repository, old: str, new: str, out: Path, *, key: bytes | None = None) -> DiffResult:
-    """Write the bundle that upgrades OLD to NEW; returns what it holds."""
+def _whole(repo: Repository, target: Snapshot, stored_deltas: set[bytes]) -> Callable[[bytes, bytes], bytes]:
+    """value → what to ship instead: a chunk stored as a delta, decoded and encoded on its own with
+    the default codec (deltas are lossless chunks, so the bytes and the key stay the same)."""
+    places = {
+        chunk.key: (entry, chunk)
+        for entry in target.tensors.values()
+        for chunk in entry.chunks
+        if chunk.key in stored_deltas
+    }
+
+    def ship(key: bytes, value: bytes) -> bytes:
+        place = places.get(key)
+        if place is None:
+            return value
+        entry, chunk = place
+        return encode_chunk(
+            codec_for(DEFAULT_CODEC, entry.dtype, DIFF_LEVEL), memoryview(repo.read_chunk(chunk))
+        )
+
+    return ship
+
+
+def diff(
+    repo: Repository, old: str, new: str, out: Path, *, key: bytes | None = None, deltas: bool = True
+) -> DiffResult:
+    """Write the bundle that upgrades OLD to NEW; returns what it holds. With `deltas` off it
+    ships whole chunks only (a version 3 bundle, for receivers that predate delta chunks)."""
     notes: list[str] = []
     base_id = resolve_version(repo, old, notes)
-    target_id = resolve_version(repo, new, notes, base=base_id)
+    target_id = resolve_version(repo, new, notes, base=base_id if deltas else None)
     base, target = repo.snapshot(base_id), repo.snapshot(target_id)
     have = base.chunk_keys()
     shipped: dict[bytes, BundleChunk] = {}
@@ -154,14 +179,18 @@ def diff(repo: Repository, old: str, new: str, out: Path, *, key: bytes | None =
     # A delta chunk ships as it is stored; its base with it, unless OLD (which the receiver holds)
     # references that base already.
     stored_deltas = repo.delta_bases(shipped)
-    for delta_key, its_base in stored_deltas.items():
-        if its_base not in have and its_base not in shipped:
-            raw_len = shipped[delta_key].raw_len
-            shipped[its_base] = BundleChunk(its_base, raw_len, repo.stored_sizes([its_base]).get(its_base, 0))
-    against_old = _deltas_against(repo, base, target, have, set(shipped) - set(stored_deltas))
+    if deltas:
+        for delta_key, its_base in stored_deltas.items():
+            if its_base not in have and its_base not in shipped:
+                raw_len = shipped[delta_key].raw_len
+                size = repo.stored_sizes([its_base]).get(its_base, 0)
+                shipped[its_base] = BundleChunk(its_base, raw_len, size)
+        shipping = _deltas_against(repo, base, target, have, set(shipped) - set(stored_deltas))
+    else:
+        shipping = _whole(repo, target, set(stored_deltas))
     # Stored values go out unchecked: `apply` decodes and checks every one before it writes.
     stored = zip(shipped.values(), repo.stored_values(shipped), strict=True)
-    values = ((chunk, against_old(chunk.key, value)) for chunk, value in stored)
+    values = ((chunk, shipping(chunk.key, value)) for chunk, value in stored)
     snapshot_bytes = repo.snapshot_bytes(target_id)
     size = write_bundle(out, base_id, base.content_id, target_id, snapshot_bytes, values, key)
     return DiffResult(

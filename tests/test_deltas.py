@@ -397,3 +397,45 @@ def test_rollback_from_a_fine_tune_reads_the_base_back(models, tmp_path: Path) -
     export(repo, repo.resolve("main"), tmp_path / "back.safetensors")
     assert sha256(tmp_path / "back.safetensors") == sha256(base)
     assert cli("verify", store, "--deep").exit_code == 0
+
+
+def test_a_bundle_without_deltas_is_one_an_older_blockstore_applies(models, tmp_path: Path) -> None:
+    """`diff --no-deltas`: chunks stored as deltas ship whole, so the bundle is version 3."""
+    base, tuned, _ = models
+    sender = _store(tmp_path / "sender")
+    pack(sender, [base])
+    packed = pack(sender, [tuned], ref="tuned")
+    assert packed.delta_chunks > 0
+    whole = diff(sender, "main", "tuned", tmp_path / "whole.bsp", deltas=False)
+    with open(tmp_path / "whole.bsp", "rb") as handle:
+        assert int.from_bytes(handle.read(10)[8:], "little") == FORMAT_VERSION
+    assert whole.bundle_bytes > 2 * packed.new_bytes  # whole chunks cost what deltas saved
+    receiver = _store(tmp_path / "receiver")
+    pack(receiver, [base])
+    apply(receiver, tmp_path / "whole.bsp")
+    assert _format(receiver) == b"blockstore-lmdb/2"  # nothing it holds needs a newer reader
+    export(receiver, receiver.resolve("main"), tmp_path / "out.safetensors")
+    assert sha256(tmp_path / "out.safetensors") == sha256(tuned)
+    flag = cli(
+        "diff", tmp_path / "sender", "main", "tuned", "-o", tmp_path / "cli.bsp", "--no-deltas", "--json"
+    )
+    assert flag.exit_code == 0 and flag.json()["bundle_bytes"] == whole.bundle_bytes, flag.stdout
+
+
+@pytest.mark.parametrize("where", ["lmdb", "s3"])
+def test_a_handle_opened_before_the_first_delta_sees_it(
+    where: str, moto_url: str, tmp_path: Path, models
+) -> None:
+    """gc in a long-running process must see deltas another process (or handle) wrote since it
+    opened the store, or it would not keep their bases."""
+    location = str(tmp_path / "store") if where == "lmdb" else moto_url
+    Repository.init(location, chunk_size=CHUNK).close()
+    with Repository.open(location) as early:
+        assert early.store.deltas_allowed is False
+        base, tuned, _ = models
+        with Repository.open(location) as writer:
+            pack(writer, [base])
+            pack(writer, [tuned])
+        assert early.store.deltas_allowed is True
+        gc(early, keep=1)
+        assert verify(early, deep=True).damages == []

@@ -488,7 +488,13 @@ class LmdbStore(StoreBase):
 
     @property
     def deltas_allowed(self) -> bool:
-        """Marked format /3: the store may hold delta chunks (see `allow_deltas`)."""
+        """Marked format /3: the store may hold delta chunks (see `allow_deltas`). Read afresh
+        until it is seen set (it is never unset): another process, or another handle on the same
+        environment in this one, may have written the first delta since this one opened, and gc
+        must not miss the bases that delta needs."""
+        if not self._deltas_allowed:
+            with self._begin("meta") as txn:
+                self._deltas_allowed = txn.get(b"format") == DELTA_FORMAT.encode()
         return self._deltas_allowed
 
     def allow_deltas(self) -> None:

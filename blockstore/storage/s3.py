@@ -343,7 +343,13 @@ class ObjectStore(StoreBase):
 
     @property
     def deltas_allowed(self) -> bool:
-        """Marked format /3: the store may hold delta chunks (see `allow_deltas`)."""
+        """Marked format /3: the store may hold delta chunks (see `allow_deltas`). Read afresh
+        (one GET) until it is seen set, which it never stops being: another host may have written
+        the first delta since this one opened, and gc must not miss the bases that delta needs."""
+        if self._format != DELTA_OBJECT_FORMAT:
+            found = self._get_or_none("meta/format")
+            if found is not None and bytes(found).decode(errors="replace") == DELTA_OBJECT_FORMAT:
+                self._format = DELTA_OBJECT_FORMAT
         return self._format == DELTA_OBJECT_FORMAT
 
     def allow_deltas(self) -> None:

@@ -21,11 +21,18 @@ def diff(
     new: Annotated[str, typer.Argument(help="Target: a ref, a snapshot id (prefix) or a safetensors file.")],
     out: Annotated[Path, typer.Option("--output", "-o", help="Bundle file to write (.bsp).")],
     key: KeyOption = None,
+    deltas: Annotated[
+        bool,
+        typer.Option(
+            help="Ship changed chunks as deltas against OLD's where smaller; --no-deltas ships whole "
+            "chunks only (a version 3 bundle, for receivers whose blockstore predates delta chunks)."
+        ),
+    ] = True,
     as_json: JsonOption = False,
 ) -> None:
     """Write a patch bundle holding only the chunks OLD lacks, plus NEW's snapshot."""
     with Repository.open(store) as repo:
-        result = patches.diff(repo, old, new, out, key=read_key(key) if key else None)
+        result = patches.diff(repo, old, new, out, key=read_key(key) if key else None, deltas=deltas)
     if output.report(result, as_json):
         return
     changes = result.changes
