@@ -360,8 +360,12 @@ class ObjectStore(StoreBase):
     def put_batch(self, items: Iterable[tuple[ChunkKey, bytes]]) -> int:
         """Create chunks that are not there yet, in parallel; returns bytes newly written."""
         if self._format == READABLE_OBJECT_FORMATS[0]:
-            self._call("PUT", obstore.put, "meta/format", OBJECT_FORMAT.encode())
-            self._format = OBJECT_FORMAT
+            found = self._get_or_none("meta/format")  # another host may have marked it since: never lower
+            if found is None or bytes(found).decode(errors="replace") == READABLE_OBJECT_FORMATS[0]:
+                self._call("PUT", obstore.put, "meta/format", OBJECT_FORMAT.encode())
+                self._format = OBJECT_FORMAT
+            else:
+                self._format = bytes(found).decode(errors="replace")
         crash_point("chunks.before-commit")
         written = self._parallel(
             lambda item: len(item[1]) if self._create(f"chunks/{item[0].hex()}", item[1]) else 0, list(items)
