@@ -25,6 +25,7 @@ from blockstore.core.chunks import (
     decode_chunk,
     decode_chunk_into,
     delta_base,
+    delta_base_at_start,
     delta_header,
     delta_value,
     is_delta_value,
@@ -52,6 +53,10 @@ _REF_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,199}")
 BATCH_BYTES = 64 << 20
 """Stored bytes a chunk write gathers before it commits: enough to amortize one LMDB transaction or
 one round of parallel object-store PUTs, little enough to bound what a copy holds in memory."""
+
+ENVELOPE_READ = 512
+"""Bytes read from the start of a stored value to learn whether it is a delta (its envelope, a
+few dozen bytes, fits; a longer one is read in a second request)."""
 
 REROOT_LEVEL = 3
 """zstd level of a delta re-encoded against another base by a copy (`rooted_value`)."""
@@ -374,7 +379,7 @@ class Repository:
         if base is None or not self.store.deltas_allowed:  # (a store not marked holds no deltas)
             return value
         try:
-            root = self.store.with_value(base, delta_base)
+            root = self.stored_delta_base(base)
         except ChunkMissing:
             return value
         if root is None:
@@ -398,17 +403,30 @@ class Repository:
 
         return self.store.with_value(chunk.key, root)
 
+    def stored_delta_base(self, key: ChunkKey) -> ChunkKey | None:
+        """The base chunk `key` is stored as a delta against, or None, from the start of its value
+        only (an envelope is a few dozen bytes; on an object store, one small range request).
+        Raises ChunkMissing."""
+        start = self.store.value_start(key, ENVELOPE_READ)
+
+        def read(length: int) -> bytes:
+            if length <= len(start) or len(start) < ENVELOPE_READ:  # (a shorter value is all here)
+                return start[:length]
+            return self.store.value_start(key, length)
+
+        return delta_base_at_start(read)
+
     def delta_bases(self, keys: Iterable[ChunkKey]) -> dict[ChunkKey, ChunkKey]:
         """The base of each of `keys` that the store holds as a delta chunk (others are left out).
-        Reads each stored value's envelope (on an object store, one GET per key), unless the store
-        is not marked as holding deltas. A value too damaged to say is left out too (verify
-        reports it)."""
+        Reads each stored value's envelope (on an object store, one small range request per key),
+        unless the store is not marked as holding deltas. A value too damaged to say is left out
+        too (verify reports it)."""
         if not self.store.deltas_allowed:
             return {}
 
         def base_of(key: ChunkKey) -> ChunkKey | None:
             try:
-                return self.store.with_value(key, delta_base)
+                return self.stored_delta_base(key)
             except CHUNK_DAMAGE:
                 return None
 

@@ -439,3 +439,23 @@ def test_a_handle_opened_before_the_first_delta_sees_it(
         assert early.store.deltas_allowed is True
         gc(early, keep=1)
         assert verify(early, deep=True).damages == []
+
+
+def test_finding_deltas_on_an_object_store_reads_envelopes_only(
+    models, moto_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """gc, verify and show learn which chunks are deltas from the start of each value (a range
+    request), never by fetching whole values."""
+    base, tuned, _ = models
+    with Repository.init(moto_url, chunk_size=CHUNK) as repo:
+        pack(repo, [base])
+        top = repo.snapshot(pack(repo, [tuned]).snapshot_id)
+
+        def no_whole_values(*args: object) -> None:
+            raise AssertionError("a whole value was fetched")
+
+        monkeypatch.setattr(repo.store, "with_value", no_whole_values)
+        monkeypatch.setattr(repo.store, "get", no_whole_values)
+        bases = repo.delta_bases(top.chunk_keys())
+        assert len(bases) == sum(1 for e in top.tensors.values() if "mlp" in e.name for _ in e.chunks)
+        assert gc(repo, keep=1, dry_run=True).deleted_chunks == 0

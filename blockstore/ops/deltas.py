@@ -4,8 +4,9 @@ against which snapshots (`delta_summary`, for `show`).
 
 Whether a chunk is a delta is a property of its stored value in this store (the snapshot names only
 keys: the same chunk may be a delta here and whole in a store it was copied to), so this reads each
-chunk's envelope — cheap on LMDB, one GET per chunk on an object store, and nothing at all in a
-store not marked as holding deltas.
+chunk's envelope from the start of its value (`Store.value_start`) — cheap on LMDB, one small
+range request per chunk on an object store, and nothing at all in a store not marked as holding
+deltas.
 """
 
 from __future__ import annotations

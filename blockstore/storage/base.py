@@ -160,6 +160,12 @@ class Store(Protocol):
         """Values in the order of `keys`, lazily (a missing one raises when it is reached)."""
         ...
 
+    def value_start(self, key: ChunkKey, length: int) -> bytes:
+        """The first `length` bytes of chunk `key`'s stored value (all of it when it is shorter):
+        its envelope without its payload (on an object store, a range request). Raises
+        ChunkMissing naming the key."""
+        ...
+
     def map_ordered(self, function: Callable[[Any], _T], items: Iterable[Any]) -> Iterator[_T]:
         """`function` over `items`, results in order, overlapped as `capabilities.concurrency` says."""
         ...

@@ -207,6 +207,17 @@ class ReadThroughCache(StoreWrapper):
         self._count(hit=True)
         return result
 
+    def value_start(self, key: ChunkKey, length: int) -> bytes:
+        """From the cache when it holds the value (or is about to), else one range request to the
+        remote (the start alone is not cached: it is not the value)."""
+        try:
+            return self.local.value_start(key, length)
+        except ChunkMissing:
+            waiting = self._writer.get(key)
+            if waiting is not None:
+                return bytes(waiting[:length])
+            return self.remote.value_start(key, length)
+
     def _keepable(self, value: bytes | memoryview) -> Value:
         """The remote's value as something that outlives the call (a copy only of a map's view)."""
         return bytes(value) if self.inner.capabilities.zero_copy_values else value

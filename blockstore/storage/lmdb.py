@@ -473,6 +473,9 @@ class LmdbStore(StoreBase):
                 raise ChunkMissing(key.hex())
             return use(value)
 
+    def value_start(self, key: ChunkKey, length: int) -> bytes:
+        return self.with_value(key, lambda value: bytes(value[:length]))
+
     def map_ordered(self, function: Callable[[Any], _T], items: Iterable[Any]) -> Iterator[_T]:
         """`function` over `items`, lazily and in order (the object store overlaps them)."""
         return (function(item) for item in items)

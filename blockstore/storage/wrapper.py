@@ -45,6 +45,9 @@ class StoreWrapper(StoreBase):
     def with_value(self, key: ChunkKey, use: Callable[[bytes | memoryview], _T]) -> _T:
         return self.inner.with_value(key, use)
 
+    def value_start(self, key: ChunkKey, length: int) -> bytes:
+        return self.inner.value_start(key, length)
+
     def map_ordered(self, function: Callable[[Any], _T], items: Iterable[Any]) -> Iterator[_T]:
         return self.inner.map_ordered(function, items)
 

@@ -97,6 +97,14 @@ class ChunkTests(_SuiteFixtures):
         store.put_batch([(other, second)])
         assert store.deltas_allowed is True and store.get(key) == value and store.get(other) == second
 
+    def test_value_start_reads_the_front_of_a_value(self, store: Store) -> None:
+        key, value = item("start")
+        store.put_batch([(key, value)])
+        assert store.value_start(key, 3) == value[:3]
+        assert store.value_start(key, len(value) + 100) == value  # a shorter value comes whole
+        with pytest.raises(ChunkMissing, match=chunk_key(b"nope").hex()):
+            store.value_start(chunk_key(b"nope"), 8)
+
     def test_put_is_idempotent_and_never_overwrites(self, store: Store) -> None:
         key, value = item("b")
         store.put_batch([(key, value)])
