@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from blockstore.core.chunks import delta_base, encode_chunk
-from blockstore.core.manifests import ChunkRef, Snapshot, SnapshotId, TensorEntry
+from blockstore.core.manifests import ChunkRef, Snapshot, SnapshotId
 from blockstore.core.policy import LOSSLESS
 from blockstore.ops.deltas import DeltaEncoder
 from blockstore.ops.gc import reachable_snapshots
@@ -118,22 +118,21 @@ def _deltas_against(
     the chunk at the same place of OLD, when that is smaller and its base is a chunk the receiver
     holds (so a target packed without deltas still ships as one)."""
     encoder = DeltaEncoder(repo, base, DIFF_LEVEL)
-    places: dict[bytes, tuple[TensorEntry, ChunkRef]] = {}
+    places: dict[bytes, tuple[str, ChunkRef, ChunkRef]] = {}
     for entry in target.tensors.values():
         if entry.tier != LOSSLESS:
             continue
         bases = encoder.bases_of(entry.name, entry.dtype, entry.shape, [c.raw_len for c in entry.chunks])
         for chunk, old in zip(entry.chunks, bases or (), strict=False):
             if chunk.key in whole and old.key != chunk.key:
-                places.setdefault(chunk.key, (entry, old))
+                places.setdefault(chunk.key, (entry.dtype, chunk, old))
 
     def ship(key: bytes, value: bytes) -> bytes:
         place = places.get(key)
         if place is None:
             return value
-        entry, old = place
-        raw = repo.read_chunk(next(c for c in entry.chunks if c.key == key))
-        delta = encoder.smaller(raw, value, old, entry.dtype)
+        dtype, chunk, old = place
+        delta = encoder.smaller(repo.read_chunk(chunk), value, old, dtype)
         return delta if delta_base(delta) in have else value
 
     return ship

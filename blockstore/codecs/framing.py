@@ -52,37 +52,34 @@ def header_len(prefix: bytes | memoryview) -> int:
     return _PREFIX.size + length
 
 
-def fields_of(start: bytes | memoryview) -> object:
-    """The fields of a framed value from its start alone (`header_len` bytes of it): enough to
-    tell what a stored chunk is without reading its payload."""
-    body = header_len(start)
-    if body > len(start):
-        raise FrameError(f"frame header of {body} bytes overruns the {len(start)} bytes given")
+def _header(view: memoryview) -> tuple[list[object], int]:
+    """(the parsed header `[fields, part lengths]`, the offset where the parts start) of the framed
+    value `view` begins."""
+    body = header_len(view)
+    if body > len(view):
+        raise FrameError(f"frame header of {body - _PREFIX.size} bytes overruns a {len(view)}-byte value")
     try:
-        header = msgpack.unpackb(memoryview(start)[_PREFIX.size : body], use_list=True, raw=False)
+        header = msgpack.unpackb(view[_PREFIX.size : body], use_list=True, raw=False)
     except (ValueError, TypeError, msgpack.UnpackException) as exc:
         raise FrameError(f"frame header does not parse ({exc})") from None
     if not (isinstance(header, list) and len(header) == 2):
         raise FrameError("frame header is not [fields, part lengths]")
-    return header[0]
+    return header, body
+
+
+def fields_of(start: bytes | memoryview) -> object:
+    """The fields of a framed value from its start alone (`header_len` bytes of it): enough to
+    tell what a stored chunk is without reading its payload."""
+    return _header(memoryview(start).cast("B"))[0][0]
 
 
 def unframe(value: bytes | memoryview) -> tuple[object, list[memoryview]]:
     """(fields, parts) of a framed value; the parts are views into `value`, not copies."""
     view = memoryview(value).cast("B")
-    if len(view) < _PREFIX.size:
-        raise FrameError(f"framed value of {len(view)} bytes is shorter than its prefix")
-    mark, header_len = _PREFIX.unpack_from(view)
-    body = _PREFIX.size + header_len
-    if mark != MARK or body > len(view):
-        raise FrameError(f"frame header of {header_len} bytes overruns a {len(view)}-byte value")
-    try:
-        header = msgpack.unpackb(view[_PREFIX.size : body], use_list=True, raw=False)
-    except (ValueError, TypeError, msgpack.UnpackException) as exc:
-        raise FrameError(f"frame header does not parse ({exc})") from None
-    if not (isinstance(header, list) and len(header) == 2 and isinstance(header[1], list)):
-        raise FrameError("frame header is not [fields, part lengths]")
+    header, body = _header(view)
     fields, lengths = header
+    if not isinstance(lengths, list):
+        raise FrameError("frame header is not [fields, part lengths]")
     if not all(type(length) is int and length >= 0 for length in lengths):
         raise FrameError("frame part lengths are not all non-negative integers")
     if body + sum(lengths) != len(view):

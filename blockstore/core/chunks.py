@@ -123,14 +123,10 @@ def delta_header(value: bytes | memoryview) -> DeltaHeader | None:
 def delta_base(value: bytes | memoryview) -> ChunkKey | None:
     """The base chunk a stored value is a delta against; None for a value that decodes on its own,
     and for one too malformed to say (its reader reports that as damage)."""
-    try:
-        header = delta_header(value)
-    except _MALFORMED:
-        return None
-    return header.base if header is not None else None
+    return delta_base_at_start(lambda length: value[:length])
 
 
-def delta_base_at_start(read: Callable[[int], bytes]) -> ChunkKey | None:
+def delta_base_at_start(read: Callable[[int], bytes | memoryview]) -> ChunkKey | None:
     """`delta_base` from the start of a stored value, read by `read(n)` (the first n bytes): what a
     bundle reader learns of a shipped chunk without reading its payload. None also for a value too
     malformed to say (decoding it reports that)."""

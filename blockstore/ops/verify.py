@@ -113,6 +113,7 @@ def _check_tensor(
     deep: bool,
     seen: dict[tuple, ChunkProblem],
     report: VerifyReport,
+    lost_bases: dict[ChunkKey, ChunkKey],
 ) -> Damage | None:
     hasher = new_digest()
     problems = []
@@ -132,8 +133,6 @@ def _check_tensor(
                 hasher.update(raw)
     else:
         present = repo.has_chunks(chunk.key for chunk in entry.chunks)
-        bases = repo.delta_bases(present)
-        held = repo.has_chunks(set(bases.values()))
         problems = [
             (index, chunk.key, MISSING, "is missing")
             if chunk.key not in present
@@ -141,10 +140,10 @@ def _check_tensor(
                 index,
                 chunk.key,
                 MISSING,
-                f"is a delta whose base chunk {bases[chunk.key].hex()} is missing",
+                f"is a delta whose base chunk {lost_bases[chunk.key].hex()} is missing",
             )
             for index, chunk in enumerate(entry.chunks)
-            if chunk.key not in present or (chunk.key in bases and bases[chunk.key] not in held)
+            if chunk.key not in present or chunk.key in lost_bases
         ]
     if problems:
         index, key, kind, detail = problems[0]
@@ -184,6 +183,13 @@ def verify(
         except BlockstoreError as exc:
             report.damages.append(Damage(SNAPSHOT, snapshot_id.hex(), str(exc)))
     progress.start("verify", sum(snapshot.nbytes for snapshot in snapshots.values()))
+    # Which chunks are deltas, read once from their envelopes: the quick check finds deltas whose
+    # base is gone (a deep one decodes them), and bases count as reached for the orphans.
+    bases: dict[ChunkKey, ChunkKey] = {}
+    if whole_store or not deep:
+        bases = repo.delta_bases(set().union(*(snapshot.chunk_keys() for snapshot in snapshots.values())))
+    held = repo.has_chunks(set(bases.values()))
+    lost_bases = {key: base for key, base in bases.items() if base not in held}
     referenced: set[ChunkKey] = set()
     checked: dict[tuple[bytes, tuple[ChunkKey, ...]], Damage | None] = {}
     seen: dict[tuple, ChunkProblem] = {}
@@ -194,7 +200,7 @@ def verify(
             referenced.update(keys)
             memo = (entry.digest, keys)
             if memo not in checked:
-                checked[memo] = _check_tensor(repo, snapshot_id, entry, deep, seen, report)
+                checked[memo] = _check_tensor(repo, snapshot_id, entry, deep, seen, report, lost_bases)
                 report.chunks += len(keys)
             damage = checked[memo]
             if damage is not None:
@@ -204,6 +210,6 @@ def verify(
             report.tensors += 1
             progress.advance(entry.nbytes, entry.name)
     if whole_store and not any(d.kind == SNAPSHOT for d in report.damages):
-        referenced |= set(repo.delta_bases(referenced).values())  # a base is reached through its delta
+        referenced |= set(bases.values())  # a base is reached through its delta
         report.orphans = sorted(key.hex() for key in repo.chunk_keys() if key not in referenced)
     return report
