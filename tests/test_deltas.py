@@ -32,7 +32,15 @@ from blockstore.patches.bundle import DELTA_VERSION, FORMAT_VERSION, read_bundle
 from blockstore.patches.diff import diff
 from blockstore.repo import Repository
 
-from .helpers import ALL_DTYPES, FUZZ_EXAMPLES, cli, random_tensor, sha256, write_safetensors
+from .helpers import (
+    ALL_DTYPES,
+    FUZZ_EXAMPLES,
+    assert_one_line_error,
+    cli,
+    random_tensor,
+    sha256,
+    write_safetensors,
+)
 
 CHUNK = 1 << 16
 
@@ -459,3 +467,21 @@ def test_finding_deltas_on_an_object_store_reads_envelopes_only(
         bases = repo.delta_bases(top.chunk_keys())
         assert len(bases) == sum(1 for e in top.tensors.values() if "mlp" in e.name for _ in e.chunks)
         assert gc(repo, keep=1, dry_run=True).deleted_chunks == 0
+
+
+def test_a_base_cache_size_that_is_not_a_size_is_one_line(
+    models, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from blockstore.core.base_cache import BASE_CACHE_ENV, BaseCache
+
+    base, tuned, _ = models
+    store = tmp_path / "store"
+    repo = _store(store)
+    pack(repo, [base])
+    pack(repo, [tuned])
+    repo.close()
+    monkeypatch.setattr("blockstore.repo.BASES", BaseCache(None))  # as a fresh process has it
+    monkeypatch.setenv(BASE_CACHE_ENV, "lots")
+    result = cli("export", store, tmp_path / "out.safetensors")
+    assert_one_line_error(result, BASE_CACHE_ENV, "lots")
+    assert not (tmp_path / "out.safetensors").exists()

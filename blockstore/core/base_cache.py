@@ -2,7 +2,7 @@
 
 A delta chunk decodes its base chunk first (FORMAT.md §1), so a process that loads several
 fine-tunes of one model decodes every base chunk once per fine-tune. With a cache of N bytes
-(`BLOCKSTORE_BASE_CACHE_SIZE`, read at import; off by default) it decodes each once. Entries are
+(`BLOCKSTORE_BASE_CACHE_SIZE`, read at first use; off by default) it decodes each once. Entries are
 keyed by store and chunk key and hold the bytes already checked against the key; a process that
 turns it on trusts those earlier reads, so `verify` in such a process re-reads no cached base.
 """
@@ -14,7 +14,6 @@ import threading
 from collections import OrderedDict
 
 from blockstore.core.hashing import ChunkKey
-from blockstore.errors import InvalidArgument
 from blockstore.sizes import parse_size
 
 BASE_CACHE_ENV = "BLOCKSTORE_BASE_CACHE_SIZE"
@@ -22,12 +21,10 @@ BASE_CACHE_ENV = "BLOCKSTORE_BASE_CACHE_SIZE"
 
 
 def base_cache_bytes() -> int:
-    """The base cache size `BLOCKSTORE_BASE_CACHE_SIZE` asks for (a size such as 512MiB), or 0."""
+    """The base cache size `BLOCKSTORE_BASE_CACHE_SIZE` asks for (a size such as 512MiB), or 0.
+    A value that is not a size raises InvalidArgument naming the variable."""
     text = os.environ.get(BASE_CACHE_ENV)
-    try:
-        return (parse_size(text, BASE_CACHE_ENV) or 0) if text else 0
-    except InvalidArgument:  # read at import: a bad value must not break `import blockstore`
-        return 0
+    return (parse_size(text, BASE_CACHE_ENV) or 0) if text else 0
 
 
 class BaseCache:
@@ -36,16 +33,24 @@ class BaseCache:
     Thread-safe (decode threads share it); entries are immutable `bytes`, so decoding a delta
     can never change one. A wrong entry could only make a delta fail its own check, never pass."""
 
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
+    def __init__(self, limit: int | None) -> None:
+        self._limit = limit
         self._entries: OrderedDict[tuple[str, ChunkKey], bytes] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
 
+    @property
+    def limit(self) -> int:
+        """Bytes kept at most; a cache made with None reads `BLOCKSTORE_BASE_CACHE_SIZE` here, at
+        its first use (so a bad value is one error of the load that uses it, not of an import)."""
+        if self._limit is None:
+            self._limit = base_cache_bytes()
+        return self._limit
+
     def resize(self, limit: int) -> None:
         """Keep at most `limit` bytes from now on (0: keep nothing), dropping the oldest entries."""
         with self._lock:
-            self.limit = limit
+            self._limit = limit
             self._trim()
 
     def _trim(self) -> None:
@@ -72,5 +77,5 @@ class BaseCache:
             self._trim()
 
 
-BASES = BaseCache(base_cache_bytes())
-"""The process's base cache, sized by `BLOCKSTORE_BASE_CACHE_SIZE` at import (`resize` changes it)."""
+BASES = BaseCache(None)
+"""The process's base cache, sized by `BLOCKSTORE_BASE_CACHE_SIZE` at first use (`resize` changes it)."""
