@@ -19,6 +19,7 @@ from blockstore.codecs import (
     LOSSLESS,
     ByteGroupZstd,
     DecodeError,
+    Nibbles,
     Raw,
     Zstd,
     codec_class,
@@ -47,6 +48,7 @@ def sample_codecs() -> list[codecs.Codec]:
         "raw": Raw(),
         "zstd": Zstd(),
         "bytegroup+zstd": ByteGroupZstd(itemsize=4, split_sign=True),
+        "nibbles+zstd": Nibbles(width=4),
         **{tier: lossy_codec(tier, "F32", 64) for tier in lossy_ids()},
     }
     assert set(made) == set(CODECS), "a registered codec has no sample here"
@@ -54,7 +56,7 @@ def sample_codecs() -> list[codecs.Codec]:
 
 
 def test_the_package_registers_every_codec_lossless_and_lossy() -> None:
-    assert set(lossless_ids()) == {"raw", "zstd", "bytegroup+zstd"}
+    assert set(lossless_ids()) == {"raw", "zstd", "bytegroup+zstd", "nibbles+zstd"}
     assert set(lossy_ids()) == set(LOSSY_TIERS) == {"int8", "int4", "fp8"}
     for codec_id, cls in CODECS.items():
         assert codec_class(codec_id) is cls and cls.id == codec_id

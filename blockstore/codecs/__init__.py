@@ -1,7 +1,8 @@
 """Codecs: small frozen values with an id whose params travel with every chunk.
 
-Lossless (`lossless`: raw, zstd, byte planes with zstd) and lossy (`lossy`: int8, int4, fp8 blocks)
-codecs share one interface (`base.Codec`; `is_lossy` tells the tiers apart), and `error` measures a
+Lossless (`lossless`: raw, zstd, byte planes with zstd; `nibbles`: small integers, which is how a
+delta chunk's difference is usually stored) and lossy (`lossy`: int8, int4, fp8 blocks) codecs
+share one interface (`base.Codec`; `is_lossy` tells the tiers apart), and `error` measures a
 lossy tier's error as its own step. Importing this package, or any module in it, registers every
 codec below in the one table (`registry`), so a stored chunk decodes whichever module a program
 imported first.
@@ -19,6 +20,7 @@ from blockstore.codecs.lossy import (
     Int8Block,
     lossy_codec,
 )
+from blockstore.codecs.nibbles import Nibbles
 from blockstore.codecs.registry import (
     CODECS,
     codec_class,
@@ -30,7 +32,7 @@ from blockstore.codecs.registry import (
     stored_codec,
 )
 
-for _codec in (Raw, Zstd, ByteGroupZstd, Int8Block, Int4Block, Fp8Block):
+for _codec in (Raw, Zstd, ByteGroupZstd, Nibbles, Int8Block, Int4Block, Fp8Block):
     register(_codec)
 del _codec
 
@@ -49,6 +51,7 @@ __all__ = [
     "Int4Block",
     "Int8Block",
     "LossyCodec",
+    "Nibbles",
     "Raw",
     "Zstd",
     "codec_class",

@@ -5,6 +5,9 @@
  * in registers and written once, with the GIL released, so decode threads join planes side by side.
  * Layout (see planes.py): plane i holds byte i of every little-endian item; with split_sign the top
  * plane holds the 8 exponent bits and the sign sits in the top bit of the plane below it.
+ *
+ * Also here, for the same reason (every delta chunk a load decodes goes through it): unpacking the
+ * nibbles a delta's difference is coded with, added to its base in the same pass (`nibbles`, below).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -68,6 +71,167 @@ MULTIVERSION static void join8(const uint8_t *const *p, uint8_t *out, Py_ssize_t
         }
         memcpy(out + 8 * i, &word, 8);
     }
+}
+
+/* Small unsigned integers packed two to a byte (blockstore/codecs/nibbles.py): element 2k in the low nibble
+ * of byte k, element 2k+1 in its high nibble; 15 marks an element whose value (minus 15) is the next of the
+ * exceptions, `width` little-endian bytes each. Written as `value`, or, with a base, as base + unzigzag(value)
+ * modulo 2**(8*width): how a delta chunk turns back into its bytes (blockstore/codecs/delta.py) in the same
+ * pass that unpacks it. The first pass treats every nibble as a value (branch-free, vectorized); the second
+ * finds the nibbles that are 15 a word at a time and writes their exceptions over them. */
+
+#define UNZIGZAG(T, v) ((T)(((v) >> 1) ^ (T)(0 - ((v) & 1))))
+
+#define NIBBLE_LOOPS(W, T)                                                                                    \
+    MULTIVERSION static void unpack##W(const uint8_t *packed, uint8_t *out, Py_ssize_t n) {                 \
+        Py_ssize_t pairs = n / 2;                                                                             \
+        for (Py_ssize_t k = 0; k < pairs; k++) {                                                              \
+            T low = (T)(packed[k] & 15), high = (T)(packed[k] >> 4);                                          \
+            memcpy(out + (2 * k) * W, &low, W);                                                               \
+            memcpy(out + (2 * k + 1) * W, &high, W);                                                          \
+        }                                                                                                     \
+        if (n & 1) {                                                                                          \
+            T low = (T)(packed[pairs] & 15);                                                                  \
+            memcpy(out + (n - 1) * W, &low, W);                                                               \
+        }                                                                                                     \
+    }                                                                                                         \
+    MULTIVERSION static void restore##W(const uint8_t *packed, const uint8_t *base, uint8_t *out, Py_ssize_t n) { \
+        Py_ssize_t pairs = n / 2;                                                                             \
+        T low, high, b0, b1;                                                                                  \
+        for (Py_ssize_t k = 0; k < pairs; k++) {                                                              \
+            low = (T)(packed[k] & 15);                                                                        \
+            high = (T)(packed[k] >> 4);                                                                       \
+            memcpy(&b0, base + (2 * k) * W, W);                                                               \
+            memcpy(&b1, base + (2 * k + 1) * W, W);                                                           \
+            b0 = (T)(b0 + UNZIGZAG(T, low));                                                                  \
+            b1 = (T)(b1 + UNZIGZAG(T, high));                                                                 \
+            memcpy(out + (2 * k) * W, &b0, W);                                                                \
+            memcpy(out + (2 * k + 1) * W, &b1, W);                                                            \
+        }                                                                                                     \
+        if (n & 1) {                                                                                          \
+            low = (T)(packed[pairs] & 15);                                                                    \
+            memcpy(&b0, base + (n - 1) * W, W);                                                               \
+            b0 = (T)(b0 + UNZIGZAG(T, low));                                                                  \
+            memcpy(out + (n - 1) * W, &b0, W);                                                                \
+        }                                                                                                     \
+    }
+
+NIBBLE_LOOPS(1, uint8_t)
+NIBBLE_LOOPS(2, uint16_t)
+NIBBLE_LOOPS(4, uint32_t)
+NIBBLE_LOOPS(8, uint64_t)
+
+/* The second pass: 0, or -1 when the nibbles that are 15 are not exactly `count` (the exceptions given).
+ * An exception's value is 15 + the stored one; a base turns it into base + unzigzag(value). */
+#define PATCH_LOOP(W, T)                                                                                      \
+    static inline void put##W(uint8_t *out, const uint8_t *base, Py_ssize_t i, const uint8_t *exception) {   \
+        T value, below;                                                                                       \
+        memcpy(&value, exception, W);                                                                         \
+        value = (T)(value + 15);                                                                              \
+        if (base != NULL) {                                                                                   \
+            memcpy(&below, base + i * W, W);                                                                  \
+            value = (T)(below + UNZIGZAG(T, value));                                                          \
+        }                                                                                                     \
+        memcpy(out + i * W, &value, W);                                                                       \
+    }                                                                                                         \
+    static int patch##W(const uint8_t *packed, Py_ssize_t n, const uint8_t *exceptions, Py_ssize_t count,    \
+                        const uint8_t *base, uint8_t *out) {                                                  \
+        const uint64_t low_bits = 0x1111111111111111ULL;                                                      \
+        Py_ssize_t nbytes = (n + 1) / 2, b = 0, used = 0;                                                     \
+        for (; b + 8 <= nbytes; b += 8) {                                                                     \
+            uint64_t word;                                                                                    \
+            memcpy(&word, packed + b, 8);                                                                     \
+            uint64_t marks = word & (word >> 1) & (word >> 2) & (word >> 3) & low_bits;                       \
+            while (marks) {                                                                                   \
+                if (used == count) {                                                                          \
+                    return -1;                                                                                \
+                }                                                                                             \
+                put##W(out, base, 2 * b + __builtin_ctzll(marks) / 4, exceptions + used * W);                \
+                used++;                                                                                       \
+                marks &= marks - 1;                                                                           \
+            }                                                                                                 \
+        }                                                                                                     \
+        for (Py_ssize_t i = 2 * b; i < n; i++) {                                                              \
+            if (((packed[i / 2] >> (4 * (i & 1))) & 15) == 15) {                                              \
+                if (used == count) {                                                                          \
+                    return -1;                                                                                \
+                }                                                                                             \
+                put##W(out, base, i, exceptions + used * W);                                                  \
+                used++;                                                                                       \
+            }                                                                                                 \
+        }                                                                                                     \
+        return used == count ? 0 : -1;                                                                        \
+    }
+
+PATCH_LOOP(1, uint8_t)
+PATCH_LOOP(2, uint16_t)
+PATCH_LOOP(4, uint32_t)
+PATCH_LOOP(8, uint64_t)
+
+static PyObject *nibbles(PyObject *Py_UNUSED(self), PyObject *args) {
+    Py_buffer packed, exceptions, out, base = {0};
+    int width;
+    PyObject *base_object;
+    if (!PyArg_ParseTuple(args, "y*y*w*iO", &packed, &exceptions, &out, &width, &base_object)) {
+        return NULL;
+    }
+    PyObject *result = NULL;
+    int have_base = base_object != Py_None;
+    if (have_base && PyObject_GetBuffer(base_object, &base, PyBUF_SIMPLE) < 0) {
+        goto done_buffers;
+    }
+    if (width != 1 && width != 2 && width != 4 && width != 8) {
+        PyErr_Format(PyExc_ValueError, "width %d: elements of 1, 2, 4 or 8 bytes only", width);
+        goto done;
+    }
+    if (out.len % width) {
+        PyErr_Format(PyExc_ValueError, "%zd output bytes is not a whole number of %d-byte elements", out.len, width);
+        goto done;
+    }
+    Py_ssize_t n = out.len / width;
+    if (packed.len != (n + 1) / 2) {
+        PyErr_Format(PyExc_ValueError, "%zd packed bytes for %zd elements (expected %zd)", packed.len, n, (n + 1) / 2);
+        goto done;
+    }
+    if ((n & 1) && (((const uint8_t *)packed.buf)[packed.len - 1] >> 4) != 0) {
+        PyErr_SetString(PyExc_ValueError, "the padding nibble after the last element is not 0");
+        goto done;
+    }
+    if (exceptions.len % width) {
+        PyErr_Format(PyExc_ValueError, "%zd exception bytes is not a whole number of %d-byte elements", exceptions.len, width);
+        goto done;
+    }
+    if (have_base && base.len != out.len) {
+        PyErr_Format(PyExc_ValueError, "a base of %zd bytes for %zd output bytes", base.len, out.len);
+        goto done;
+    }
+    const uint8_t *p = (const uint8_t *)packed.buf, *e = (const uint8_t *)exceptions.buf;
+    const uint8_t *b = have_base ? (const uint8_t *)base.buf : NULL;
+    uint8_t *target = (uint8_t *)out.buf;
+    int patched;
+    Py_BEGIN_ALLOW_THREADS
+    Py_ssize_t count = exceptions.len / width;
+    switch (width) {
+        case 1: b ? restore1(p, b, target, n) : unpack1(p, target, n); patched = patch1(p, n, e, count, b, target); break;
+        case 2: b ? restore2(p, b, target, n) : unpack2(p, target, n); patched = patch2(p, n, e, count, b, target); break;
+        case 4: b ? restore4(p, b, target, n) : unpack4(p, target, n); patched = patch4(p, n, e, count, b, target); break;
+        default: b ? restore8(p, b, target, n) : unpack8(p, target, n); patched = patch8(p, n, e, count, b, target); break;
+    }
+    Py_END_ALLOW_THREADS
+    if (patched < 0) {
+        PyErr_Format(PyExc_ValueError, "the packed values do not mark exactly the %zd exceptions given", exceptions.len / width);
+        goto done;
+    }
+    result = Py_NewRef(Py_None);
+done:
+    if (have_base) {
+        PyBuffer_Release(&base);
+    }
+done_buffers:
+    PyBuffer_Release(&packed);
+    PyBuffer_Release(&exceptions);
+    PyBuffer_Release(&out);
+    return result;
 }
 
 static void release(Py_buffer *views, int count) {
@@ -137,12 +301,16 @@ done:
 static PyMethodDef methods[] = {
     {"join", join, METH_VARARGS,
      "join(planes, out, split_sign): write the items whose byte planes are `planes` into `out`."},
+    {"nibbles", nibbles, METH_VARARGS,
+     "nibbles(packed, exceptions, out, width, base): unpack nibble-coded values into `out` (with a base:\n"
+     "base + unzigzag(value) per element); see blockstore.codecs.nibbles."},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "blockstore._planes",
-    "Byte-plane join in one pass (see blockstore.planes); little-endian hosts only.", -1, methods,
+    "Byte-plane join and nibble unpacking in one pass each (see blockstore.codecs.planes and .nibbles); "
+    "little-endian hosts only.", -1, methods,
 };
 
 PyMODINIT_FUNC PyInit__planes(void) {

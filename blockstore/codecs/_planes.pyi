@@ -1,4 +1,4 @@
-"""Types of the optional C extension built from _planes.c (see setup.py)."""
+"""Types of the optional C extension built from _planes.c (see setup.py): plane joins and nibble unpacking."""
 
 from collections.abc import Sequence
 
@@ -6,4 +6,12 @@ import numpy as np
 
 def join(
     planes: Sequence[bytes | bytearray | memoryview | np.ndarray], out: memoryview, split_sign: bool, /
+) -> None: ...
+def nibbles(
+    packed: bytes | bytearray | memoryview,
+    exceptions: bytes | bytearray | memoryview,
+    out: memoryview,
+    width: int,
+    base: bytes | bytearray | memoryview | None,
+    /,
 ) -> None: ...

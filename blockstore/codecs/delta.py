@@ -3,12 +3,14 @@
 A fine-tune moves every weight a little. Stored against the same chunk of its base model, the
 small change is what is kept: each element of `width` bytes (little-endian, as safetensors stores
 them) minus the base's element at the same place, modulo 2**(8*width), zigzag-folded so that small
-changes either way become small unsigned numbers (0, -1, 1, -2 ... → 0, 1, 2, 3 ...). The high byte
-planes of those numbers are then almost all zero and the low ones few-valued, which byte grouping
-with zstd (`ByteGroupZstd`, at a level with matches) codes in a fraction of the model: measured on
-SmolLM2 bf16 with every weight moved by 1e-3 of its tensor's std, 0.21 of the plainly stored chunks
-against 0.23 for the XOR of the two (a step of one unit in the last place flips many low bits of
-an XOR but is 1 as a difference) and 0.30 for the XOR under plain zstd.
+changes either way become small unsigned numbers (0, -1, 1, -2 ... → 0, 1, 2, 3 ...). Most of them
+then fit in four bits, and `Nibbles` codes them (`difference_codec`); where many do not (a float32
+fine-tune moves most weights by thousands of units in the last place) byte grouping with zstd does
+(`ByteGroupZstd`, at a level with matches: the high planes are almost all zero). Measured on
+SmolLM2 bf16 with every weight moved by 1e-3 of its tensor's std, the byte-grouped difference is
+0.21 of the plainly stored chunks against 0.23 for the XOR of the two (a step of one unit in the
+last place flips many low bits of an XOR but is 1 as a difference) and 0.30 for the XOR under
+plain zstd; nibbles take 0.75 of the byte-grouped difference and restore it three times faster.
 
 Integer arithmetic on the bit patterns is exact for every dtype (floats included: it never
 interprets them), so the round trip is lossless whatever the bytes are.
@@ -18,7 +20,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from blockstore.codecs.base import DecodeError
+from blockstore.codecs.base import Codec, DecodeError
+from blockstore.codecs.lossless import ByteGroupZstd
+from blockstore.codecs.nibbles import ESCAPE, Nibbles
 
 WIDTHS = (1, 2, 4, 8)
 """Element widths a difference is taken at (a dtype's byte-plane count: sub-byte dtypes use 1)."""
@@ -43,6 +47,38 @@ def difference(raw: memoryview | bytes, base: memoryview | bytes | bytearray, wi
     change = (np.frombuffer(raw, unsigned) - np.frombuffer(base, unsigned)).view(signed)
     folded = (change << 1) ^ (change >> (8 * width - 1))
     return folded.view(unsigned).tobytes()
+
+
+NIBBLES_AT_MOST = 1 / 8
+"""Nibbles code a difference whose values are 15 or more (exceptions) for at most this fraction of
+its elements; beyond it every exception costs a nibble and a scattered write on top of the value,
+and byte planes code it as small and decode it faster."""
+
+
+def difference_codec(folded: bytes, width: int, level: int) -> Codec:
+    """The codec a delta stores the `difference` `folded` with: decided by the bytes alone, so a
+    chunk packs to the same value in every store."""
+    values = np.frombuffer(folded, _UNSIGNED[width])
+    if np.count_nonzero(values >= ESCAPE) <= NIBBLES_AT_MOST * len(values):
+        return Nibbles(width, level)
+    return ByteGroupZstd(width, level)
+
+
+def decode_onto(
+    codec: Codec,
+    payload: bytes | memoryview,
+    out: memoryview,
+    base: memoryview | bytes | bytearray,
+    width: int,
+) -> None:
+    """Decode a stored difference into `out` and turn it into the bytes it was taken from: nibbles
+    add it to `base` in the pass that unpacks them; other codecs decode first, then `restore`."""
+    _check(len(out), len(base), width)
+    if isinstance(codec, Nibbles) and codec.width == width:
+        codec.restore_into(payload, out, base)
+    else:
+        codec.decode_into(payload, out)
+        restore(out, base, width)
 
 
 def restore(out: memoryview, base: memoryview | bytes | bytearray, width: int) -> None:

@@ -28,7 +28,6 @@ from dataclasses import dataclass
 import msgpack
 
 from blockstore.codecs import (
-    ByteGroupZstd,
     Codec,
     DecodeError,
     LossyCodec,
@@ -168,8 +167,9 @@ def delta_value(
     raw: memoryview, base: ChunkKey, base_raw: bytes | bytearray | memoryview, width: int, level: int
 ) -> bytes:
     """The stored value of `raw` as a delta against chunk `base` (which decodes to `base_raw`)."""
-    inner = ByteGroupZstd(width, level)
-    payload = inner.encode(memoryview(deltas.difference(raw, base_raw, width)))
+    folded = deltas.difference(raw, base_raw, width)
+    inner = deltas.difference_codec(folded, width, level)
+    payload = inner.encode(memoryview(folded))
     params = {"base": base, "width": width, "codec": inner.id, "params": codec_params(inner)}
     return framing.frame([DELTA_ID, params], [payload])
 
@@ -260,12 +260,11 @@ def _decode_delta(
         )
     if header.base == key:
         raise DecodeError("a delta against itself")
-    header.codec.decode_into(payload, out)
     try:
         base_bytes = base(header.base, len(out))
     except (ChunkCorrupt, ChunkMissing) as exc:
         raise ChunkCorrupt(key.hex(), f"its base: {exc}") from None
-    deltas.restore(out, base_bytes, header.width)
+    deltas.decode_onto(header.codec, payload, out, base_bytes, header.width)
 
 
 def strong_mismatch(key_matches: bool) -> str:

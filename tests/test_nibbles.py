@@ -1,0 +1,154 @@
+"""The nibbles codec a delta's difference is stored with: exact at every width, the compiled pass and
+numpy give the same bytes and the same refusals, and a delta picks it only where it pays."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from blockstore.codecs import DecodeError, Nibbles, framing, planes, stored_codec
+from blockstore.codecs import delta as deltas
+from blockstore.codecs import nibbles as nibbles_module
+from blockstore.codecs.lossless import ByteGroupZstd
+from blockstore.core.chunks import decode_chunk, delta_header, delta_value
+from blockstore.core.hashing import chunk_key
+
+from .helpers import FUZZ_EXAMPLES
+
+WIDTHS = nibbles_module.WIDTHS
+UNSIGNED = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+PASSES = [pytest.param(False, id="numpy")]
+if planes._compiled is not None:
+    PASSES.append(pytest.param(True, id="compiled"))
+
+
+@pytest.fixture(params=PASSES)
+def compiled(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """Runs a test with the compiled pass and again with numpy's (the module is optional)."""
+    if not request.param:
+        monkeypatch.setattr(planes, "_compiled", None)
+    return bool(request.param)
+
+
+def _small_values(width: int, count: int, seed: int) -> bytes:
+    """Mostly 0-3, some up to 40, a few at the top of the width: every path of the codec."""
+    rng = np.random.default_rng(seed)
+    top = (1 << (8 * width)) - 1
+    values = np.minimum(rng.geometric(0.6, count) - 1, min(top, 255)).astype(UNSIGNED[width])
+    middling = rng.random(count) < 0.03
+    values[middling] = rng.integers(15, 41, int(middling.sum())).astype(UNSIGNED[width])
+    values[rng.random(count) < 0.01] = top
+    return values.tobytes()
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+@pytest.mark.parametrize("count", [0, 1, 2, 15, 16, 17, 31, 33, 4099])
+def test_values_round_trip_at_every_width_and_count(compiled: bool, width: int, count: int) -> None:
+    raw = _small_values(width, count, seed=count)
+    codec = Nibbles(width)
+    out = bytearray(len(raw) + 1)
+    codec.decode_into(codec.encode(memoryview(raw)), memoryview(out)[1:])  # also into unaligned memory
+    assert bytes(out[1:]) == raw
+
+
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None)
+@given(st.sampled_from(WIDTHS), st.integers(0, 80), st.data())
+def test_any_bytes_round_trip_and_restore_onto_a_base(width: int, count: int, data: st.DataObject) -> None:
+    raw = data.draw(st.binary(min_size=count * width, max_size=count * width))
+    base = data.draw(st.binary(min_size=count * width, max_size=count * width))
+    codec = Nibbles(width)
+    folded = deltas.difference(raw, base, width)
+    payload = codec.encode(memoryview(folded))
+    for compiled_pass in (planes._compiled, None):
+        if compiled_pass is None and planes._compiled is None:
+            continue
+        saved, planes._compiled = planes._compiled, compiled_pass
+        try:
+            out = bytearray(len(raw))
+            codec.decode_into(payload, memoryview(out))
+            assert bytes(out) == folded
+            codec.restore_into(payload, memoryview(out), base)
+            assert bytes(out) == raw
+        finally:
+            planes._compiled = saved
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_a_difference_restores_onto_its_base_in_one_pass(compiled: bool, width: int) -> None:
+    rng = np.random.default_rng(width)
+    base = rng.integers(0, 256, 4096 * width, dtype=np.uint8).tobytes()
+    change = rng.integers(-3, 4, 4096).astype(UNSIGNED[width])
+    change[::97] = UNSIGNED[width](1 << (8 * width - 1))  # a sign flip: an exception at full width
+    raw = (np.frombuffer(base, UNSIGNED[width]) + change).tobytes()
+    value = delta_value(memoryview(raw), chunk_key(base), base, width, 3)
+    header = delta_header(value)
+    assert header is not None and header.codec == Nibbles(width, 3)
+    assert bytes(decode_chunk(chunk_key(raw), value, len(raw), base=lambda key, n: base)) == raw
+
+
+def test_a_delta_of_large_changes_is_byte_grouped_instead() -> None:
+    """A float32 fine-tune moves weights by thousands of units in the last place: nearly every value
+    would be an exception, so the difference is stored as byte planes."""
+    rng = np.random.default_rng(5)
+    base = (rng.standard_normal(8192) * 0.02).astype(np.float32)
+    raw = (base + rng.standard_normal(8192).astype(np.float32) * 2e-5).astype(np.float32)
+    value = delta_value(memoryview(raw.tobytes()), chunk_key(base.tobytes()), base.tobytes(), 4, 3)
+    header = delta_header(value)
+    assert header is not None and header.codec == ByteGroupZstd(4, 3)
+    decoded = decode_chunk(chunk_key(raw.tobytes()), value, raw.nbytes, base=lambda key, n: base.tobytes())
+    assert bytes(decoded) == raw.tobytes()
+
+
+def test_deltas_stored_with_byte_planes_still_decode() -> None:
+    """Stores written before nibbles held byte-grouped differences only: they read the same."""
+    rng = np.random.default_rng(6)
+    base = rng.integers(0, 1 << 16, 2048, dtype=np.uint16)
+    raw = (base + rng.integers(0, 3, 2048, dtype=np.uint16)).tobytes()
+    inner = ByteGroupZstd(2, 3)
+    payload = inner.encode(memoryview(deltas.difference(raw, base.tobytes(), 2)))
+    params = {
+        "base": chunk_key(base.tobytes()),
+        "width": 2,
+        "codec": inner.id,
+        "params": {"itemsize": 2, "level": 3, "split_sign": False},
+    }
+    value = framing.frame(["delta", params], [payload])
+    assert bytes(decode_chunk(chunk_key(raw), value, len(raw), base=lambda key, n: base.tobytes())) == raw
+
+
+def _payload(fields: object, nibbles: bytes, exceptions: bytes = b"") -> bytes:
+    import zstandard
+
+    return framing.frame(fields, [zstandard.ZstdCompressor().compress(nibbles), exceptions])
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        (_payload([1], b"\x00\x00", ByteGroupZstd(2).encode(memoryview(b"\x01\x00"))), "exactly the 1 exc"),
+        (_payload([0], b"\xf0\x00"), "exactly the 0 exceptions"),  # marks one, counts none
+        (_payload([0], b"\x00\x00\x00"), "zstd frame declares"),  # 6 elements' nibbles for 4
+        (_payload([9], b"\x00\x00"), "9 exceptions for 4 elements"),
+        (_payload(["x"], b"\x00\x00"), "exception count"),
+        (_payload([0], b"\x00\x00", b"extra"), "does not count"),
+        (b"not framed", "nibbles payload"),
+    ],
+    ids=["unmarked", "uncounted", "long", "overcounted", "uncountable", "extra", "unframed"],
+)
+def test_hostile_payloads_are_refused_never_misread(compiled: bool, payload: bytes, message: str) -> None:
+    with pytest.raises(DecodeError, match=message):
+        Nibbles(2).decode_into(payload, memoryview(bytearray(8)))
+
+
+def test_a_padding_nibble_that_is_not_zero_is_refused(compiled: bool) -> None:
+    with pytest.raises(DecodeError, match="padding nibble"):
+        Nibbles(1).decode_into(_payload([0], b"\x00\x10"), memoryview(bytearray(3)))
+
+
+def test_a_stored_nibbles_codec_is_rebuilt_from_its_params() -> None:
+    assert stored_codec("nibbles+zstd", {"width": 8, "level": 5}) == Nibbles(8, 5)
+    with pytest.raises(Exception, match="width 3"):
+        Nibbles(3)
