@@ -11,7 +11,10 @@ The fine-tunes are synthetic moves of the real weights: every weight (or every w
   `zipnn-delta` compress the XOR of the two files.
 - `pack_mb_s`: packing the fine-tune into the store holding the base.
 - `load_s`: `runtime.open(store, ref).load_all()` of the fine-tune, warm page cache, median of
-  `--runs`, in this process; the delta snapshot decodes every base chunk as it goes.
+  `--runs`, in this process, the two stores taken in turn; the delta snapshot decodes every base
+  chunk as it goes. `load_cached_s`: the same with every decoded base kept in memory (the base
+  cache, as a process serving several fine-tunes of one model would), taken in turn with plain
+  loads again (`load_beside_cached_s`: the plain figure of those runs).
 The store figure packs the base and 5 full fine-tunes (other seeds) into one store and compares its
 chunk bytes with the base's plus 5 times the first fine-tune's delta. With `--s3` (root), a host
 whose read-through cache holds the base loads the full fine-tune from SeaweedFS over a 1 Gbit/s
@@ -84,21 +87,32 @@ def _zipnn_delta(xor: bytes) -> int | None:
     return len(coder.compress(bytearray(xor)))
 
 
-def _load_s(store: Path, ref: str, runs: int) -> float:
-    times = []
+def _load_once(store: Path, ref: str) -> float:
+    started = time.perf_counter()
+    with runtime.open(str(store), ref) as model:
+        model.load_all()
+    return time.perf_counter() - started
+
+
+def _interleaved_loads(stores: dict[str, Path], ref: str, runs: int) -> dict[str, float]:
+    """Median load time of each store, the stores taken in turn within every run: a process's
+    memory state drifts as it allocates and frees whole models (fresh pages, huge-page compaction),
+    and loading one store's runs after the other's charged that drift to one of them."""
+    times: dict[str, list[float]] = {method: [] for method in stores}
+    for store in stores.values():
+        _load_once(store, ref)  # a first touch of the store's pages and the process's allocator
     for _ in range(runs):
-        started = time.perf_counter()
-        with runtime.open(str(store), ref) as model:
-            model.load_all()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+        for method, store in stores.items():
+            times[method].append(_load_once(store, ref))
+    return {method: statistics.median(values) for method, values in times.items()}
 
 
 def _case(base: Path, tuned: Path, work: Path, runs: int) -> dict[str, dict[str, float]]:
     """One fine-tune: bundle, pack speed and load time with and without deltas, and the XOR peers."""
     figures: dict[str, dict[str, float]] = {}
+    stores: dict[str, Path] = {}
     for method, delta in (("blockstore-delta", True), ("blockstore-plain", False)):
-        store = work / f"{tuned.stem}-{method}"
+        store = stores[method] = work / f"{tuned.stem}-{method}"
         with Repository.init(store) as repo:
             pack(repo, [base])
             started = time.perf_counter()
@@ -109,13 +123,16 @@ def _case(base: Path, tuned: Path, work: Path, runs: int) -> dict[str, dict[str,
             "bundle_mb": bundle.bundle_bytes / 1e6,
             "pack_mb_s": packed.raw_bytes / 1e6 / seconds,
             "delta_chunks": float(packed.delta_chunks),
-            "load_s": _load_s(store, "tuned", runs),
         }
-        if delta:  # again with the decoded bases kept (a process serving several fine-tunes)
-            BASES.resize(BASE_CACHE_BYTES)
-            _load_s(store, "tuned", 1)  # fills it
-            figures[method]["load_cached_s"] = _load_s(store, "tuned", runs)
-            BASES.resize(0)
+    for method, seconds in _interleaved_loads(stores, "tuned", runs).items():
+        figures[method]["load_s"] = seconds
+    # Again with the decoded bases kept (a process serving several fine-tunes), beside plain loads.
+    BASES.resize(BASE_CACHE_BYTES)
+    _load_once(stores["blockstore-delta"], "tuned")  # fills it
+    cached = _interleaved_loads(stores, "tuned", runs)
+    BASES.resize(0)
+    figures["blockstore-delta"]["load_cached_s"] = cached["blockstore-delta"]
+    figures["blockstore-plain"]["load_beside_cached_s"] = cached["blockstore-plain"]
     xor = _xor(base, tuned)
     figures["xor+zstd3"] = {"bundle_mb": len(zstandard.ZstdCompressor(level=3).compress(xor)) / 1e6}
     zipnn = _zipnn_delta(xor)

@@ -354,21 +354,26 @@ class Repository:
         map, so nothing is copied but the decoded bytes. Raises ChunkMissing or ChunkCorrupt."""
 
         def decode(value: bytes | memoryview) -> int:
-            decode_chunk_into(chunk.key, value, out, chunk.strong, self.read_base)
+            decode_chunk_into(chunk.key, value, out, chunk.strong, self.read_base_into)
             return len(value)
 
         return self.store.with_value(chunk.key, decode)
 
-    def read_base(self, key: ChunkKey, raw_len: int) -> bytes | bytearray:
+    def read_base(self, key: ChunkKey, raw_len: int) -> bytes | bytearray | memoryview:
+        """What base chunk `key` decodes to, checked against its key (`read_base_into` a new buffer)."""
+        return self.read_base_into(key, memoryview(bytearray(raw_len)))
+
+    def read_base_into(self, key: ChunkKey, out: memoryview) -> bytes | bytearray | memoryview:
         """What base chunk `key` decodes to, checked against its key: how a delta chunk is read
-        (FORMAT.md §1). A base is never itself a delta, so this reads one value and no more."""
+        (FORMAT.md §1, a `BaseReader`). A base is never itself a delta, so this reads one value
+        and no more. Decoded into `out` (returned) unless the base cache holds it."""
         place = (str(self.path), key)
-        kept = BASES.get(place, raw_len)
+        kept = BASES.get(place, len(out))
         if kept is not None:
             return kept
-        decoded = self.store.with_value(key, lambda value: decode_chunk(key, value, raw_len))
-        BASES.put(place, decoded)
-        return decoded
+        self.store.with_value(key, lambda value: decode_chunk_into(key, value, out))
+        BASES.put(place, out)
+        return out
 
     def rooted_value(self, key: ChunkKey, value: bytes, raw_len: int) -> bytes:
         """`value` as this store may take it: a delta whose base this store holds as a delta too
@@ -387,15 +392,15 @@ class Repository:
         header = delta_header(value)
         assert header is not None
         raw = decode_chunk(
-            key, value, raw_len, base=lambda base_key, length: self.read_chunk(ChunkRef(base_key, length, 0))
+            key, value, raw_len, base=lambda base_key, out: self.read_chunk(ChunkRef(base_key, len(out), 0))
         )
         return delta_value(memoryview(raw), root, self.read_base(root, raw_len), header.width, REROOT_LEVEL)
 
-    def delta_root(self, chunk: ChunkRef) -> tuple[ChunkKey, bytes | bytearray]:
+    def delta_root(self, chunk: ChunkRef) -> tuple[ChunkKey, bytes | bytearray | memoryview]:
         """(key, decoded bytes) of the chunk a new delta against `chunk` is taken against: `chunk`
         itself, or its base when it is stored as a delta (so chains stay one deep)."""
 
-        def root(value: bytes | memoryview) -> tuple[ChunkKey, bytes | bytearray]:
+        def root(value: bytes | memoryview) -> tuple[ChunkKey, bytes | bytearray | memoryview]:
             base = delta_base(value)
             if base is None:
                 return chunk.key, decode_chunk(chunk.key, value, chunk.raw_len, chunk.strong)
@@ -493,7 +498,7 @@ class Repository:
             entry, chunk = item
             try:
                 value = self.store.get(chunk.key)
-                decode_chunk(chunk.key, value, chunk.raw_len, chunk.strong, self.read_base)
+                decode_chunk(chunk.key, value, chunk.raw_len, chunk.strong, self.read_base_into)
             except CHUNK_DAMAGE as exc:
                 raise tensor_damage(snapshot_id, entry.name, exc) from None
             return chunk.key, value

@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO
 
-from blockstore.core.chunks import decode_chunk, delta_base_at_start, strong_mismatch
+from blockstore.core.chunks import decode_chunk, decode_chunk_into, delta_base_at_start, strong_mismatch
 from blockstore.core.hashing import ChunkKey, new_digest, strong_digest
 from blockstore.core.manifests import (
     MANIFEST_VERSION,
@@ -208,16 +208,18 @@ class _ChunkSource:
         self.checked.add(chunk.key)
         return raw, strong
 
-    def base_bytes(self, key: ChunkKey, raw_len: int) -> bytes | bytearray:
-        """The base of a shipped delta chunk, decoded and checked against its key: from the bundle
-        when it ships the base, else from the store (`_verified_shipment` made sure one has it)."""
+    def base_bytes(self, key: ChunkKey, out: memoryview) -> bytes | bytearray | memoryview:
+        """The base of a shipped delta chunk, decoded and checked against its key (a `BaseReader`):
+        from the bundle when it ships the base, else from the store (`_verified_shipment` made
+        sure one has it)."""
         chunk = self.shipped.get(key)
         if chunk is None:  # (a delta here, if another pack stored it so: `rooted_value` re-roots)
-            return self.repo.read_chunk(ChunkRef(key, raw_len, 0))
-        if chunk.raw_len != raw_len:
-            raise ChunkCorrupt(key.hex(), f"a base of {chunk.raw_len} bytes for a delta of {raw_len}")
+            return self.repo.read_chunk(ChunkRef(key, len(out), 0))
+        if chunk.raw_len != len(out):
+            raise ChunkCorrupt(key.hex(), f"a base of {chunk.raw_len} bytes for a delta of {len(out)}")
         self.handle.seek(chunk.offset)
-        return decode_chunk(key, self.handle.read(chunk.stored_len), raw_len)
+        decode_chunk_into(key, self.handle.read(chunk.stored_len), out)
+        return out
 
     def strong_of(self, key: ChunkKey, raw_len: int) -> bytes:
         """The strong digest of the bytes chunk `key` would have in the store after the apply."""

@@ -152,3 +152,31 @@ def test_a_stored_nibbles_codec_is_rebuilt_from_its_params() -> None:
     assert stored_codec("nibbles+zstd", {"width": 8, "level": 5}) == Nibbles(8, 5)
     with pytest.raises(Exception, match="width 3"):
         Nibbles(3)
+
+
+@pytest.mark.parametrize("changes", ["small", "large"])
+def test_a_base_decoded_into_the_deltas_own_buffer_is_added_in_place(compiled: bool, changes: str) -> None:
+    """The store's base reader decodes the base where the delta goes (`BaseReader`): the difference
+    is then added in place, for nibbles and for byte-grouped differences alike."""
+    rng = np.random.default_rng(7)
+    base = rng.integers(0, 1 << 16, 5000, dtype=np.uint16)
+    step = rng.integers(-2, 3, 5000) if changes == "small" else rng.integers(-3000, 3000, 5000)
+    raw = (base + step.astype(np.uint16)).tobytes()
+    value = delta_value(memoryview(raw), chunk_key(base.tobytes()), base.tobytes(), 2, 3)
+    header = delta_header(value)
+    assert header is not None and type(header.codec) is (Nibbles if changes == "small" else ByteGroupZstd)
+
+    def into_out(key: bytes, out: memoryview) -> memoryview:
+        out[:] = base.tobytes()
+        return out
+
+    assert bytes(decode_chunk(chunk_key(raw), value, len(raw), base=into_out)) == raw
+
+
+def test_a_base_that_overlaps_the_output_is_refused() -> None:
+    if planes._compiled is None:
+        pytest.skip("blockstore._planes is not built here")
+    payload = Nibbles(2).encode(memoryview(bytes(64)))
+    memory = memoryview(bytearray(80))
+    with pytest.raises(DecodeError, match="overlaps"):
+        Nibbles(2).restore_into(payload, memory[:64], memory[8:72])

@@ -72,13 +72,16 @@ def decode_onto(
     width: int,
 ) -> None:
     """Decode a stored difference into `out` and turn it into the bytes it was taken from: nibbles
-    add it to `base` in the pass that unpacks them; other codecs decode first, then `restore`."""
+    add it to `base` in the pass that unpacks them; other codecs decode first, then `restore`.
+    `base` may be `out` itself (a base decoded into the delta's buffer): the sum is made in place."""
     _check(len(out), len(base), width)
     if isinstance(codec, Nibbles) and codec.width == width:
         codec.restore_into(payload, out, base)
-    else:
-        codec.decode_into(payload, out)
-        restore(out, base, width)
+        return
+    if base is out:  # decoding the difference would overwrite the base
+        base = bytes(out)
+    codec.decode_into(payload, out)
+    restore(out, base, width)
 
 
 def restore(out: memoryview, base: memoryview | bytes | bytearray, width: int) -> None:

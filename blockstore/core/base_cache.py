@@ -66,7 +66,8 @@ class BaseCache:
             self._entries.move_to_end(key)
             return found
 
-    def put(self, key: tuple[str, ChunkKey], decoded: bytearray) -> None:
+    def put(self, key: tuple[str, ChunkKey], decoded: bytes | bytearray | memoryview) -> None:
+        """Keep a copy of `decoded` (a base chunk checked against its key) if it fits."""
         if len(decoded) > self.limit:
             return
         with self._lock:

@@ -74,9 +74,11 @@ _MALFORMED = (DecodeError, InvalidArgument, ValueError, TypeError, msgpack.Unpac
 DELTA_ID = "delta"
 """The codec id of a delta chunk's envelope (FORMAT.md §1): decoding it needs its base chunk."""
 
-BaseReader = Callable[[ChunkKey, int], "bytes | bytearray | memoryview"]
-"""(base key, length) → the bytes that base chunk decodes to, checked against its key: how a
-reader hands a delta chunk its base (raises ChunkMissing or ChunkCorrupt for the base)."""
+BaseReader = Callable[[ChunkKey, memoryview], "bytes | bytearray | memoryview"]
+"""(base key, out) → the `len(out)` bytes that base chunk decodes to, checked against its key: how a
+reader hands a delta chunk its base (raises ChunkMissing or ChunkCorrupt for the base). `out` is
+the delta's own buffer: a reader may decode the base into it and return it, and the difference is
+then added in place (a base buffer and a pass over it fewer on every delta chunk a load decodes)."""
 
 
 @dataclass(frozen=True)
@@ -261,7 +263,7 @@ def _decode_delta(
     if header.base == key:
         raise DecodeError("a delta against itself")
     try:
-        base_bytes = base(header.base, len(out))
+        base_bytes = base(header.base, out)
     except (ChunkCorrupt, ChunkMissing) as exc:
         raise ChunkCorrupt(key.hex(), f"its base: {exc}") from None
     deltas.decode_onto(header.codec, payload, out, base_bytes, header.width)
