@@ -25,7 +25,7 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from blockstore.codecs import CODECS, ByteGroupZstd, Raw, Zstd, framing, lossy_codec, lossy_ids
+from blockstore.codecs import CODECS, ByteGroupZstd, Nibbles, Raw, Zstd, framing, lossy_codec, lossy_ids
 from blockstore.core.chunks import MAX_CHUNK_SIZE, chunk_value, decode_chunk
 from blockstore.core.dtypes import DTYPE_BITS
 from blockstore.core.hashing import DIGEST_SIZE, digest
@@ -359,6 +359,7 @@ real_frame = zstandard.ZstdCompressor().compress(np.arange(4096, dtype=np.float3
 codec_ids = st.sampled_from([*CODECS, "lzma", ""])  # every registered codec, lossy ones included
 params = st.one_of(
     st.fixed_dictionaries({"itemsize": st.integers(-2, 9), "level": st.integers(-5, 30)}),
+    st.fixed_dictionaries({"width": st.integers(-2, 9), "level": st.integers(-5, 30)}),
     st.dictionaries(st.text(max_size=10), header_values, max_size=4),
     header_values,
 )
@@ -380,7 +381,26 @@ payloads = st.one_of(
         st.binary(max_size=64),
     ),
 )
+nibbles_payloads = st.builds(
+    lambda count, nibbles, exceptions, extra: framing.frame(
+        [count], [zstandard.ZstdCompressor().compress(nibbles), exceptions, *extra]
+    ),
+    st.one_of(st.integers(-1, 300), header_values),
+    st.binary(max_size=200),
+    st.one_of(
+        payloads,
+        st.builds(
+            lambda raw: ByteGroupZstd(2).encode(memoryview(raw)),
+            st.binary(max_size=64).map(lambda b: b[: len(b) // 2 * 2]),
+        ),
+    ),
+    st.lists(st.binary(max_size=8), max_size=1),
+)
+"""`nibbles+zstd` payloads (FORMAT.md §1) with every part the attacker's: counts that lie, nibbles
+of any length and content, exceptions of any kind."""
+nibbles_params = st.fixed_dictionaries({"width": st.sampled_from([1, 2, 4, 8]), "level": st.just(3)})
 stored_values: st.SearchStrategy[bytes] = st.one_of(
+    st.builds(_framed_envelope, st.just("nibbles+zstd"), nibbles_params, nibbles_payloads),
     st.binary(max_size=300),
     st.binary(max_size=300).map(lambda tail: bytes([framing.MARK]) + tail),
     st.builds(_envelope, codec_ids, params, payloads),
@@ -397,7 +417,7 @@ def warm_decoders() -> None:
     the input."""
     raw = memoryview(np.zeros(4096, dtype=np.float32).tobytes())  # every plane zstd: the plane scratch too
     lossy = [lossy_codec(tier, "F32", 64) for tier in lossy_ids()]
-    for codec in (Raw(), Zstd(), ByteGroupZstd(itemsize=4), *lossy):
+    for codec in (Raw(), Zstd(), ByteGroupZstd(itemsize=4), Nibbles(width=4), *lossy):
         with contextlib.suppress(ChunkCorrupt):  # right bytes, wrong key: decoded all the same
             decode_chunk(b"\x00" * 16, chunk_value(codec, codec.encode(raw)), len(raw))
 
@@ -413,7 +433,22 @@ delta_params = st.one_of(
     ),
     params,
 )
-delta_values: st.SearchStrategy[bytes] = st.builds(_framed_envelope, st.just("delta"), delta_params, payloads)
+delta_values: st.SearchStrategy[bytes] = st.one_of(
+    st.builds(_framed_envelope, st.just("delta"), delta_params, payloads),
+    st.builds(
+        _framed_envelope,
+        st.just("delta"),
+        st.fixed_dictionaries(
+            {
+                "base": st.binary(min_size=16, max_size=16),
+                "width": st.sampled_from([1, 2, 4, 8]),
+                "codec": st.just("nibbles+zstd"),
+                "params": nibbles_params,
+            }
+        ),
+        nibbles_payloads,
+    ),
+)
 
 
 @FUZZ

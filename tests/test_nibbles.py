@@ -180,3 +180,15 @@ def test_a_base_that_overlaps_the_output_is_refused() -> None:
     memory = memoryview(bytearray(80))
     with pytest.raises(DecodeError, match="overlaps"):
         Nibbles(2).restore_into(payload, memory[:64], memory[8:72])
+
+
+def test_a_chunk_beyond_the_kept_scratch_decodes_through_a_buffer_of_its_own() -> None:
+    count = 2 * nibbles_module._KEPT_SCRATCH + 34  # nibbles: just over the kept buffer's size
+    raw = np.zeros(count, np.uint8)
+    raw[::1001] = 200  # exceptions
+    raw[5::7] = 3
+    codec = Nibbles(1)
+    out = bytearray(count)
+    codec.decode_into(codec.encode(memoryview(raw.tobytes())), memoryview(out))
+    assert out == raw.tobytes()
+    assert len(nibbles_module._local.__dict__.get("packed", b"")) <= nibbles_module._KEPT_SCRATCH

@@ -141,9 +141,16 @@ class Nibbles:
         return packed, exceptions
 
 
+_KEPT_SCRATCH = 8 << 20
+"""Parts of up to this many bytes go through a buffer kept per thread (as byte planes do); larger
+ones, from chunks beyond 16 MiB, get a new one, so no thread holds on to a huge buffer."""
+
+
 def _scratch(name: str, nbytes: int) -> memoryview:
     """A per-thread buffer for one part (a chunk's nibbles are half its elements): decoding is on
     every load's path, and a fresh buffer per chunk pays a page fault per 4 KiB."""
+    if nbytes > _KEPT_SCRATCH:
+        return memoryview(bytearray(nbytes))
     kept = _local.__dict__.get(name)
     if kept is None or len(kept) < nbytes:
         kept = bytearray(max(nbytes, 1 << 16))
