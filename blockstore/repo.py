@@ -44,6 +44,7 @@ from blockstore.errors import (
 )
 from blockstore.storage import Location, Store, create_store, is_url, open_store  # also re-exported
 from blockstore.storage.base import Fingerprint, Lease, ReflogEntry, short_id
+from blockstore.storage.wrapper import StoreWrapper
 
 DEFAULT_REF = "main"
 MIN_ID_PREFIX = 4
@@ -576,7 +577,10 @@ class Repository:
     def request_counts(self) -> dict[str, int]:
         """Requests sent per verb (GET, PUT, ...) by an object store, through its cache if it has
         one; empty for a local store. For benchmarks that report what a load cost on the wire."""
-        return dict(getattr(self.store, "requests", {}))
+        store = self.store
+        while not hasattr(store, "requests") and isinstance(store, StoreWrapper):
+            store = store.inner  # (the read-through cache and other wrappers count nothing)
+        return dict(getattr(store, "requests", {}))
 
 
 class StoredDigests:

@@ -37,12 +37,13 @@ from .faults import (
     Tally,
     check_survivor,
     content_at,
+    float_tensor,
     kill_at,
     rerun_succeeds,
     timed_run,
     write_version,
 )
-from .helpers import assert_one_line_error, cli, sha256
+from .helpers import assert_one_line_error, cli, sha256, write_safetensors
 from .s3servers import CREDENTIALS
 
 
@@ -448,3 +449,16 @@ def test_a_model_from_an_object_store_reads_ahead_unless_it_has_a_budget(
             assert torch.equal(model(prompt).logits, eager(prompt).logits)
     with runtime.closing(runtime.load_model(moto_url, budget="1MB")) as model:
         assert model.blockstore._readahead is None
+
+
+def test_requests_are_counted_through_the_read_through_cache(moto_url: str, tmp_path: Path) -> None:
+    """Benchmarks report a load's GETs from `request_counts`: with a cache in front of the remote
+    they must still be the remote's (they read as none when the cache hid them)."""
+    with Repository.init(moto_url) as repo:
+        pack(repo, [write_safetensors(tmp_path / "m.safetensors", {"w": float_tensor((64, 64), seed=1)})])
+    with Repository.open_for_reading(moto_url, cache=tmp_path / "cache") as cached:
+        snapshot = cached.snapshot(cached.resolve("main"))
+        before = cached.request_counts()["GET"]
+        for chunk in snapshot.tensors["w"].chunks:
+            cached.read_chunk(chunk)
+        assert cached.request_counts()["GET"] > before
