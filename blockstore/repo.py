@@ -18,10 +18,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from blockstore.codecs.nibbles import Difference
 from blockstore.core.base_cache import BASES
 from blockstore.core.chunks import (
     DEFAULT_CHUNK_SIZE,
     check_chunk_size,
+    decode_base_onto,
     decode_chunk,
     decode_chunk_into,
     delta_base,
@@ -362,16 +364,25 @@ class Repository:
 
     def read_base(self, key: ChunkKey, raw_len: int) -> bytes | bytearray | memoryview:
         """What base chunk `key` decodes to, checked against its key (`read_base_into` a new buffer)."""
-        return self.read_base_into(key, memoryview(bytearray(raw_len)))
+        decoded = self.read_base_into(key, memoryview(bytearray(raw_len)))
+        assert decoded is not None  # (None only when given a difference)
+        return decoded
 
-    def read_base_into(self, key: ChunkKey, out: memoryview) -> bytes | bytearray | memoryview:
+    def read_base_into(
+        self, key: ChunkKey, out: memoryview, difference: Difference | None = None, /
+    ) -> bytes | bytearray | memoryview | None:
         """What base chunk `key` decodes to, checked against its key: how a delta chunk is read
         (FORMAT.md §1, a `BaseReader`). A base is never itself a delta, so this reads one value
-        and no more. Decoded into `out` (returned) unless the base cache holds it."""
+        and no more. Decoded into `out` (returned) unless the base cache holds it; given the
+        delta's `difference`, and with no base cache to fill, decoded with the difference added
+        in one pass (None: `decode_base_onto`)."""
         place = (str(self.path), key)
         kept = BASES.get(place, len(out))
         if kept is not None:
             return kept
+        if difference is not None and not BASES.limit:
+            self.store.with_value(key, lambda value: decode_base_onto(key, value, out, difference))
+            return None
         self.store.with_value(key, lambda value: decode_chunk_into(key, value, out))
         BASES.put(place, out)
         return out
@@ -393,7 +404,10 @@ class Repository:
         header = delta_header(value)
         assert header is not None
         raw = decode_chunk(
-            key, value, raw_len, base=lambda base_key, out: self.read_chunk(ChunkRef(base_key, len(out), 0))
+            key,
+            value,
+            raw_len,
+            base=lambda base_key, out, *_: self.read_chunk(ChunkRef(base_key, len(out), 0)),
         )
         return delta_value(memoryview(raw), root, self.read_base(root, raw_len), header.width, REROOT_LEVEL)
 

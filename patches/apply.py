@@ -25,6 +25,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO
 
+from blockstore.codecs.nibbles import Difference
 from blockstore.core.chunks import decode_chunk, decode_chunk_into, delta_base_at_start, strong_mismatch
 from blockstore.core.hashing import ChunkKey, new_digest, strong_digest
 from blockstore.core.manifests import (
@@ -208,10 +209,13 @@ class _ChunkSource:
         self.checked.add(chunk.key)
         return raw, strong
 
-    def base_bytes(self, key: ChunkKey, out: memoryview) -> bytes | bytearray | memoryview:
-        """The base of a shipped delta chunk, decoded and checked against its key (a `BaseReader`):
-        from the bundle when it ships the base, else from the store (`_verified_shipment` made
-        sure one has it)."""
+    def base_bytes(
+        self, key: ChunkKey, out: memoryview, difference: Difference | None = None, /
+    ) -> bytes | bytearray | memoryview:
+        """The base of a shipped delta chunk, decoded and checked against its key (a `BaseReader`;
+        it never adds the `difference` itself: an apply checks every base it reads): from the
+        bundle when it ships the base, else from the store (`_verified_shipment` made sure one
+        has it)."""
         chunk = self.shipped.get(key)
         if chunk is None:  # (a delta here, if another pack stored it so: `rooted_value` re-roots)
             return self.repo.read_chunk(ChunkRef(key, len(out), 0))

@@ -89,7 +89,10 @@ def test_a_delta_chunk_of_every_dtype_decodes_to_its_bytes(dtype: str) -> None:
     base = random_tensor(dtype, (64, 8), seed=2).data
     value = delta_value(memoryview(raw), chunk_key(base), base, plane_count(dtype), 3)
     assert is_delta_value(value) and delta_base(value) == chunk_key(base)
-    assert bytes(decode_chunk(chunk_key(raw), value, len(raw), base=lambda key, n: base)) == raw
+    assert (
+        bytes(decode_chunk(chunk_key(raw), value, len(raw), base=lambda key, out, difference=None: base))
+        == raw
+    )
 
 
 def test_a_fine_tune_packs_as_deltas_and_reads_back_byte_for_byte(models, tmp_path: Path) -> None:
@@ -190,14 +193,16 @@ def test_a_delta_whose_base_is_a_delta_is_damage() -> None:
     inner = delta_value(memoryview(middle), chunk_key(root), root, 2, 3)
     outer = delta_value(memoryview(raw), chunk_key(middle), middle, 2, 3)
 
-    def base(key: bytes, length: int) -> bytearray:  # what a store's base reader does: no base for a base
-        return decode_chunk(key, inner, length)
+    def base(
+        key: bytes, out: memoryview, difference: object = None
+    ) -> bytearray:  # what a store's base reader does: no base for a base
+        return decode_chunk(key, inner, len(out))
 
     with pytest.raises(ChunkCorrupt, match="chains are one deep"):
         decode_chunk(chunk_key(raw), outer, len(raw), base=base)
     selfish = delta_value(memoryview(raw), chunk_key(raw), raw, 2, 3)
     with pytest.raises(ChunkCorrupt, match="against itself"):
-        decode_chunk(chunk_key(raw), selfish, len(raw), base=lambda key, n: raw)
+        decode_chunk(chunk_key(raw), selfish, len(raw), base=lambda key, out, difference=None: raw)
 
 
 def test_a_bundle_ships_deltas_when_the_receiver_holds_the_base(models, tmp_path: Path) -> None:

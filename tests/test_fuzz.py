@@ -462,7 +462,7 @@ def test_hostile_delta_values_are_corrupt_within_bounds(value: bytes, raw_len: i
         allocation_bound(4 * raw_len + base_len + 4 * len(value) + SLACK),
         pytest.raises(ChunkCorrupt) as caught,
     ):
-        decode_chunk(b"\x00" * 16, value, raw_len, base=lambda key, length: base)
+        decode_chunk(b"\x00" * 16, value, raw_len, base=lambda key, out, difference=None: base)
     refused_cleanly(caught.value)
 
 

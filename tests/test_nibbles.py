@@ -8,12 +8,20 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from blockstore.codecs import DecodeError, Nibbles, framing, planes, stored_codec
+from blockstore.codecs import DecodeError, Nibbles, Raw, Zstd, framing, planes, stored_codec
 from blockstore.codecs import delta as deltas
 from blockstore.codecs import nibbles as nibbles_module
 from blockstore.codecs.lossless import ByteGroupZstd
-from blockstore.core.chunks import decode_chunk, delta_header, delta_value
-from blockstore.core.hashing import chunk_key
+from blockstore.core.chunks import (
+    decode_base_onto,
+    decode_chunk,
+    decode_chunk_into,
+    delta_header,
+    delta_value,
+    encode_chunk,
+)
+from blockstore.core.hashing import chunk_key, strong_digest
+from blockstore.errors import ChunkCorrupt, ChunkMissing
 
 from .helpers import FUZZ_EXAMPLES
 
@@ -86,7 +94,10 @@ def test_a_difference_restores_onto_its_base_in_one_pass(compiled: bool, width: 
     value = delta_value(memoryview(raw), chunk_key(base), base, width, 3)
     header = delta_header(value)
     assert header is not None and header.codec == Nibbles(width, 3)
-    assert bytes(decode_chunk(chunk_key(raw), value, len(raw), base=lambda key, n: base)) == raw
+    assert (
+        bytes(decode_chunk(chunk_key(raw), value, len(raw), base=lambda key, out, difference=None: base))
+        == raw
+    )
 
 
 def test_a_delta_of_large_changes_is_byte_grouped_instead() -> None:
@@ -98,7 +109,9 @@ def test_a_delta_of_large_changes_is_byte_grouped_instead() -> None:
     value = delta_value(memoryview(raw.tobytes()), chunk_key(base.tobytes()), base.tobytes(), 4, 3)
     header = delta_header(value)
     assert header is not None and header.codec == ByteGroupZstd(4, 3)
-    decoded = decode_chunk(chunk_key(raw.tobytes()), value, raw.nbytes, base=lambda key, n: base.tobytes())
+    decoded = decode_chunk(
+        chunk_key(raw.tobytes()), value, raw.nbytes, base=lambda key, out, difference=None: base.tobytes()
+    )
     assert bytes(decoded) == raw.tobytes()
 
 
@@ -116,7 +129,14 @@ def test_deltas_stored_with_byte_planes_still_decode() -> None:
         "params": {"itemsize": 2, "level": 3, "split_sign": False},
     }
     value = framing.frame(["delta", params], [payload])
-    assert bytes(decode_chunk(chunk_key(raw), value, len(raw), base=lambda key, n: base.tobytes())) == raw
+    assert (
+        bytes(
+            decode_chunk(
+                chunk_key(raw), value, len(raw), base=lambda key, out, difference=None: base.tobytes()
+            )
+        )
+        == raw
+    )
 
 
 def _payload(fields: object, nibbles: bytes, exceptions: bytes = b"") -> bytes:
@@ -166,7 +186,7 @@ def test_a_base_decoded_into_the_deltas_own_buffer_is_added_in_place(compiled: b
     header = delta_header(value)
     assert header is not None and type(header.codec) is (Nibbles if changes == "small" else ByteGroupZstd)
 
-    def into_out(key: bytes, out: memoryview) -> memoryview:
+    def into_out(key: bytes, out: memoryview, difference: object = None) -> memoryview:
         out[:] = base.tobytes()
         return out
 
@@ -192,3 +212,97 @@ def test_a_chunk_beyond_the_kept_scratch_decodes_through_a_buffer_of_its_own() -
     codec.decode_into(codec.encode(memoryview(raw.tobytes())), memoryview(out))
     assert out == raw.tobytes()
     assert len(nibbles_module._local.__dict__.get("packed", b"")) <= nibbles_module._KEPT_SCRATCH
+
+
+def _fused_reader(stored: dict[bytes, bytes]):
+    """A `BaseReader` like the store's: given the delta's difference, it decodes the base's stored
+    value with the difference added (unchecked); otherwise it decodes the base, checked."""
+
+    def read(key: bytes, out: memoryview, difference: object = None) -> memoryview | None:
+        if key not in stored:
+            raise ChunkMissing(key.hex())
+        if difference is not None:
+            decode_base_onto(key, stored[key], out, difference)  # type: ignore[arg-type]
+            return None
+        decode_chunk_into(key, stored[key], out)
+        return out
+
+    return read
+
+
+@pytest.mark.parametrize(
+    ("dtype", "width", "base_codec"),
+    [
+        ("BF16", 2, ByteGroupZstd(2, 3, True)),
+        ("F16", 2, ByteGroupZstd(2, 3, True)),
+        ("F32", 4, ByteGroupZstd(4, 3, True)),
+        ("I64", 8, ByteGroupZstd(8, 3)),
+        ("U8", 1, ByteGroupZstd(1, 3)),
+        ("F32-zstd", 4, Zstd(3)),
+        ("F32-raw", 4, Raw()),
+    ],
+)
+def test_a_base_joined_with_its_difference_in_one_pass_gives_the_chunk(
+    compiled: bool, dtype: str, width: int, base_codec: object
+) -> None:
+    rng = np.random.default_rng(width)
+    base = rng.integers(0, 256, (4096 + 17) * width, dtype=np.uint8).tobytes()
+    change = rng.integers(-3, 4, 4096 + 17).astype(UNSIGNED[width])
+    change[::97] = UNSIGNED[width](1 << (8 * width - 1))
+    raw = (np.frombuffer(base, UNSIGNED[width]) + change).tobytes()
+    base_key = chunk_key(base)
+    value = delta_value(memoryview(raw), base_key, base, width, 3)
+    stored = {base_key: encode_chunk(base_codec, memoryview(base))}  # type: ignore[arg-type]
+    assert (
+        bytes(decode_chunk(chunk_key(raw), value, len(raw), strong_digest(raw), _fused_reader(stored))) == raw
+    )
+
+
+def test_a_damaged_base_under_a_fused_delta_is_named() -> None:
+    rng = np.random.default_rng(3)
+    bf16 = (rng.standard_normal(2048) * 0.02).astype(np.float32).view(np.uint16)[1::2]
+    base = bf16.copy().tobytes()
+    raw = (np.frombuffer(base, np.uint16) + rng.integers(0, 2, 2048, dtype=np.uint16)).tobytes()
+    base_key = chunk_key(base)
+    value = delta_value(memoryview(raw), base_key, base, 2, 3)
+    other = np.frombuffer(base, np.uint16).copy()
+    other[7] ^= 0x40
+    wrong = {
+        base_key: encode_chunk(ByteGroupZstd(2, 3, True), memoryview(other.tobytes()))
+    }  # decodes, wrongly
+    with pytest.raises(ChunkCorrupt, match=f"its base: chunk {base_key.hex()}"):
+        decode_chunk(chunk_key(raw), value, len(raw), strong_digest(raw), _fused_reader(wrong))
+    broken = {base_key: encode_chunk(ByteGroupZstd(2, 3, True), memoryview(base))[:-9]}  # does not decode
+    with pytest.raises(ChunkCorrupt, match=f"its base: chunk {base_key.hex()}"):
+        decode_chunk(chunk_key(raw), value, len(raw), strong_digest(raw), _fused_reader(broken))
+    with pytest.raises(ChunkCorrupt, match="its base"):
+        decode_chunk(chunk_key(raw), value, len(raw), strong_digest(raw), _fused_reader({}))
+
+
+def test_a_damaged_difference_over_a_sound_base_is_the_deltas_damage() -> None:
+    rng = np.random.default_rng(4)
+    base = rng.integers(0, 1 << 16, 2048, dtype=np.uint16).tobytes()
+    raw = (np.frombuffer(base, np.uint16) + rng.integers(0, 2, 2048, dtype=np.uint16)).tobytes()
+    base_key = chunk_key(base)
+    value = bytearray(delta_value(memoryview(raw), base_key, base, 2, 3))
+    value[-40] ^= 0x01  # inside the nibbles' zstd frame or the exceptions
+    stored = {base_key: encode_chunk(ByteGroupZstd(2, 3), memoryview(base))}
+    with pytest.raises(ChunkCorrupt) as caught:
+        decode_chunk(chunk_key(raw), bytes(value), len(raw), strong_digest(raw), _fused_reader(stored))
+    assert "its base" not in str(caught.value) and chunk_key(raw).hex() in str(caught.value)
+
+
+def test_a_difference_decoded_while_another_waits_for_its_base_keeps_its_parts() -> None:
+    """A copy re-roots a delta by reading its base, itself a delta in that store: the inner decode
+    must not reuse the outer difference's buffers (it did: the outer then saw the inner's nibbles)."""
+    rng = np.random.default_rng(5)
+    root = rng.integers(0, 1 << 16, 3000, dtype=np.uint16)
+    middle = (root + rng.integers(0, 3, 3000, dtype=np.uint16)).tobytes()
+    raw = (np.frombuffer(middle, np.uint16) + rng.integers(0, 3, 3000, dtype=np.uint16)).tobytes()
+    inner = delta_value(memoryview(middle), chunk_key(root.tobytes()), root.tobytes(), 2, 3)
+    outer = delta_value(memoryview(raw), chunk_key(middle), middle, 2, 3)
+
+    def base(key: bytes, out: memoryview, difference: object = None) -> bytearray:  # decodes a delta itself
+        return decode_chunk(key, inner, len(out), base=lambda k, o, d=None: root.tobytes())
+
+    assert bytes(decode_chunk(chunk_key(raw), outer, len(raw), base=base)) == raw

@@ -86,6 +86,21 @@ MULTIVERSION static void join8(const uint8_t *const *p, uint8_t *out, Py_ssize_t
 #define UNZIGZAG(T, v) ((T)(((v) >> 1) ^ (T)(0 - ((v) & 1))))
 #define NIBBLE_BLOCK 4096 /* elements; a multiple of 16, so a block's nibbles are whole 8-byte words */
 
+/* Join elements [start, start + size) of the byte planes into `out` (the same layout as `join`). */
+static void join_block(const uint8_t *const *planes, int width, Py_ssize_t start, uint8_t *out, Py_ssize_t size,
+                       int split_sign) {
+    const uint8_t *at[MAX_PLANES];
+    for (int j = 0; j < width; j++) {
+        at[j] = planes[j] + start;
+    }
+    switch (width) {
+        case 1: memmove(out, at[0], (size_t)size); break;
+        case 2: join2(at, out, size, split_sign); break;
+        case 4: join4(at, out, size, split_sign); break;
+        default: join8(at, out, size, split_sign); break;
+    }
+}
+
 /* One block of `n` elements (n even, or the last block) starting at element 0 of the pointers given. `kind`:
  * 0 values, 1 base + unzigzag(value) from a separate base, 2 the same in place (base == out: the loop then
  * reads and writes one pointer, which the vectorizer takes without an overlap check). */
@@ -171,12 +186,16 @@ MULTIVERSION static void join8(const uint8_t *const *p, uint8_t *out, Py_ssize_t
     }                                                                                                         \
     /* Every block; 0, or -1 when the nibbles that are 15 are not exactly the `count` exceptions given. */    \
     MULTIVERSION static int unpack##W(const uint8_t *packed, const uint8_t *exceptions, Py_ssize_t count,     \
-                                      const uint8_t *base, int kind, uint8_t *out, Py_ssize_t n) {            \
+                                      const uint8_t *base, int kind, uint8_t *out, Py_ssize_t n,              \
+                                      const uint8_t *const *planes, int split_sign) {                         \
         Py_ssize_t used = 0;                                                                                  \
         for (Py_ssize_t start = 0; start < n; start += NIBBLE_BLOCK) {                                        \
             Py_ssize_t size = n - start < NIBBLE_BLOCK ? n - start : NIBBLE_BLOCK;                            \
             const uint8_t *p = packed + start / 2;                                                            \
             uint8_t *o = out + start * W;                                                                     \
+            if (planes != NULL) { /* the base is these planes: joined into the block, then added to */      \
+                join_block(planes, W, start, o, size, split_sign);                                            \
+            }                                                                                                 \
             if (kind == 0) {                                                                                  \
                 values##W(p, o, size);                                                                        \
             } else if (kind == 1) {                                                                           \
@@ -196,18 +215,20 @@ NIBBLE_LOOPS(2, uint16_t)
 NIBBLE_LOOPS(4, uint32_t)
 NIBBLE_LOOPS(8, uint64_t)
 
+static void release(Py_buffer *views, int count);
+
+/* nibbles(packed, exceptions, out, width, base): `base` is None (write the values), a buffer (write base +
+ * unzigzag(value); it may be `out` itself), or (planes, split_sign): the base as its byte planes, joined into
+ * each block of `out` just before the difference is added to it, so the base is never written out whole. */
 static PyObject *nibbles(PyObject *Py_UNUSED(self), PyObject *args) {
-    Py_buffer packed, exceptions, out, base = {0};
-    int width;
-    PyObject *base_object;
+    Py_buffer packed, exceptions, out, base = {0}, plane_views[MAX_PLANES];
+    const uint8_t *plane_bytes[MAX_PLANES];
+    int width, split_sign = 0, held = 0, have_base = 0;
+    PyObject *base_object, *plane_list = NULL;
     if (!PyArg_ParseTuple(args, "y*y*w*iO", &packed, &exceptions, &out, &width, &base_object)) {
         return NULL;
     }
     PyObject *result = NULL;
-    int have_base = base_object != Py_None;
-    if (have_base && PyObject_GetBuffer(base_object, &base, PyBUF_SIMPLE) < 0) {
-        goto done_buffers;
-    }
     if (width != 1 && width != 2 && width != 4 && width != 8) {
         PyErr_Format(PyExc_ValueError, "width %d: elements of 1, 2, 4 or 8 bytes only", width);
         goto done;
@@ -217,6 +238,44 @@ static PyObject *nibbles(PyObject *Py_UNUSED(self), PyObject *args) {
         goto done;
     }
     Py_ssize_t n = out.len / width;
+    if (PyTuple_Check(base_object)) {
+        PyObject *given_planes; /* borrowed */
+        if (!PyArg_ParseTuple(base_object, "Op", &given_planes, &split_sign)) {
+            goto done;
+        }
+        plane_list = PySequence_Fast(given_planes, "planes must be a sequence of buffers");
+        if (plane_list == NULL) {
+            goto done;
+        }
+        if (PySequence_Fast_GET_SIZE(plane_list) != width) {
+            PyErr_Format(PyExc_ValueError, "%zd base planes for %d-byte elements", PySequence_Fast_GET_SIZE(plane_list), width);
+            goto done;
+        }
+        if (split_sign && width < 2) {
+            PyErr_SetString(PyExc_ValueError, "split_sign needs items of 2 bytes or more");
+            goto done;
+        }
+        for (; held < width; held++) {
+            if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(plane_list, held), &plane_views[held], PyBUF_SIMPLE) < 0) {
+                goto done;
+            }
+            if (plane_views[held].len != n) {
+                PyErr_Format(PyExc_ValueError, "base plane %d holds %zd bytes, expected %zd", held, plane_views[held].len, n);
+                held++;
+                goto done;
+            }
+            plane_bytes[held] = (const uint8_t *)plane_views[held].buf;
+        }
+    } else if (base_object != Py_None) {
+        if (PyObject_GetBuffer(base_object, &base, PyBUF_SIMPLE) < 0) {
+            goto done;
+        }
+        have_base = 1;
+        if (base.len != out.len) {
+            PyErr_Format(PyExc_ValueError, "a base of %zd bytes for %zd output bytes", base.len, out.len);
+            goto done;
+        }
+    }
     if (packed.len != (n + 1) / 2) {
         PyErr_Format(PyExc_ValueError, "%zd packed bytes for %zd elements (expected %zd)", packed.len, n, (n + 1) / 2);
         goto done;
@@ -229,13 +288,10 @@ static PyObject *nibbles(PyObject *Py_UNUSED(self), PyObject *args) {
         PyErr_Format(PyExc_ValueError, "%zd exception bytes is not a whole number of %d-byte elements", exceptions.len, width);
         goto done;
     }
-    if (have_base && base.len != out.len) {
-        PyErr_Format(PyExc_ValueError, "a base of %zd bytes for %zd output bytes", base.len, out.len);
-        goto done;
-    }
     const uint8_t *p = (const uint8_t *)packed.buf, *e = (const uint8_t *)exceptions.buf;
-    const uint8_t *b = have_base ? (const uint8_t *)base.buf : NULL;
     uint8_t *target = (uint8_t *)out.buf;
+    const uint8_t *b = have_base ? (const uint8_t *)base.buf : (held ? target : NULL);
+    const uint8_t *const *planes = held ? plane_bytes : NULL;
     Py_ssize_t count = exceptions.len / width;
     int kind = b == NULL ? 0 : (b == target ? 2 : 1), patched;
     if (kind == 1 && b < target + out.len && target < b + out.len) {
@@ -244,22 +300,23 @@ static PyObject *nibbles(PyObject *Py_UNUSED(self), PyObject *args) {
     }
     Py_BEGIN_ALLOW_THREADS
     switch (width) {
-        case 1: patched = unpack1(p, e, count, b, kind, target, n); break;
-        case 2: patched = unpack2(p, e, count, b, kind, target, n); break;
-        case 4: patched = unpack4(p, e, count, b, kind, target, n); break;
-        default: patched = unpack8(p, e, count, b, kind, target, n); break;
+        case 1: patched = unpack1(p, e, count, b, kind, target, n, planes, split_sign); break;
+        case 2: patched = unpack2(p, e, count, b, kind, target, n, planes, split_sign); break;
+        case 4: patched = unpack4(p, e, count, b, kind, target, n, planes, split_sign); break;
+        default: patched = unpack8(p, e, count, b, kind, target, n, planes, split_sign); break;
     }
     Py_END_ALLOW_THREADS
     if (patched < 0) {
-        PyErr_Format(PyExc_ValueError, "the packed values do not mark exactly the %zd exceptions given", exceptions.len / width);
+        PyErr_Format(PyExc_ValueError, "the packed values do not mark exactly the %zd exceptions given", count);
         goto done;
     }
     result = Py_NewRef(Py_None);
 done:
+    release(plane_views, held);
+    Py_XDECREF(plane_list);
     if (have_base) {
         PyBuffer_Release(&base);
     }
-done_buffers:
     PyBuffer_Release(&packed);
     PyBuffer_Release(&exceptions);
     PyBuffer_Release(&out);

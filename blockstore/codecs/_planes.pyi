@@ -12,6 +12,6 @@ def nibbles(
     exceptions: bytes | bytearray | memoryview,
     out: memoryview,
     width: int,
-    base: bytes | bytearray | memoryview | None,
+    base: bytes | bytearray | memoryview | tuple[Sequence[bytes | memoryview], bool] | None,
     /,
 ) -> None: ...

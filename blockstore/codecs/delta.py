@@ -31,7 +31,8 @@ _UNSIGNED = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 _SIGNED = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}
 
 
-def _check(length: int, base_length: int, width: int) -> None:
+def check_lengths(length: int, base_length: int, width: int) -> None:
+    """Refuse a chunk and base that cannot be a delta of `width`-byte elements and its base."""
     if width not in WIDTHS:
         raise DecodeError(f"delta width {width} is not one of {', '.join(map(str, WIDTHS))}")
     if length != base_length:
@@ -42,7 +43,7 @@ def _check(length: int, base_length: int, width: int) -> None:
 
 def difference(raw: memoryview | bytes, base: memoryview | bytes | bytearray, width: int) -> bytes:
     """zigzag(raw - base) element by element: what `restore` turns back into `raw`."""
-    _check(len(raw), len(base), width)
+    check_lengths(len(raw), len(base), width)
     unsigned, signed = _UNSIGNED[width], _SIGNED[width]
     change = (np.frombuffer(raw, unsigned) - np.frombuffer(base, unsigned)).view(signed)
     folded = (change << 1) ^ (change >> (8 * width - 1))
@@ -74,7 +75,7 @@ def decode_onto(
     """Decode a stored difference into `out` and turn it into the bytes it was taken from: nibbles
     add it to `base` in the pass that unpacks them; other codecs decode first, then `restore`.
     `base` may be `out` itself (a base decoded into the delta's buffer): the sum is made in place."""
-    _check(len(out), len(base), width)
+    check_lengths(len(out), len(base), width)
     if isinstance(codec, Nibbles) and codec.width == width:
         codec.restore_into(payload, out, base)
         return
@@ -86,7 +87,7 @@ def decode_onto(
 
 def restore(out: memoryview, base: memoryview | bytes | bytearray, width: int) -> None:
     """`out` holds a `difference`; turn it in place into the bytes it was taken from."""
-    _check(len(out), len(base), width)
+    check_lengths(len(out), len(base), width)
     unsigned = _UNSIGNED[width]
     folded = np.frombuffer(out, unsigned)  # writable: `out` is
     sign = folded & 1

@@ -221,14 +221,20 @@ class ByteGroupZstd:
         return framing.frame(modes, stored)
 
     def decode_into(self, data: bytes | memoryview, out: memoryview) -> None:
-        if len(out) % self.itemsize:
-            raise DecodeError(f"{len(out)} bytes is not a whole number of {self.itemsize}-byte items")
-        plane_len = len(out) // self.itemsize
+        planes.join(self.decoded_planes(data, len(out)), out, self.split_sign)
+
+    def decoded_planes(self, data: bytes | memoryview, out_len: int) -> list[bytes | memoryview]:
+        """The byte planes of the `out_len` bytes `data` decodes to, not yet joined (a delta adds
+        its difference as it joins its base's planes: `Difference.add_onto`). Views of the stored
+        value or of a per-thread scratch: valid until this thread decodes the next chunk."""
+        if out_len % self.itemsize:
+            raise DecodeError(f"{out_len} bytes is not a whole number of {self.itemsize}-byte items")
+        plane_len = out_len // self.itemsize
         stored = _stored_planes(data)
         if len(stored) != self.itemsize:
             raise DecodeError(f"byte-group payload holds {len(stored)} planes, not {self.itemsize}")
         scratch = _plane_scratch(plane_len * sum(mode == _PLANE_ZSTD for mode, _ in stored))
-        byte_planes = []
+        byte_planes: list[bytes | memoryview] = []
         for index, (mode, payload) in enumerate(stored):
             if mode == _PLANE_ZSTD:
                 plane, scratch = scratch[:plane_len], scratch[plane_len:]
@@ -239,7 +245,7 @@ class ByteGroupZstd:
             elif mode != _PLANE_RAW or len(payload) != plane_len:
                 raise DecodeError(f"byte-group plane {index} has mode {mode!r}, {len(payload)} bytes")
             byte_planes.append(payload)
-        planes.join(byte_planes, out, self.split_sign)
+        return byte_planes
 
 
 def _stored_planes(data: bytes | memoryview) -> list[tuple[object, bytes | memoryview]]:

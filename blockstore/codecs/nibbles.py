@@ -22,6 +22,7 @@ was not built numpy gives the same bytes.
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -107,21 +108,18 @@ class Nibbles:
     def restore_into(
         self, data: bytes | memoryview, out: memoryview, base: bytes | bytearray | memoryview | None
     ) -> None:
-        """Decode into `out`; with `base` (as long as `out`), write base + unzigzag(value) for each
-        element instead of the value: a delta chunk's bytes, in the pass that unpacks them."""
-        if len(out) % self.width:
-            raise DecodeError(f"{len(out)} bytes is not a whole number of {self.width}-byte elements")
-        count = len(out) // self.width
-        packed, exceptions = self._parts(data, count)
-        if planes._compiled is not None:
-            try:
-                planes._compiled.nibbles(packed, exceptions, out, self.width, base)
-            except ValueError as exc:
-                raise DecodeError(f"nibbles payload: {exc}") from None
-        else:
-            _unpack_numpy(packed, exceptions, out, self.width, base)
+        """Decode into `out`; with `base` (as long as `out`, or `out` itself), write base +
+        unzigzag(value) for each element instead of the value: a delta chunk's bytes, in the pass
+        that unpacks them."""
+        self.difference(data, len(out)).add_onto(out, base)
 
-    def _parts(self, data: bytes | memoryview, count: int) -> tuple[memoryview, memoryview]:
+    def difference(self, data: bytes | memoryview, out_len: int) -> Difference:
+        """The decoded parts of `data`, for `out_len` bytes, ready to be added onto a base."""
+        if out_len % self.width:
+            raise DecodeError(f"{out_len} bytes is not a whole number of {self.width}-byte elements")
+        return self._parts(data, out_len // self.width)
+
+    def _parts(self, data: bytes | memoryview, count: int) -> Difference:
         try:
             fields, parts = framing.unframe(data)
         except framing.FrameError as exc:
@@ -131,14 +129,13 @@ class Nibbles:
         exception_count = fields[0]
         if not 0 <= exception_count <= count:
             raise DecodeError(f"nibbles payload declares {exception_count} exceptions for {count} elements")
-        packed = _scratch("packed", (count + 1) // 2)
-        zstd_decompress_into(parts[0], packed)
-        exceptions = _scratch("exceptions", exception_count * self.width)
+        difference = Difference(self.width, (count + 1) // 2, exception_count * self.width)
+        zstd_decompress_into(parts[0], difference.packed)
         if exception_count:
-            ByteGroupZstd(self.width, self.level).decode_into(parts[1], exceptions)
+            ByteGroupZstd(self.width, self.level).decode_into(parts[1], difference.exceptions)
         elif len(parts[1]):
             raise DecodeError("nibbles payload holds exceptions it does not count")
-        return packed, exceptions
+        return difference
 
 
 _KEPT_SCRATCH = 8 << 20
@@ -146,16 +143,73 @@ _KEPT_SCRATCH = 8 << 20
 ones, from chunks beyond 16 MiB, get a new one, so no thread holds on to a huge buffer."""
 
 
-def _scratch(name: str, nbytes: int) -> memoryview:
-    """A per-thread buffer for one part (a chunk's nibbles are half its elements): decoding is on
-    every load's path, and a fresh buffer per chunk pays a page fault per 4 KiB."""
-    if nbytes > _KEPT_SCRATCH:
-        return memoryview(bytearray(nbytes))
-    kept = _local.__dict__.get(name)
+Base = bytes | bytearray | memoryview | tuple[Sequence[bytes | memoryview], bool] | None
+"""What a difference is added onto: nothing (the values themselves), a base's bytes (or the output
+buffer already holding them), or a base's byte planes and `split_sign`, joined block by block."""
+
+
+class Difference:
+    """A `Nibbles` payload decoded into its parts, to be written out once with `add_onto`.
+
+    The parts live in buffers kept per thread, taken while the difference waits for its base: a
+    chunk decoded meanwhile on the same thread (the base itself, or a copy reading a base that is
+    a delta in its store) gets buffers of its own. `add_onto` gives them back."""
+
+    def __init__(self, width: int, packed_len: int, exceptions_len: int) -> None:
+        self.width = width
+        self._buffers = [
+            ("packed", _take("packed", packed_len)),
+            ("exceptions", _take("exceptions", exceptions_len)),
+        ]
+        self.packed = memoryview(self._buffers[0][1])[:packed_len]
+        self.exceptions = memoryview(self._buffers[1][1])[:exceptions_len]
+
+    def add_onto(self, out: memoryview, base: Base) -> None:
+        """Write into `out` the values (base None) or base + unzigzag(value), element by element.
+        Given as byte planes, the base is joined into `out` a block at a time just before the
+        difference is added, so it is never written out whole and read back (the pass of a delta
+        chunk whose base is stored byte-grouped, as float weights are)."""
+        try:
+            self._write(out, base)
+        finally:
+            for name, buffer in self._buffers:
+                _give_back(name, buffer)
+            self._buffers = []
+
+    def _write(self, out: memoryview, base: Base) -> None:
+        if not self._buffers:
+            raise RuntimeError("a difference is added onto its base once")
+        if planes._compiled is not None:
+            try:
+                planes._compiled.nibbles(self.packed, self.exceptions, out, self.width, base)
+            except ValueError as exc:
+                raise DecodeError(f"nibbles payload: {exc}") from None
+            return
+        if isinstance(base, tuple):
+            base_planes, split_sign = base
+            if len(base_planes) != self.width:
+                raise DecodeError(
+                    f"nibbles payload: {len(base_planes)} base planes for {self.width}-byte elements"
+                )
+            joined = memoryview(bytearray(len(out)))
+            planes.join_numpy(base_planes, joined, split_sign)
+            base = joined
+        _unpack_numpy(self.packed, self.exceptions, out, self.width, base)
+
+
+def _take(name: str, nbytes: int) -> bytearray:
+    """This thread's kept buffer for one part (a chunk's nibbles are half its elements), taken, or
+    a new one: decoding is on every load's path, and a fresh buffer per chunk pays a page fault
+    per 4 KiB."""
+    kept = _local.__dict__.pop(name, None)
     if kept is None or len(kept) < nbytes:
         kept = bytearray(max(nbytes, 1 << 16))
-        _local.__dict__[name] = kept
-    return memoryview(kept)[:nbytes]
+    return kept
+
+
+def _give_back(name: str, buffer: bytearray) -> None:
+    if len(buffer) <= _KEPT_SCRATCH:
+        _local.__dict__[name] = buffer
 
 
 def _unpack_numpy(

@@ -24,10 +24,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import msgpack
 
 from blockstore.codecs import (
+    ByteGroupZstd,
     Codec,
     DecodeError,
     LossyCodec,
@@ -38,6 +40,7 @@ from blockstore.codecs import (
     stored_codec,
 )
 from blockstore.codecs import delta as deltas
+from blockstore.codecs.nibbles import Base, Difference, Nibbles
 from blockstore.core.dtypes import byte_unit, nbytes_of
 from blockstore.core.hashing import ChunkKey, chunk_key, strong_digest
 from blockstore.errors import ChunkCorrupt, ChunkMissing, InvalidArgument
@@ -74,11 +77,22 @@ _MALFORMED = (DecodeError, InvalidArgument, ValueError, TypeError, msgpack.Unpac
 DELTA_ID = "delta"
 """The codec id of a delta chunk's envelope (FORMAT.md §1): decoding it needs its base chunk."""
 
-BaseReader = Callable[[ChunkKey, memoryview], "bytes | bytearray | memoryview"]
-"""(base key, out) → the `len(out)` bytes that base chunk decodes to, checked against its key: how a
-reader hands a delta chunk its base (raises ChunkMissing or ChunkCorrupt for the base). `out` is
-the delta's own buffer: a reader may decode the base into it and return it, and the difference is
-then added in place (a base buffer and a pass over it fewer on every delta chunk a load decodes)."""
+
+class BaseReader(Protocol):
+    """How a reader hands a delta chunk its base (FORMAT.md §1); raises ChunkMissing or ChunkCorrupt
+    for the base."""
+
+    def __call__(
+        self, key: ChunkKey, out: memoryview, difference: Difference | None = None, /
+    ) -> bytes | bytearray | memoryview | None:
+        """The `len(out)` bytes base chunk `key` decodes to, checked against its key. `out` is the
+        delta's own buffer: a reader may decode the base into it and return it (the difference is
+        then added in place). Given the delta's decoded `difference`, a reader may instead write
+        base + difference into `out` itself (`decode_base_onto`: the base joined and the
+        difference added a block at a time) and return None; the base is then not checked on its
+        own, since the delta's check covers every byte of it, and a delta that fails its check
+        reads its base again, checked, to say whether the base is what is damaged."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -234,19 +248,26 @@ def decode_chunk_into(
     A delta chunk is decoded with its base chunk's bytes from `base`; without one (a base being
     decoded: chains are one deep, FORMAT.md §1) a delta is refused as damage. Its check is that of
     any chunk, on the bytes it decodes to, so a wrong base can never pass as the chunk."""
+    unchecked_base: ChunkKey | None = None
     try:
         codec_id, params, payload = _envelope(value)
         if codec_id == DELTA_ID:
-            _decode_delta(key, _delta_header(params), payload, out, base)
+            unchecked_base = _decode_delta(key, _delta_header(params), payload, out, base)
         else:
             stored_codec(codec_id, params).decode_into(payload, out)
     except _MALFORMED as exc:
         raise ChunkCorrupt(key.hex(), exc) from None
     if strong is not None:
-        if strong_digest(out) != strong:
-            raise ChunkCorrupt(key.hex(), strong_mismatch(chunk_key(out) == key))
-    elif chunk_key(out) != key:
-        raise ChunkCorrupt(key.hex(), "decoded bytes do not hash to the chunk's key")
+        if strong_digest(out) == strong:
+            return
+        reason = strong_mismatch(chunk_key(out) == key)
+    elif chunk_key(out) == key:
+        return
+    else:
+        reason = "decoded bytes do not hash to the chunk's key"
+    if unchecked_base is not None and base is not None:
+        _blame_base(key, unchecked_base, len(out), base)
+    raise ChunkCorrupt(key.hex(), reason)
 
 
 def _decode_delta(
@@ -255,18 +276,65 @@ def _decode_delta(
     payload: bytes | memoryview,
     out: memoryview,
     base: BaseReader | None,
-) -> None:
+) -> ChunkKey | None:
+    """Decode delta chunk `key` into `out`; returns its base's key when the base was decoded
+    with the difference added and not checked on its own (`BaseReader`), else None."""
     if base is None:
         raise DecodeError(
             f"a delta against chunk {header.base.hex()} where a base was being read (chains are one deep)"
         )
     if header.base == key:
         raise DecodeError("a delta against itself")
+    codec = header.codec
+    difference = (
+        codec.difference(payload, len(out))
+        if isinstance(codec, Nibbles) and codec.width == header.width
+        else None
+    )
     try:
-        base_bytes = base(header.base, out)
+        base_bytes = base(header.base, out, difference) if difference is not None else base(header.base, out)
     except (ChunkCorrupt, ChunkMissing) as exc:
         raise ChunkCorrupt(key.hex(), f"its base: {exc}") from None
-    deltas.decode_onto(header.codec, payload, out, base_bytes, header.width)
+    if base_bytes is None:  # the reader added the difference as it decoded the base
+        return header.base
+    if difference is not None:
+        deltas.check_lengths(len(out), len(base_bytes), header.width)
+        difference.add_onto(out, base_bytes)
+    else:
+        deltas.decode_onto(codec, payload, out, base_bytes, header.width)
+    return None
+
+
+def _blame_base(key: ChunkKey, base_key: ChunkKey, raw_len: int, base: BaseReader) -> None:
+    """A delta decoded onto a base that was not checked on its own failed its check: raise naming
+    the base if it is the base that is damaged or missing (read again, checked)."""
+    try:
+        base(base_key, memoryview(bytearray(raw_len)))
+    except (ChunkCorrupt, ChunkMissing) as exc:
+        raise ChunkCorrupt(key.hex(), f"its base: {exc}") from None
+
+
+def decode_base_onto(
+    key: ChunkKey, value: bytes | memoryview, out: memoryview, difference: Difference
+) -> None:
+    """Decode base chunk `key` from its stored `value` into `out` with a delta's `difference`
+    added (a `BaseReader`'s fused path): a byte-grouped base is joined and added to a block at a
+    time; any other is decoded, then added to in place. The base's own damage raises ChunkCorrupt
+    for `key`; the difference's, DecodeError (the delta's). Not checked against `key`: the
+    delta's check covers these bytes (`BaseReader`)."""
+    try:
+        codec_id, params, payload = _envelope(value)
+        if codec_id == DELTA_ID:
+            raise DecodeError("a delta where a base was being read (chains are one deep)")
+        codec = stored_codec(codec_id, params)
+        if isinstance(codec, ByteGroupZstd) and codec.itemsize == difference.width:
+            onto: Base = (codec.decoded_planes(payload, len(out)), codec.split_sign)
+        else:
+            codec.decode_into(payload, out)
+            onto = out
+    except _MALFORMED as exc:
+        raise ChunkCorrupt(key.hex(), exc) from None
+    difference.add_onto(out, onto)
 
 
 def strong_mismatch(key_matches: bool) -> str:
