@@ -101,6 +101,36 @@ static void join_block(const uint8_t *const *planes, int width, Py_ssize_t start
     }
 }
 
+/* Two-byte elements from their planes (as join2) plus unzigzag of their nibbles, in one loop: the
+ * common delta (bf16 and f16 weights), where joining first and adding after cost a pass over the block.
+ * A pair of elements per packed byte, so that the loop vectorizes. */
+static inline uint16_t joined2(uint8_t low, uint8_t high, int split_sign) {
+    return split_sign ? (uint16_t)((low & 0x7F) | (high << 7) | ((low & 0x80) << 8)) : (uint16_t)(low | (high << 8));
+}
+
+#define JOINED_ONTO2(SPLIT)                                                                                   \
+    for (Py_ssize_t k = 0; k < n / 2; k++) {                                                                  \
+        uint16_t low = (uint16_t)(packed[k] & 15), high = (uint16_t)(packed[k] >> 4);                         \
+        uint16_t first = (uint16_t)(joined2(b0[2 * k], b1[2 * k], SPLIT) + UNZIGZAG(uint16_t, low));          \
+        uint16_t second = (uint16_t)(joined2(b0[2 * k + 1], b1[2 * k + 1], SPLIT) + UNZIGZAG(uint16_t, high)); \
+        memcpy(out + 4 * k, &first, 2);                                                                       \
+        memcpy(out + 4 * k + 2, &second, 2);                                                                  \
+    }                                                                                                         \
+    if (n & 1) {                                                                                              \
+        uint16_t low = (uint16_t)(packed[n / 2] & 15);                                                        \
+        uint16_t last = (uint16_t)(joined2(b0[n - 1], b1[n - 1], SPLIT) + UNZIGZAG(uint16_t, low));           \
+        memcpy(out + 2 * (n - 1), &last, 2);                                                                  \
+    }
+
+static inline void joined_onto2(const uint8_t *b0, const uint8_t *b1, const uint8_t *packed, uint8_t *out,
+                                Py_ssize_t n, int split_sign) {
+    if (split_sign) {
+        JOINED_ONTO2(1)
+    } else {
+        JOINED_ONTO2(0)
+    }
+}
+
 /* One block of `n` elements (n even, or the last block) starting at element 0 of the pointers given. `kind`:
  * 0 values, 1 base + unzigzag(value) from a separate base, 2 the same in place (base == out: the loop then
  * reads and writes one pointer, which the vectorizer takes without an overlap check). */
@@ -193,10 +223,12 @@ static void join_block(const uint8_t *const *planes, int width, Py_ssize_t start
             Py_ssize_t size = n - start < NIBBLE_BLOCK ? n - start : NIBBLE_BLOCK;                            \
             const uint8_t *p = packed + start / 2;                                                            \
             uint8_t *o = out + start * W;                                                                     \
-            if (planes != NULL) { /* the base is these planes: joined into the block, then added to */      \
+            if (planes != NULL && W == 2) { /* bf16/f16 bases: joined and added to in one loop */            \
+                joined_onto2(planes[0] + start, planes[1] + start, p, o, size, split_sign);                   \
+            } else if (planes != NULL) { /* the base is these planes: joined into the block, then added to */ \
                 join_block(planes, W, start, o, size, split_sign);                                            \
-            }                                                                                                 \
-            if (kind == 0) {                                                                                  \
+                inplace##W(p, o, size);                                                                       \
+            } else if (kind == 0) {                                                                           \
                 values##W(p, o, size);                                                                        \
             } else if (kind == 1) {                                                                           \
                 onto##W(p, base + start * W, o, size);                                                        \
