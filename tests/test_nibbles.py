@@ -3,6 +3,8 @@ numpy give the same bytes and the same refusals, and a delta picks it only where
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -28,17 +30,21 @@ from .helpers import FUZZ_EXAMPLES
 WIDTHS = nibbles_module.WIDTHS
 UNSIGNED = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
-PASSES = [pytest.param(False, id="numpy")]
+PASSES = [pytest.param("numpy", id="numpy")]
 if planes._compiled is not None:
-    PASSES.append(pytest.param(True, id="compiled"))
+    PASSES += [pytest.param("compiled", id="compiled"), pytest.param("portable", id="compiled-portable")]
 
 
 @pytest.fixture(params=PASSES)
-def compiled(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
-    """Runs a test with the compiled pass and again with numpy's (the module is optional)."""
-    if not request.param:
+def compiled(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[bool]:
+    """Runs a test with the compiled pass, again with it finding exceptions without AVX-512 (the
+    path of CPUs without it), and with numpy's (the module is optional)."""
+    if request.param == "numpy":
         monkeypatch.setattr(planes, "_compiled", None)
-    return bool(request.param)
+    was = planes._compiled.vector_marks(request.param != "portable") if planes._compiled else False
+    yield request.param != "numpy"
+    if planes._compiled is not None:
+        planes._compiled.vector_marks(was)
 
 
 def _small_values(width: int, count: int, seed: int) -> bytes:
@@ -70,10 +76,11 @@ def test_any_bytes_round_trip_and_restore_onto_a_base(width: int, count: int, da
     codec = Nibbles(width)
     folded = deltas.difference(raw, base, width)
     payload = codec.encode(memoryview(folded))
-    for compiled_pass in (planes._compiled, None):
-        if compiled_pass is None and planes._compiled is None:
-            continue
-        saved, planes._compiled = planes._compiled, compiled_pass
+    compiled = planes._compiled
+    ways = [(None, False)] + ([(compiled, True), (compiled, False)] if compiled is not None else [])
+    for module, vector in ways:
+        saved, planes._compiled = planes._compiled, module
+        was = compiled.vector_marks(vector) if compiled is not None else False
         try:
             out = bytearray(len(raw))
             codec.decode_into(payload, memoryview(out))
@@ -82,6 +89,8 @@ def test_any_bytes_round_trip_and_restore_onto_a_base(width: int, count: int, da
             assert bytes(out) == raw
         finally:
             planes._compiled = saved
+            if compiled is not None:
+                compiled.vector_marks(was)
 
 
 @pytest.mark.parametrize("width", WIDTHS)
