@@ -14,7 +14,9 @@ The fine-tunes are synthetic moves of the real weights: every weight (or every w
   `--runs`, in this process, the two stores taken in turn; the delta snapshot decodes every base
   chunk as it goes. `load_cached_s`: the same with every decoded base kept in memory (the base
   cache, as a process serving several fine-tunes of one model would), taken in turn with plain
-  loads again (`load_beside_cached_s`: the plain figure of those runs).
+  loads again (`load_beside_cached_s`: the plain figure of those runs). `load_s` is decoding
+  alone: in one long process the allocator hands each load memory an earlier one already
+  faulted in. `load_fresh_s`: one load per new process (timed inside it), as a server starts.
 The store figure packs the base and 5 full fine-tunes (other seeds) into one store and compares its
 chunk bytes with the base's plus 5 times the first fine-tune's delta. With `--s3` (root), a host
 whose read-through cache holds the base loads the full fine-tune from SeaweedFS over a 1 Gbit/s
@@ -30,6 +32,8 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -107,6 +111,34 @@ def _interleaved_loads(stores: dict[str, Path], ref: str, runs: int) -> dict[str
     return {method: statistics.median(values) for method, values in times.items()}
 
 
+_FRESH_LOAD = """
+import sys, time
+from blockstore import runtime
+started = time.perf_counter()
+with runtime.open(sys.argv[1], sys.argv[2]) as model:
+    model.load_all()
+print(time.perf_counter() - started)
+"""
+
+
+def _fresh_loads(stores: dict[str, Path], ref: str, runs: int) -> dict[str, float]:
+    """Median load time of each store in a new process per load (timed inside it, imports
+    excluded), the stores taken in turn: what a server pays when it starts, the model's memory
+    faulted in as it is written. In one long process the allocator hands back memory an earlier
+    load already touched, so `_interleaved_loads` measures decoding alone."""
+    times: dict[str, list[float]] = {method: [] for method in stores}
+    for _ in range(runs):
+        for method, store in stores.items():
+            done = subprocess.run(
+                [sys.executable, "-c", _FRESH_LOAD, str(store), ref],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            times[method].append(float(done.stdout.split()[-1]))
+    return {method: statistics.median(values) for method, values in times.items()}
+
+
 def _case(base: Path, tuned: Path, work: Path, runs: int) -> dict[str, dict[str, float]]:
     """One fine-tune: bundle, pack speed and load time with and without deltas, and the XOR peers."""
     figures: dict[str, dict[str, float]] = {}
@@ -126,6 +158,8 @@ def _case(base: Path, tuned: Path, work: Path, runs: int) -> dict[str, dict[str,
         }
     for method, seconds in _interleaved_loads(stores, "tuned", runs).items():
         figures[method]["load_s"] = seconds
+    for method, seconds in _fresh_loads(stores, "tuned", runs).items():
+        figures[method]["load_fresh_s"] = seconds
     # Again with the decoded bases kept (a process serving several fine-tunes), beside plain loads.
     BASES.resize(BASE_CACHE_BYTES)
     _load_once(stores["blockstore-delta"], "tuned")  # fills it
