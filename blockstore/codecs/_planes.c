@@ -80,8 +80,8 @@ MULTIVERSION static void join8(const uint8_t *const *p, uint8_t *out, Py_ssize_t
  * pass that unpacks it. The base may be the output itself (a base decoded where its delta goes).
  *
  * A block at a time, so that both steps find it in the L1 cache: first every nibble is taken as a value
- * (branch-free, vectorized), then the nibbles that are 15 are found a word at a time and their exceptions
- * written over them. */
+ * (branch-free, vectorized; with the base given as planes, joined in the same loop), then the nibbles that
+ * are 15 are found (`find_marks`) and their exceptions written over them. */
 
 #define UNZIGZAG(T, v) ((T)(((v) >> 1) ^ (T)(0 - ((v) & 1))))
 #define NIBBLE_BLOCK 4096 /* elements; a multiple of 16, so a block's nibbles are whole 8-byte words */

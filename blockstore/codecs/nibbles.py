@@ -46,9 +46,9 @@ _local = threading.local()
 
 def _nibble_compressor() -> zstandard.ZstdCompressor:
     """zstd's optimal parser with the shortest search it has: on packed differences it finds the
-    repeats of small-value pairs that make the nibbles decode as copies (0.75 of what Huffman alone
-    gives, in two thirds of the decode time), at a tenth of the cost of the search level 19 runs,
-    for the same size."""
+    repeats of small-value pairs that make the nibbles decode largely as copies (6 % smaller than
+    Huffman-coded literals alone and decoded in 0.6 of their time), for a third of what level 19's
+    search costs and the same size."""
     if not hasattr(_local, "nibble_compressor"):
         params = zstandard.ZstdCompressionParameters(
             strategy=zstandard.STRATEGY_BTOPT,
@@ -62,11 +62,6 @@ def _nibble_compressor() -> zstandard.ZstdCompressor:
         )
         _local.nibble_compressor = zstandard.ZstdCompressor(compression_params=params)
     return _local.nibble_compressor
-
-
-def escapes(raw: memoryview | bytes, width: int) -> int:
-    """How many elements of `raw` would be exceptions (what tells whether nibbles pay)."""
-    return int(np.count_nonzero(np.frombuffer(raw, _UNSIGNED[width]) >= ESCAPE))
 
 
 @dataclass(frozen=True)
