@@ -22,7 +22,7 @@ import numpy as np
 
 from blockstore.codecs.base import Codec, DecodeError
 from blockstore.codecs.lossless import ByteGroupZstd
-from blockstore.codecs.nibbles import ESCAPE, Nibbles
+from blockstore.codecs.nibbles import ESCAPE, Difference, Nibbles
 
 WIDTHS = (1, 2, 4, 8)
 """Element widths a difference is taken at (a dtype's byte-plane count: sub-byte dtypes use 1)."""
@@ -65,19 +65,32 @@ def difference_codec(folded: bytes, width: int, level: int) -> Codec:
     return ByteGroupZstd(width, level)
 
 
+def decoded_difference(
+    codec: Codec, payload: bytes | memoryview, out_len: int, width: int
+) -> Difference | None:
+    """A nibble-coded difference decoded ahead of its base, so that the base's reader can add it as
+    it decodes the base (`Difference.add_onto`); None for a difference another codec stores, which
+    `decode_onto` decodes once the base is there."""
+    if isinstance(codec, Nibbles) and codec.width == width:
+        return codec.difference(payload, out_len)
+    return None
+
+
 def decode_onto(
     codec: Codec,
     payload: bytes | memoryview,
     out: memoryview,
     base: memoryview | bytes | bytearray,
     width: int,
+    difference: Difference | None = None,
 ) -> None:
-    """Decode a stored difference into `out` and turn it into the bytes it was taken from: nibbles
-    add it to `base` in the pass that unpacks them; other codecs decode first, then `restore`.
-    `base` may be `out` itself (a base decoded into the delta's buffer): the sum is made in place."""
+    """Turn the stored difference into the bytes it was taken from, in `out`, given its base: a
+    `decoded_difference` is added to `base` in the pass that unpacks it; another codec decodes
+    first, then `restore`. `base` may be `out` itself (a base decoded into the delta's buffer):
+    the sum is made in place."""
     check_lengths(len(out), len(base), width)
-    if isinstance(codec, Nibbles) and codec.width == width:
-        codec.restore_into(payload, out, base)
+    if difference is not None:
+        difference.add_onto(out, base)
         return
     if base is out:  # decoding the difference would overwrite the base
         base = bytes(out)

@@ -40,7 +40,7 @@ from blockstore.codecs import (
     stored_codec,
 )
 from blockstore.codecs import delta as deltas
-from blockstore.codecs.nibbles import Base, Difference, Nibbles
+from blockstore.codecs.nibbles import Base, Difference
 from blockstore.core.dtypes import byte_unit, nbytes_of
 from blockstore.core.hashing import ChunkKey, chunk_key, strong_digest
 from blockstore.errors import ChunkCorrupt, ChunkMissing, InvalidArgument
@@ -285,23 +285,14 @@ def _decode_delta(
         )
     if header.base == key:
         raise DecodeError("a delta against itself")
-    codec = header.codec
-    difference = (
-        codec.difference(payload, len(out))
-        if isinstance(codec, Nibbles) and codec.width == header.width
-        else None
-    )
+    difference = deltas.decoded_difference(header.codec, payload, len(out), header.width)
     try:
         base_bytes = base(header.base, out, difference) if difference is not None else base(header.base, out)
     except (ChunkCorrupt, ChunkMissing) as exc:
         raise ChunkCorrupt(key.hex(), f"its base: {exc}") from None
     if base_bytes is None:  # the reader added the difference as it decoded the base
         return header.base
-    if difference is not None:
-        deltas.check_lengths(len(out), len(base_bytes), header.width)
-        difference.add_onto(out, base_bytes)
-    else:
-        deltas.decode_onto(codec, payload, out, base_bytes, header.width)
+    deltas.decode_onto(header.codec, payload, out, base_bytes, header.width, difference)
     return None
 
 
