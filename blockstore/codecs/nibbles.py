@@ -31,7 +31,7 @@ import zstandard
 
 from blockstore.codecs import framing, planes
 from blockstore.codecs.base import LOSSLESS, DecodeError
-from blockstore.codecs.lossless import ByteGroupZstd, _check_level, zstd_decompress_into
+from blockstore.codecs.lossless import _KEPT_SCRATCH, ByteGroupZstd, _check_level, zstd_decompress_into
 from blockstore.errors import InvalidArgument
 
 ESCAPE = 15
@@ -133,11 +133,6 @@ class Nibbles:
         return difference
 
 
-_KEPT_SCRATCH = 8 << 20
-"""Parts of up to this many bytes go through a buffer kept per thread (as byte planes do); larger
-ones, from chunks beyond 16 MiB, get a new one, so no thread holds on to a huge buffer."""
-
-
 Base = bytes | bytearray | memoryview | tuple[Sequence[bytes | memoryview], bool] | None
 """What a difference is added onto: nothing (the values themselves), a base's bytes (or the output
 buffer already holding them), or a base's byte planes and `split_sign`, joined block by block."""
@@ -203,6 +198,8 @@ def _take(name: str, nbytes: int) -> bytearray:
 
 
 def _give_back(name: str, buffer: bytearray) -> None:
+    """Keep `buffer` for this thread's next part, unless it is larger than byte planes keep
+    (`_KEPT_SCRATCH`): no thread holds on to a huge buffer."""
     if len(buffer) <= _KEPT_SCRATCH:
         _local.__dict__[name] = buffer
 
