@@ -30,7 +30,6 @@ from blockstore.core.chunks import (
     delta_base_at_start,
     delta_header,
     delta_value,
-    is_delta_value,
 )
 from blockstore.core.hashing import ChunkKey, digest, new_digest, strong_digest
 from blockstore.core.manifests import ChunkRef, ManifestError, Snapshot, SnapshotId, TensorEntry
@@ -550,14 +549,9 @@ class Repository:
         """Add the chunks the store lacks, committed in batches of about `limit` stored bytes;
         returns the bytes newly written. Call it under `writer_lease`: until a snapshot references
         them, the new chunks look like garbage to gc. Before the first delta chunk goes in, the
-        store is marked as holding them (format /3), so an older reader refuses it by its format
-        instead of calling the deltas damage."""
-        written = 0
-        for batch in chunk_batches(items, limit):
-            if any(is_delta_value(value) for _, value in batch):
-                self.store.allow_deltas()
-            written += self.store.put_batch(batch)
-        return written
+        store marks itself as holding them (format /3, `Store.put_batch`), so an older reader
+        refuses it by its format instead of calling the deltas damage."""
+        return sum(self.store.put_batch(batch) for batch in chunk_batches(items, limit))
 
     # leases, pins, collection and health ---------------------------------------------------------------
 

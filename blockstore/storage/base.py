@@ -179,7 +179,8 @@ class Store(Protocol):
         ...
 
     def put_batch(self, items: Iterable[tuple[ChunkKey, bytes]]) -> int:
-        """Store chunks not there yet (never overwrites); returns the bytes newly written."""
+        """Store chunks not there yet (never overwrites); returns the bytes newly written. Before a
+        batch that brings a delta chunk, the store marks itself as holding them (`allow_deltas`)."""
         ...
 
     def delete_batch(self, keys: Iterable[ChunkKey]) -> int:

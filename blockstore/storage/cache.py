@@ -29,7 +29,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from blockstore.core.chunks import is_delta_value
 from blockstore.core.hashing import ChunkKey
 from blockstore.errors import ChunkMissing, StoreExists
 from blockstore.storage.base import Capabilities, Store
@@ -233,8 +232,6 @@ class ReadThroughCache(StoreWrapper):
         """Write `batch` to the cache after evicting enough that it fits in the budget (a value
         larger than the whole budget is not kept)."""
         batch = [(key, value) for key, value in batch if len(value) <= self.budget]
-        if any(is_delta_value(value) for _, value in batch):
-            self.local.allow_deltas()  # the cache is a store as well (FORMAT.md §6)
         incoming = sum(len(value) for _, value in batch)
         if self._cached_bytes + incoming > self.budget:
             self._evict(room=incoming)

@@ -35,6 +35,7 @@ from typing import Any, Literal, TypeVar, overload
 
 import lmdb
 
+from blockstore.core.chunks import is_delta_value
 from blockstore.core.hashing import ChunkKey
 from blockstore.errors import (
     BlockstoreError,
@@ -511,8 +512,11 @@ class LmdbStore(StoreBase):
 
     def put_batch(self, items: Iterable[tuple[ChunkKey, bytes | memoryview]]) -> int:
         """Insert chunks that are not there yet, in one transaction; returns bytes newly written.
-        A value may be any buffer (the read-through cache writes GET bodies as they came)."""
+        A value may be any buffer (the read-through cache writes GET bodies as they came). A
+        batch that brings a delta chunk marks the store /3 first (`allow_deltas`)."""
         pending = list(items)
+        if any(is_delta_value(value) for _, value in pending):
+            self.allow_deltas()
 
         def body(txn: lmdb.Transaction[bytes]) -> int:
             if txn.get(b"format", db=self._dbs["meta"]) == READABLE_FORMATS[0].encode():

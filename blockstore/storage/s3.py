@@ -42,6 +42,7 @@ from obstore.exceptions import (
     UnauthenticatedError,
 )
 
+from blockstore.core.chunks import is_delta_value
 from blockstore.core.hashing import ChunkKey
 from blockstore.errors import (
     BlockstoreError,
@@ -365,7 +366,11 @@ class ObjectStore(StoreBase):
             self._format = DELTA_OBJECT_FORMAT
 
     def put_batch(self, items: Iterable[tuple[ChunkKey, bytes]]) -> int:
-        """Create chunks that are not there yet, in parallel; returns bytes newly written."""
+        """Create chunks that are not there yet, in parallel; returns bytes newly written. A batch
+        that brings a delta chunk marks the store /3 first (`allow_deltas`)."""
+        pending = list(items)
+        if any(is_delta_value(value) for _, value in pending):
+            self.allow_deltas()
         if self._format == READABLE_OBJECT_FORMATS[0]:
             found = self._get_or_none("meta/format")  # another host may have marked it since: never lower
             if found is None or bytes(found).decode(errors="replace") == READABLE_OBJECT_FORMATS[0]:
@@ -375,7 +380,7 @@ class ObjectStore(StoreBase):
                 self._format = bytes(found).decode(errors="replace")
         crash_point("chunks.before-commit")
         written = self._parallel(
-            lambda item: len(item[1]) if self._create(f"chunks/{item[0].hex()}", item[1]) else 0, list(items)
+            lambda item: len(item[1]) if self._create(f"chunks/{item[0].hex()}", item[1]) else 0, pending
         )
         crash_point("chunks.committed")
         return sum(written)

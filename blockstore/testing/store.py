@@ -29,6 +29,7 @@ from functools import cache
 import msgpack
 import pytest
 
+from blockstore.core.chunks import delta_value
 from blockstore.core.hashing import chunk_key
 from blockstore.errors import ChunkMissing, RefConflict, SnapshotNotFound, StoreCorrupt, WriterActive
 from blockstore.storage.base import Capabilities, Lease, Store
@@ -96,6 +97,18 @@ class ChunkTests(_SuiteFixtures):
         other, second = item("after")
         store.put_batch([(other, second)])
         assert store.deltas_allowed is True and store.get(key) == value and store.get(other) == second
+
+    def test_a_batch_that_brings_a_delta_marks_the_store_first(self, store: Store) -> None:
+        """Every writer of chunk values (pack, copies, the read-through cache) goes through
+        `put_batch`, so the store itself raises its mark before a delta lands in it."""
+        key, value = item("plain")
+        store.put_batch([(key, value)])
+        assert store.deltas_allowed is False
+        base, base_value = item("base")
+        raw = bytes(len(base_value))
+        delta = delta_value(memoryview(raw), base, base_value, 1, 3)
+        store.put_batch([(chunk_key(raw), delta)])
+        assert store.deltas_allowed is True and store.get(chunk_key(raw)) == delta
 
     def test_value_start_reads_the_front_of_a_value(self, store: Store) -> None:
         key, value = item("start")
