@@ -25,17 +25,22 @@
 #define MULTIVERSION
 #endif
 
+/* One 2-byte item from its two plane bytes (the sign back into the top bit with split_sign). */
+static inline uint16_t joined2(uint8_t low, uint8_t high, int split_sign) {
+    return split_sign ? (uint16_t)((low & 0x7F) | (high << 7) | ((low & 0x80) << 8)) : (uint16_t)(low | (high << 8));
+}
+
 MULTIVERSION static void join2(const uint8_t *const *p, uint8_t *out, Py_ssize_t n, int split_sign) {
     const uint8_t *b0 = p[0], *b1 = p[1];
     uint16_t word;
     if (split_sign) {
         for (Py_ssize_t i = 0; i < n; i++) {
-            word = (uint16_t)((b0[i] & 0x7F) | (b1[i] << 7) | ((b0[i] & 0x80) << 8));
+            word = joined2(b0[i], b1[i], 1);
             memcpy(out + 2 * i, &word, 2);
         }
     } else {
         for (Py_ssize_t i = 0; i < n; i++) {
-            word = (uint16_t)(b0[i] | (b1[i] << 8));
+            word = joined2(b0[i], b1[i], 0);
             memcpy(out + 2 * i, &word, 2);
         }
     }
@@ -144,6 +149,15 @@ __attribute__((target("avx512f,bmi2"))) static Py_ssize_t find_marks_avx512(cons
 
 static int vector_marks = 0; /* set at import where the CPU has AVX-512F and BMI2 (`vector_marks()` to change) */
 
+static int cpu_has_vector_marks(void) {
+#if HAVE_VECTOR_MARKS
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("bmi2");
+#else
+    return 0;
+#endif
+}
+
 static Py_ssize_t find_marks(const uint8_t *packed, Py_ssize_t words, uint32_t *marked) {
 #if HAVE_VECTOR_MARKS
     if (vector_marks) {
@@ -156,10 +170,6 @@ static Py_ssize_t find_marks(const uint8_t *packed, Py_ssize_t words, uint32_t *
 /* Two-byte elements from their planes (as join2) plus unzigzag of their nibbles, in one loop: the
  * common delta (bf16 and f16 weights), where joining first and adding after cost a pass over the block.
  * A pair of elements per packed byte, so that the loop vectorizes. */
-static inline uint16_t joined2(uint8_t low, uint8_t high, int split_sign) {
-    return split_sign ? (uint16_t)((low & 0x7F) | (high << 7) | ((low & 0x80) << 8)) : (uint16_t)(low | (high << 8));
-}
-
 #define JOINED_ONTO2(SPLIT)                                                                                   \
     for (Py_ssize_t k = 0; k < n / 2; k++) {                                                                  \
         uint16_t low = (uint16_t)(packed[k] & 15), high = (uint16_t)(packed[k] >> 4);                         \
@@ -471,9 +481,7 @@ static PyObject *set_vector_marks(PyObject *Py_UNUSED(self), PyObject *args) {
         return NULL;
     }
     int was = vector_marks;
-#if HAVE_VECTOR_MARKS
-    vector_marks = wanted && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("bmi2");
-#endif
+    vector_marks = wanted && cpu_has_vector_marks();
     return PyBool_FromLong(was);
 }
 
@@ -501,9 +509,6 @@ PyMODINIT_FUNC PyInit__planes(void) {
         PyErr_SetString(PyExc_ImportError, "blockstore._planes assumes a little-endian host");
         return NULL;
     }
-#if HAVE_VECTOR_MARKS
-    __builtin_cpu_init();
-    vector_marks = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("bmi2");
-#endif
+    vector_marks = cpu_has_vector_marks();
     return PyModule_Create(&module);
 }
