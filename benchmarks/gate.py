@@ -1,13 +1,15 @@
 """The regression gate: compare two evidence packs metric by metric, with tolerances.
 
-Every metric measured here is lower-is-better (seconds, megabytes, bytes). Two kinds are gated:
+Metrics are lower-is-better (seconds, megabytes, bytes) except throughputs (`*_mb_s`), which
+regress when they fall. Two kinds are gated:
 
 - Noisy metrics (times, memory) regress when the new median exceeds the baseline's by more than
   their relative tolerance *and* by more than an absolute noise floor (a 10 % change of a 2 ms open
   is noise, not a regression).
-- Deterministic metrics (bytes fetched or decoded, chunks, requests: see `is_deterministic`) should
-  not move at all for the same code and model, so they are held to a tight tolerance (1 %), with no
-  noise floor, in both directions: a drop is as suspicious as a rise (a tensor no longer read).
+- Deterministic metrics (bytes fetched or decoded, chunks, requests, what a bundle or a store of
+  fine-tunes takes: see `is_deterministic`) should not move at all for the same code and model, so
+  they are held to a tight tolerance (1 %), with no noise floor, in both directions: a drop is as
+  suspicious as a rise (a tensor no longer read).
 
 Either kind beating the baseline by more than its tolerance (and a noisy one by more than its noise
 floor) is flagged `improved`: a faster pack is news, and the baseline must be re-pinned to it, not
@@ -42,10 +44,25 @@ DEFAULT_TOLERANCES = {
     "load_s": 0.15,
     "ttft_s": 0.15,
     "peak_anon_mb": 0.10,
+    # Fine-tunes as deltas (benchmarks/deltas.py): loads in a new process, beside cached bases,
+    # over a shaped link; and how fast a fine-tune packs.
+    "load_fresh_s": 0.15,
+    "load_cached_s": 0.15,
+    "load_beside_cached_s": 0.15,
+    "s3_load_s": 0.15,
+    "pack_mb_s": 0.15,
+    # Warm loads (benchmarks/runtime_load.py): decoded model bytes per second.
+    "decode_mb_s": 0.10,
 }
-NOISE_FLOOR = {"s": 0.005, "MB": 1.0}
+NOISE_FLOOR = {"s": 0.005, "MB": 1.0, "MB/s": 5.0}
+THROUGHPUT_SUFFIXES = ("_mb_s",)
+"""Metrics where higher is better: one regresses when it falls beyond tolerance and noise floor."""
 DETERMINISTIC_SUFFIXES = ("_bytes", "_chunks", "_requests", "_count")
-DETERMINISTIC_NAMES = ("bytes_fetched", "bytes_decoded", "bytes_read", "chunks", "requests")
+DETERMINISTIC_NAMES = (
+    *("bytes_fetched", "bytes_decoded", "bytes_read", "chunks", "requests"),
+    # A bundle's and a store's size (benchmarks/deltas.py): zstd and the seeded fine-tunes repeat.
+    *("bundle_mb", "base_mb", "first_delta_mb", "stored_mb", "stored_over_bound"),
+)
 DETERMINISTIC_TOLERANCE = 0.01
 """Relative change either way that fails a deterministic metric; a TOML sets `deterministic = x`
 for all of them, or a tolerance per metric name."""
@@ -72,15 +89,15 @@ class GateRow:
 
 
 def is_deterministic(metric: str) -> bool:
-    """Whether a metric (the part after `mode:`) is a count that the same code and model reproduce
-    exactly: `bytes_fetched`, `bytes_decoded`, `chunks`, `requests`, or any `*_bytes`, `*_chunks`,
-    `*_requests`, `*_count`."""
+    """Whether a metric (the part after `mode:`) is a figure that the same code and model reproduce
+    exactly: `DETERMINISTIC_NAMES`, or any `*_bytes`, `*_chunks`, `*_requests`, `*_count`."""
     metric = metric.rsplit(":", 1)[-1]
     return metric in DETERMINISTIC_NAMES or metric.endswith(DETERMINISTIC_SUFFIXES)
 
 
 def tolerance_of(metric: str, tolerances: dict[str, float]) -> float | None:
     """A metric's relative tolerance; None when it is not gated (an unknown noisy metric)."""
+    metric = metric.rsplit(":", 1)[-1]
     if metric in tolerances:
         return tolerances[metric]
     if is_deterministic(metric):
@@ -108,9 +125,11 @@ def compare(method: str, key: str, before: float, after: float, tolerance: float
         moved = abs(after - before) > tolerance * abs(before)
         return GateRow(method, key, before, after, tolerance, not moved, moved and after < before, True)
     floor = NOISE_FLOOR.get(unit_of(metric), 0.0)
-    regressed = after > before * (1 + tolerance) and after - before > floor
-    improved = after < before * (1 - tolerance) and before - after > floor
-    return GateRow(method, key, before, after, tolerance, not regressed, improved)
+    rose = after > before * (1 + tolerance) and after - before > floor
+    fell = after < before * (1 - tolerance) and before - after > floor
+    if metric.endswith(THROUGHPUT_SUFFIXES):
+        return GateRow(method, key, before, after, tolerance, not fell, rose)
+    return GateRow(method, key, before, after, tolerance, not rose, fell)
 
 
 def environment_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:

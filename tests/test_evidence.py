@@ -196,6 +196,26 @@ def test_gate_holds_deterministic_counts_tightly_both_ways(
     assert cli("gate", old, new, "--tolerance", loose).exit_code == 7  # even +0.5 % is too much
 
 
+@pytest.mark.parametrize(
+    ("pack_speed", "passed", "improved"),
+    [(290.0, True, False), (200.0, False, False), (400.0, True, True)],
+)
+def test_gate_fails_a_throughput_that_falls_and_holds_a_bundle_size_exactly(
+    tmp_path: Path, pack_speed: float, passed: bool, improved: bool
+) -> None:
+    """Throughputs are higher-is-better (a slower pack regresses, a faster one is news), and a
+    bundle's size repeats for the same code and model, so it is held like a count."""
+    old = evidence.write_pack(tmp_path / "old", figures(0.3, 500.0, pack_mb_s=300.0, bundle_mb=28.3), [])
+    new = evidence.write_pack(tmp_path / "new", figures(0.3, 500.0, pack_mb_s=pack_speed, bundle_mb=28.3), [])
+    rows = {(row.method, row.metric): row for row in gate(old, new)}
+    speed = rows[("blockstore", "full:pack_mb_s")]
+    assert (speed.passed, speed.improved, speed.deterministic) == (passed, improved, False)
+    assert rows[("blockstore", "full:bundle_mb")].deterministic
+    larger_figures = figures(0.3, 500.0, pack_mb_s=300.0, bundle_mb=28.8)
+    larger = evidence.write_pack(tmp_path / "larger", larger_figures, [])
+    assert_one_line_error(cli("gate", old, larger), "regressed", "full:bundle_mb", exit_code=7)
+
+
 def test_deterministic_metrics_carry_units(tmp_path: Path) -> None:
     counts = {"bytes_decoded": 5e6, "fetched_bytes": 4e6, "chunks": 12.0, "s3_requests": 3.0}
     pack = evidence.write_pack(tmp_path / "pack", figures(0.3, 500.0, **counts), [])
