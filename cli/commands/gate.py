@@ -67,7 +67,7 @@ def gate_command(
         worst = max(failed, key=lambda row: abs(row.change))
         raise Regression(len(failed), _named(worst))
     if improved:
-        best = min(improved, key=lambda row: row.change)
+        best = max(improved, key=lambda row: abs(row.change))  # (a throughput improves upward)
         if fail_on_improvement:
             raise Improvement(len(improved), _named(best))
         output.note(
