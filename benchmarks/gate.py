@@ -97,7 +97,6 @@ def is_deterministic(metric: str) -> bool:
 
 def tolerance_of(metric: str, tolerances: dict[str, float]) -> float | None:
     """A metric's relative tolerance; None when it is not gated (an unknown noisy metric)."""
-    metric = metric.rsplit(":", 1)[-1]
     if metric in tolerances:
         return tolerances[metric]
     if is_deterministic(metric):
