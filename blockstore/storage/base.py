@@ -26,6 +26,7 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import msgpack
 
+from blockstore.core.chunks import is_delta_value
 from blockstore.core.hashing import ChunkKey
 
 _T = TypeVar("_T")
@@ -287,6 +288,12 @@ class StoreBase:
 
     def pinned_snapshots(self: Any) -> set[bytes]:
         return {lease.pin for lease in self.leases() if lease.pin and not lease.stale}
+
+    def _allow_deltas_for(self: Any, values: Iterable[bytes | memoryview]) -> None:
+        """Mark the store /3 (`allow_deltas`) when `values`, a batch about to be written, brings
+        a delta chunk: what every backend's `put_batch` does first."""
+        if any(is_delta_value(value) for value in values):
+            self.allow_deltas()
 
     def __enter__(self: _T) -> _T:
         return self

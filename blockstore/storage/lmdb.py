@@ -35,7 +35,6 @@ from typing import Any, Literal, TypeVar, overload
 
 import lmdb
 
-from blockstore.core.chunks import is_delta_value
 from blockstore.core.hashing import ChunkKey
 from blockstore.errors import (
     BlockstoreError,
@@ -515,8 +514,7 @@ class LmdbStore(StoreBase):
         A value may be any buffer (the read-through cache writes GET bodies as they came). A
         batch that brings a delta chunk marks the store /3 first (`allow_deltas`)."""
         pending = list(items)
-        if any(is_delta_value(value) for _, value in pending):
-            self.allow_deltas()
+        self._allow_deltas_for(value for _, value in pending)
 
         def body(txn: lmdb.Transaction[bytes]) -> int:
             if txn.get(b"format", db=self._dbs["meta"]) == READABLE_FORMATS[0].encode():

@@ -42,7 +42,6 @@ from obstore.exceptions import (
     UnauthenticatedError,
 )
 
-from blockstore.core.chunks import is_delta_value
 from blockstore.core.hashing import ChunkKey
 from blockstore.errors import (
     BlockstoreError,
@@ -369,8 +368,7 @@ class ObjectStore(StoreBase):
         """Create chunks that are not there yet, in parallel; returns bytes newly written. A batch
         that brings a delta chunk marks the store /3 first (`allow_deltas`)."""
         pending = list(items)
-        if any(is_delta_value(value) for _, value in pending):
-            self.allow_deltas()
+        self._allow_deltas_for(value for _, value in pending)
         if self._format == READABLE_OBJECT_FORMATS[0]:
             found = self._get_or_none("meta/format")  # another host may have marked it since: never lower
             if found is None or bytes(found).decode(errors="replace") == READABLE_OBJECT_FORMATS[0]:
