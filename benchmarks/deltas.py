@@ -16,7 +16,10 @@ The fine-tunes are synthetic moves of the real weights: every weight (or every w
   cache, as a process serving several fine-tunes of one model would), taken in turn with plain
   loads again (`load_beside_cached_s`: the plain figure of those runs). `load_s` is decoding
   alone: in one long process the allocator hands each load memory an earlier one already
-  faulted in. `load_fresh_s`: one load per new process (timed inside it), as a server starts.
+  faulted in. `load_cpu_s`: the user CPU time of those loads (both decode threads), the decoding
+  work without the kernel's page faults, which on a VM swing one load's wall time several-fold.
+  `load_fresh_s`: one load per new process (timed inside it), as a server starts.
+Every figure is the median of its runs, with their min and max.
 The store figure packs the base and 5 full fine-tunes (other seeds) into one store and compares its
 chunk bytes with the base's plus 5 times the first fine-tune's delta. With `--s3` (root), a host
 whose read-through cache holds the base loads the full fine-tune from SeaweedFS over a 1 Gbit/s
@@ -31,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -91,24 +93,31 @@ def _zipnn_delta(xor: bytes) -> int | None:
     return len(coder.compress(bytearray(xor)))
 
 
-def _load_once(store: Path, ref: str) -> float:
-    started = time.perf_counter()
+def _load_once(store: Path, ref: str) -> tuple[float, float]:
+    """Wall seconds of one load, and the user CPU seconds this process spent in it (every thread)."""
+    started, cpu = time.perf_counter(), os.times().user
     with runtime.open(str(store), ref) as model:
         model.load_all()
-    return time.perf_counter() - started
+    return time.perf_counter() - started, os.times().user - cpu
 
 
-def _interleaved_loads(stores: dict[str, Path], ref: str, runs: int) -> dict[str, float]:
-    """Median load time of each store, the stores taken in turn within every run: a process's
-    memory state drifts as it allocates and frees whole models (fresh pages, huge-page compaction),
-    and loading one store's runs after the other's charged that drift to one of them."""
-    times: dict[str, list[float]] = {method: [] for method in stores}
+def _interleaved_loads(
+    stores: dict[str, Path], ref: str, runs: int
+) -> dict[str, tuple[list[float], list[float]]]:
+    """Each store's load times and user CPU times over `runs`, the stores taken in turn within every
+    run: a process's memory state drifts as it allocates and frees whole models (fresh pages,
+    huge-page compaction), and loading one store's runs after the other's charged that drift to one
+    of them. The CPU time leaves out the kernel's, where that drift shows (on a VM, page faults
+    cost 0.1 s in one load and 0.7 s in the next): it is the decoding work itself."""
+    times: dict[str, tuple[list[float], list[float]]] = {method: ([], []) for method in stores}
     for store in stores.values():
         _load_once(store, ref)  # a first touch of the store's pages and the process's allocator
     for _ in range(runs):
         for method, store in stores.items():
-            times[method].append(_load_once(store, ref))
-    return {method: statistics.median(values) for method, values in times.items()}
+            wall, cpu = _load_once(store, ref)
+            times[method][0].append(wall)
+            times[method][1].append(cpu)
+    return times
 
 
 _FRESH_LOAD = """
@@ -121,7 +130,7 @@ print(time.perf_counter() - started)
 """
 
 
-def _fresh_loads(stores: dict[str, Path], ref: str, runs: int) -> dict[str, float]:
+def _fresh_loads(stores: dict[str, Path], ref: str, runs: int) -> dict[str, list[float]]:
     """Median load time of each store in a new process per load (timed inside it, imports
     excluded), the stores taken in turn: what a server pays when it starts, the model's memory
     faulted in as it is written. In one long process the allocator hands back memory an earlier
@@ -136,12 +145,13 @@ def _fresh_loads(stores: dict[str, Path], ref: str, runs: int) -> dict[str, floa
                 check=True,
             )
             times[method].append(float(done.stdout.split()[-1]))
-    return {method: statistics.median(values) for method, values in times.items()}
+    return times
 
 
-def _case(base: Path, tuned: Path, work: Path, runs: int) -> dict[str, dict[str, float]]:
-    """One fine-tune: bundle, pack speed and load time with and without deltas, and the XOR peers."""
-    figures: dict[str, dict[str, float]] = {}
+def _case(base: Path, tuned: Path, work: Path, runs: int) -> dict[str, dict[str, list[float]]]:
+    """One fine-tune: bundle, pack speed and load time with and without deltas, and the XOR peers;
+    every figure as its runs (one for a size)."""
+    figures: dict[str, dict[str, list[float]]] = {}
     stores: dict[str, Path] = {}
     for method, delta in (("blockstore-delta", True), ("blockstore-plain", False)):
         store = stores[method] = work / f"{tuned.stem}-{method}"
@@ -152,26 +162,27 @@ def _case(base: Path, tuned: Path, work: Path, runs: int) -> dict[str, dict[str,
             seconds = time.perf_counter() - started
             bundle = diff(repo, "main", "tuned", work / f"{tuned.stem}-{method}.bsp", deltas=delta)
         figures[method] = {
-            "bundle_mb": bundle.bundle_bytes / 1e6,
-            "pack_mb_s": packed.raw_bytes / 1e6 / seconds,
-            "delta_chunks": float(packed.delta_chunks),
+            "bundle_mb": [bundle.bundle_bytes / 1e6],
+            "pack_mb_s": [packed.raw_bytes / 1e6 / seconds],
+            "delta_chunks": [float(packed.delta_chunks)],
         }
-    for method, seconds in _interleaved_loads(stores, "tuned", runs).items():
-        figures[method]["load_s"] = seconds
-    for method, seconds in _fresh_loads(stores, "tuned", runs).items():
-        figures[method]["load_fresh_s"] = seconds
+    for method, (walls, cpus) in _interleaved_loads(stores, "tuned", runs).items():
+        figures[method]["load_s"] = walls
+        figures[method]["load_cpu_s"] = cpus
+    for method, fresh in _fresh_loads(stores, "tuned", runs).items():
+        figures[method]["load_fresh_s"] = fresh
     # Again with the decoded bases kept (a process serving several fine-tunes), beside plain loads.
     BASES.resize(BASE_CACHE_BYTES)
     _load_once(stores["blockstore-delta"], "tuned")  # fills it
     cached = _interleaved_loads(stores, "tuned", runs)
     BASES.resize(0)
-    figures["blockstore-delta"]["load_cached_s"] = cached["blockstore-delta"]
-    figures["blockstore-plain"]["load_beside_cached_s"] = cached["blockstore-plain"]
+    figures["blockstore-delta"]["load_cached_s"] = cached["blockstore-delta"][0]
+    figures["blockstore-plain"]["load_beside_cached_s"] = cached["blockstore-plain"][0]
     xor = _xor(base, tuned)
-    figures["xor+zstd3"] = {"bundle_mb": len(zstandard.ZstdCompressor(level=3).compress(xor)) / 1e6}
+    figures["xor+zstd3"] = {"bundle_mb": [len(zstandard.ZstdCompressor(level=3).compress(xor)) / 1e6]}
     zipnn = _zipnn_delta(xor)
     if zipnn is not None:
-        figures["zipnn-delta"] = {"bundle_mb": zipnn / 1e6}
+        figures["zipnn-delta"] = {"bundle_mb": [zipnn / 1e6]}
     return figures
 
 
@@ -179,14 +190,14 @@ S3_RATE_GBIT = 1.0
 S3_RUNS = 3
 
 
-def _s3_loads(work: Path, runs: int) -> dict[str, dict[str, float]]:
+def _s3_loads(work: Path, runs: int) -> dict[str, dict[str, list[float]]]:
     """A fleet host that serves the base model (its chunks in the host's read-through cache) loads
     the full fine-tune from SeaweedFS over a link shaped to `S3_RATE_GBIT`: with deltas it fetches
     the deltas only, without them every chunk. Root only (a network namespace); see netns.py."""
     from .netns import shaped_link
     from .vllm_load import CREDENTIALS, _blockstore, _create_bucket, seaweedfs
 
-    figures: dict[str, dict[str, float]] = {}
+    figures: dict[str, dict[str, list[float]]] = {}
     with shaped_link() as link, seaweedfs(link, Path(tempfile.mkdtemp(dir=work))) as endpoint:
         link.shape(S3_RATE_GBIT)
         env = {**os.environ, **CREDENTIALS, "AWS_ENDPOINT_URL": endpoint}
@@ -207,10 +218,7 @@ def _s3_loads(work: Path, runs: int) -> dict[str, dict[str, float]]:
                     tuned.load_all()
                     times.append(time.perf_counter() - started)
                     fetched.append(tuned.repo.request_counts().get("GET", 0))
-            figures[method] = {
-                "s3_load_s": statistics.median(times),
-                "s3_get_requests": float(min(fetched)),
-            }
+            figures[method] = {"s3_load_s": times, "s3_get_requests": [float(min(fetched))]}
     return figures
 
 
@@ -273,7 +281,7 @@ def main() -> None:
     for case, methods in measured["cases"].items():
         for method, row in methods.items():
             for metric, value in row.items():
-                table.setdefault(method, {})[f"{case}:{metric}"] = summarize([value])
+                table.setdefault(method, {})[f"{case}:{metric}"] = summarize(value)
     for metric, value in measured["store"].items():
         table.setdefault("blockstore-delta", {})[f"store:{metric}"] = summarize([value])
     results = {
@@ -289,7 +297,11 @@ def main() -> None:
         "ratio_to_reference": ratios_to(table, "blockstore-plain"),
     }
     write_pack(args.out, results, command_line(), store_path=work)
-    print(json.dumps({"cases": measured["cases"], "store": measured["store"]}, indent=2))
+    print(
+        json.dumps(
+            {"ratio_to_reference": results["ratio_to_reference"], "store": measured["store"]}, indent=2
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -382,10 +382,17 @@ payloads = st.one_of(
     ),
 )
 nibbles_payloads = st.builds(
-    lambda count, nibbles, exceptions, extra: framing.frame(
-        [count], [zstandard.ZstdCompressor().compress(nibbles), exceptions, *extra]
+    lambda counts, bitmap, nibbles, exceptions, extra: framing.frame(
+        counts,
+        [
+            zstandard.ZstdCompressor().compress(bitmap),
+            zstandard.ZstdCompressor().compress(nibbles),
+            exceptions,
+            *extra,
+        ],
     ),
-    st.one_of(st.integers(-1, 300), header_values),
+    st.one_of(st.lists(st.integers(-1, 300), min_size=2, max_size=2), header_values),
+    st.binary(max_size=40),
     st.binary(max_size=200),
     st.one_of(
         payloads,
@@ -396,8 +403,8 @@ nibbles_payloads = st.builds(
     ),
     st.lists(st.binary(max_size=8), max_size=1),
 )
-"""`nibbles+zstd` payloads (FORMAT.md §1) with every part the attacker's: counts that lie, nibbles
-of any length and content, exceptions of any kind."""
+"""`nibbles+zstd` payloads (FORMAT.md §1) with every part the attacker's: counts that lie, a bitmap
+and nibbles of any length and content, exceptions of any kind."""
 nibbles_params = st.fixed_dictionaries({"width": st.sampled_from([1, 2, 4, 8]), "level": st.just(3)})
 stored_values: st.SearchStrategy[bytes] = st.one_of(
     st.builds(_framed_envelope, st.just("nibbles+zstd"), nibbles_params, nibbles_payloads),

@@ -4,6 +4,7 @@ numpy give the same bytes and the same refusals, and a delta picks it only where
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -30,21 +31,37 @@ from .helpers import FUZZ_EXAMPLES
 WIDTHS = nibbles_module.WIDTHS
 UNSIGNED = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
-PASSES = [pytest.param("numpy", id="numpy")]
+PASSES = [pytest.param(None, id="numpy")]
 if planes._compiled is not None:
-    PASSES += [pytest.param("compiled", id="compiled"), pytest.param("portable", id="compiled-portable")]
+    PASSES += [
+        pytest.param(level, id=f"compiled-{name}")
+        for level, name in ((2, "avx512"), (1, "avx2"), (0, "portable"))
+        if level <= planes._compiled.best_vectors()
+    ]
+LEVELS = [param.values[0] for param in PASSES]
+"""None: numpy's pass; 0-2: the compiled one with the vectors it may use (`_planes.vectors`)."""
 
 
 @pytest.fixture(params=PASSES)
 def compiled(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[bool]:
-    """Runs a test with the compiled pass, again with it finding exceptions without AVX-512 (the
-    path of CPUs without it), and with numpy's (the module is optional)."""
-    if request.param == "numpy":
-        monkeypatch.setattr(planes, "_compiled", None)
-    was = planes._compiled.vector_marks(request.param != "portable") if planes._compiled else False
-    yield request.param != "numpy"
-    if planes._compiled is not None:
-        planes._compiled.vector_marks(was)
+    """Runs a test with the compiled pass at every vector level this CPU has (AVX-512, AVX2, the
+    portable loops of any other CPU) and with numpy's (the module is optional)."""
+    with _level(request.param):
+        yield request.param is not None
+
+
+@contextmanager
+def _level(level: int | None) -> Iterator[None]:
+    module = planes._compiled
+    if level is None:
+        planes._compiled = None
+    was = module.vectors(level) if module is not None and level is not None else None
+    try:
+        yield
+    finally:
+        planes._compiled = module
+        if module is not None and was is not None:
+            module.vectors(was)
 
 
 def _small_values(width: int, count: int, seed: int) -> bytes:
@@ -76,21 +93,13 @@ def test_any_bytes_round_trip_and_restore_onto_a_base(width: int, count: int, da
     codec = Nibbles(width)
     folded = deltas.difference(raw, base, width)
     payload = codec.encode(memoryview(folded))
-    compiled = planes._compiled
-    ways = [(None, False)] + ([(compiled, True), (compiled, False)] if compiled is not None else [])
-    for module, vector in ways:
-        saved, planes._compiled = planes._compiled, module
-        was = compiled.vector_marks(vector) if compiled is not None else False
-        try:
+    for level in LEVELS:
+        with _level(level):
             out = bytearray(len(raw))
             codec.decode_into(payload, memoryview(out))
             assert bytes(out) == folded
             codec.restore_into(payload, memoryview(out), base)
             assert bytes(out) == raw
-        finally:
-            planes._compiled = saved
-            if compiled is not None:
-                compiled.vector_marks(was)
 
 
 @pytest.mark.parametrize("width", WIDTHS)
@@ -148,24 +157,48 @@ def test_deltas_stored_with_byte_planes_still_decode() -> None:
     )
 
 
-def _payload(fields: object, nibbles: bytes, exceptions: bytes = b"") -> bytes:
+def _payload(fields: object, bitmap: bytes, nibbles: bytes, exceptions: bytes = b"") -> bytes:
     import zstandard
 
-    return framing.frame(fields, [zstandard.ZstdCompressor().compress(nibbles), exceptions])
+    compress = zstandard.ZstdCompressor().compress
+    return framing.frame(fields, [compress(bitmap), compress(nibbles), exceptions])
+
+
+ONE_EXCEPTION = ByteGroupZstd(2).encode(memoryview(b"\x01\x00"))
 
 
 @pytest.mark.parametrize(
     ("payload", "message"),
     [
-        (_payload([1], b"\x00\x00", ByteGroupZstd(2).encode(memoryview(b"\x01\x00"))), "exactly the 1 exc"),
-        (_payload([0], b"\xf0\x00"), "exactly the 0 exceptions"),  # marks one, counts none
-        (_payload([0], b"\x00\x00\x00"), "zstd frame declares"),  # 6 elements' nibbles for 4
-        (_payload([9], b"\x00\x00"), "9 exceptions for 4 elements"),
-        (_payload(["x"], b"\x00\x00"), "exception count"),
-        (_payload([0], b"\x00\x00", b"extra"), "does not count"),
+        (_payload([2, 1], b"\x03", b"\x00", ONE_EXCEPTION), "exactly the 1 exc"),
+        (_payload([2, 0], b"\x03", b"\x0f"), "exactly the 0 exceptions"),  # marks one, counts none
+        (_payload([2, 0], b"\x05", b"\x00\x00"), "zstd frame declares"),  # 4 values' nibbles for 2
+        (_payload([2, 0], b"\x07", b"\x00"), "bitmap does not mark exactly the 2"),  # marks 3
+        (_payload([3, 0], b"\x13", b"\x00\x00"), "past the last one"),  # bit 4 of 4 elements
+        (_payload([2, 0], b"\x03\x00", b"\x00"), "zstd frame declares"),  # 16 elements' bitmap
+        (_payload([9, 0], b"\x03", b"\x00"), "9 nonzero values for 4 elements"),
+        (_payload([2, 3], b"\x03", b"\x00"), "3 exceptions for 2 nonzero"),
+        (_payload(["x", 0], b"\x03", b"\x00"), "nonzero count"),
+        (_payload([2], b"\x03", b"\x00"), "nonzero count"),
+        (_payload([2, 0], b"\x03", b"\x00", b"extra"), "does not count"),
+        (framing.frame([2, 0], [b"", b""]), "nonzero count"),
         (b"not framed", "nibbles payload"),
     ],
-    ids=["unmarked", "uncounted", "long", "overcounted", "uncountable", "extra", "unframed"],
+    ids=[
+        "unmarked",
+        "uncounted",
+        "long",
+        "overmarked",
+        "marked-past-end",
+        "long-bitmap",
+        "overcounted",
+        "exceptions-overcounted",
+        "uncountable",
+        "one-field",
+        "extra",
+        "two-parts",
+        "unframed",
+    ],
 )
 def test_hostile_payloads_are_refused_never_misread(compiled: bool, payload: bytes, message: str) -> None:
     with pytest.raises(DecodeError, match=message):
@@ -174,7 +207,37 @@ def test_hostile_payloads_are_refused_never_misread(compiled: bool, payload: byt
 
 def test_a_padding_nibble_that_is_not_zero_is_refused(compiled: bool) -> None:
     with pytest.raises(DecodeError, match="padding nibble"):
-        Nibbles(1).decode_into(_payload([0], b"\x00\x10"), memoryview(bytearray(3)))
+        Nibbles(1).decode_into(_payload([3, 0], b"\x07", b"\x00\x10"), memoryview(bytearray(3)))
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_every_vector_level_reads_a_bitmap_of_any_density_alike(width: int) -> None:
+    """The vector loops take the bitmap 16 elements at a time and the values at any offset: runs of
+    zeros, runs of nonzeros, blocks ending mid-step and exceptions at block edges give the bytes of
+    the portable loop and of numpy."""
+    rng = np.random.default_rng(width)
+    count = 3 * 4096 + 23
+    values = rng.integers(1, 20, count).astype(UNSIGNED[width])
+    density = np.repeat(rng.random(count // 64 + 1), 64)[:count]
+    values[rng.random(count) > density] = 0
+    values[4095:4098] = 40  # exceptions across a block edge
+    raw = values.tobytes()
+    base = rng.integers(0, 256, len(raw), dtype=np.uint8).tobytes()
+    codec = Nibbles(width)
+    payload = codec.encode(memoryview(raw))
+    results = set()
+    for level in LEVELS:
+        with _level(level):
+            out = bytearray(len(raw))
+            codec.restore_into(payload, memoryview(out), base)
+            results.add(bytes(out))
+            in_place = bytearray(base)
+            codec.restore_into(payload, memoryview(in_place), memoryview(in_place))
+            results.add(bytes(in_place))
+    assert len(results) == 1
+    sign = (values & 1).astype(UNSIGNED[width])
+    expected = ((values >> 1) ^ (np.zeros_like(sign) - sign)) + np.frombuffer(base, UNSIGNED[width])
+    assert results == {expected.tobytes()}
 
 
 def test_a_stored_nibbles_codec_is_rebuilt_from_its_params() -> None:
@@ -212,7 +275,7 @@ def test_a_base_that_overlaps_the_output_is_refused() -> None:
 
 
 def test_a_chunk_beyond_the_kept_scratch_decodes_through_a_buffer_of_its_own() -> None:
-    count = 2 * nibbles_module._KEPT_SCRATCH + 34  # nibbles: just over the kept buffer's size
+    count = 8 * nibbles_module._KEPT_SCRATCH + 34  # the bitmap: just over the kept buffer's size
     raw = np.zeros(count, np.uint8)
     raw[::1001] = 200  # exceptions
     raw[5::7] = 3
@@ -220,7 +283,8 @@ def test_a_chunk_beyond_the_kept_scratch_decodes_through_a_buffer_of_its_own() -
     out = bytearray(count)
     codec.decode_into(codec.encode(memoryview(raw.tobytes())), memoryview(out))
     assert out == raw.tobytes()
-    assert len(nibbles_module._local.__dict__.get("packed", b"")) <= nibbles_module._KEPT_SCRATCH
+    for part in nibbles_module._PARTS:
+        assert len(nibbles_module._local.__dict__.get(part, b"")) <= nibbles_module._KEPT_SCRATCH
 
 
 def _fused_reader(stored: dict[bytes, bytes]):

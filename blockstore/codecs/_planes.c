@@ -78,18 +78,176 @@ MULTIVERSION static void join8(const uint8_t *const *p, uint8_t *out, Py_ssize_t
     }
 }
 
-/* Small unsigned integers packed two to a byte (blockstore/codecs/nibbles.py): element 2k in the low nibble
- * of byte k, element 2k+1 in its high nibble; 15 marks an element whose value (minus 15) is the next of the
- * exceptions, `width` little-endian bytes each. Written as `value`, or, with a base, as base + unzigzag(value)
- * modulo 2**(8*width): how a delta chunk turns back into its bytes (blockstore/codecs/delta.py) in the same
- * pass that unpacks it. The base may be the output itself (a base decoded where its delta goes).
+/* A delta's difference as sparse nibbles (blockstore/codecs/nibbles.py): bit i % 8 of bitmap byte i / 8 is
+ * set where element i is not 0; the nonzero elements' values, in order, are packed two to a byte (the first
+ * in the low nibble) as min(value - 1, 15), and a nibble of 15 marks an exception, whose value is 16 plus
+ * the next of the exceptions (`width` little-endian bytes each). Written as the values, or, with a base, as
+ * base + unzigzag(value) modulo 2**(8*width): how a delta chunk turns back into its bytes
+ * (blockstore/codecs/delta.py) in the pass that unpacks it. The base may be the output itself.
  *
- * A block at a time, so that both steps find it in the L1 cache: first every nibble is taken as a value
- * (branch-free, vectorized; with the base given as planes, joined in the same loop), then the nibbles that
- * are 15 are found (`find_marks`) and their exceptions written over them. */
+ * A block of elements at a time, so that every step finds the block in the L1 cache: its nonzero values are
+ * unpacked (`gather`), its exceptions found and written over them (`find_escaped`), the values spread to
+ * their elements by the bitmap (`expand`) and added to the base (`combine`, which joins a base given as
+ * planes in the same loop). A fine-tune's difference is three quarters zeros, so the first two steps see a
+ * quarter of the elements; a zero costs one bit. */
 
 #define UNZIGZAG(T, v) ((T)(((v) >> 1) ^ (T)(0 - ((v) & 1))))
-#define NIBBLE_BLOCK 4096 /* elements; a multiple of 16, so a block's nibbles are whole 8-byte words */
+#define SPARSE_BLOCK 4096 /* elements; a multiple of 64, so a block's bitmap is whole 8-byte words */
+#define SLACK 64          /* values past a block's own that a vector load may read (zeroed, never used) */
+#define ESCAPED 16        /* the value of an element whose nibble is 15, before its exception is added */
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define HAVE_X86_VECTORS 1
+#else
+#define HAVE_X86_VECTORS 0
+#endif
+
+/* 2: AVX-512 (F, BW) finds the exceptions among 2-byte values, and as 1; 1: AVX2 expands 2-byte values
+ * onto their base; 0: portable loops. The best the CPU has, at import; `vectors()` lowers it for tests. */
+static int vector_level = 0;
+
+static int best_vector_level(void) {
+#if HAVE_X86_VECTORS
+    __builtin_cpu_init();
+    if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("popcnt")) {
+        return 0;
+    }
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") ? 2 : 1;
+#else
+    return 0;
+#endif
+}
+
+/* How many bits are set in the bitmap of `size` elements (whole bytes: the padding bits are checked 0). */
+static Py_ssize_t ones(const uint8_t *bits, Py_ssize_t size) {
+    Py_ssize_t bytes = (size + 7) / 8, total = 0, k = 0;
+    for (; k + 8 <= bytes; k += 8) {
+        uint64_t word;
+        memcpy(&word, bits + k, 8);
+        total += __builtin_popcountll(word);
+    }
+    for (; k < bytes; k++) {
+        total += __builtin_popcount(bits[k]);
+    }
+    return total;
+}
+
+#if HAVE_X86_VECTORS
+/* For each bitmap byte, the pshufb that spreads the next (up to) 8 two-byte values to the lanes whose bit
+ * is set and zeroes the others. */
+static uint8_t expand_table[256][16] __attribute__((aligned(16)));
+
+static void build_expand_table(void) {
+    for (int mask = 0; mask < 256; mask++) {
+        int rank = 0;
+        for (int lane = 0; lane < 8; lane++) {
+            int set = (mask >> lane) & 1;
+            expand_table[mask][2 * lane] = set ? (uint8_t)(2 * rank) : 0x80;
+            expand_table[mask][2 * lane + 1] = set ? (uint8_t)(2 * rank + 1) : 0x80;
+            rank += set;
+        }
+    }
+}
+
+__attribute__((target("avx512f,avx512bw"))) static Py_ssize_t find_escaped2_avx512(const uint16_t *vals, Py_ssize_t m,
+                                                                                  uint32_t *marked) {
+    const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i escaped = _mm512_set1_epi16(ESCAPED);
+    Py_ssize_t found = 0;
+    for (Py_ssize_t j = 0; j < m; j += 32) {
+        __mmask32 hits = _mm512_cmpeq_epi16_mask(_mm512_loadu_si512((const void *)(vals + j)), escaped);
+        if (m - j < 32) {
+            hits &= (__mmask32)((1u << (m - j)) - 1);
+        }
+        __m512i at = _mm512_add_epi32(lanes, _mm512_set1_epi32((int)j));
+        _mm512_storeu_si512((void *)(marked + found), _mm512_maskz_compress_epi32((__mmask16)hits, at));
+        found += __builtin_popcount(hits & 0xFFFF);
+        at = _mm512_add_epi32(at, _mm512_set1_epi32(16));
+        _mm512_storeu_si512((void *)(marked + found), _mm512_maskz_compress_epi32((__mmask16)(hits >> 16), at));
+        found += __builtin_popcount(hits >> 16);
+    }
+    return found;
+}
+
+/* Sixteen 2-byte elements per step, expanded and added to their base in registers: the values of the set
+ * bits spread to their lanes by a pshufb from `expand_table` (8 elements per bitmap byte), the base joined
+ * from its two planes (or read, where `base` is given), unzigzag, add, one store. Returns the elements done:
+ * whole steps of 16, the rest is the caller's. */
+#define EXPAND_ONTO2(BASE_WORDS)                                                                               \
+    for (; i + 16 <= n; i += 16) {                                                                            \
+        unsigned lo = bits[i / 8], hi = bits[i / 8 + 1];                                                      \
+        Py_ssize_t half = at + __builtin_popcount(lo);                                                        \
+        __m256i v = _mm256_loadu2_m128i((const __m128i *)(const void *)(vals + half),                         \
+                                        (const __m128i *)(const void *)(vals + at));                          \
+        __m256i control = _mm256_loadu2_m128i((const __m128i *)(const void *)expand_table[hi],                \
+                                              (const __m128i *)(const void *)expand_table[lo]);               \
+        __m256i d = _mm256_shuffle_epi8(v, control);                                                          \
+        at = half + __builtin_popcount(hi);                                                                   \
+        __m256i z = _mm256_xor_si256(_mm256_srli_epi16(d, 1), _mm256_sub_epi16(zero, _mm256_and_si256(d, one))); \
+        __m256i w = BASE_WORDS;                                                                               \
+        _mm256_storeu_si256((__m256i *)(void *)(out + 2 * i), _mm256_add_epi16(w, z));                        \
+    }
+#define PLANE_LOW _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(const void *)(b0 + i)))
+#define PLANE_HIGH _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(const void *)(b1 + i)))
+
+__attribute__((target("avx2,popcnt"))) static Py_ssize_t expand_onto2_avx2(const uint8_t *bits, const uint16_t *vals,
+                                                                          Py_ssize_t n, const uint8_t *b0,
+                                                                          const uint8_t *b1, int split_sign,
+                                                                          const uint8_t *base, uint8_t *out) {
+    const __m256i zero = _mm256_setzero_si256(), one = _mm256_set1_epi16(1), low7 = _mm256_set1_epi16(0x7F);
+    Py_ssize_t i = 0, at = 0;
+    if (base != NULL) {
+        EXPAND_ONTO2(_mm256_loadu_si256((const __m256i *)(const void *)(base + 2 * i)))
+    } else if (split_sign) { /* (low & 0x7F) | (high << 7) | ((low & 0x80) << 8), as joined2 */
+        EXPAND_ONTO2(_mm256_or_si256(_mm256_or_si256(_mm256_and_si256(PLANE_LOW, low7), _mm256_slli_epi16(PLANE_HIGH, 7)),
+                                     _mm256_slli_epi16(_mm256_andnot_si256(low7, PLANE_LOW), 8)))
+    } else {
+        EXPAND_ONTO2(_mm256_or_si256(PLANE_LOW, _mm256_slli_epi16(PLANE_HIGH, 8)))
+    }
+    return i;
+}
+#endif
+
+static Py_ssize_t find_escaped2_vector(const uint16_t *vals, Py_ssize_t m, uint32_t *marked) {
+#if HAVE_X86_VECTORS
+    return find_escaped2_avx512(vals, m, marked);
+#else
+    (void)vals, (void)m, (void)marked;
+    return 0; /* never called: vector_level is 0 */
+#endif
+}
+
+/* The elements of a block of 2-byte elements expanded and added to their base with vectors (a prefix of n
+ * in whole steps; the caller does the rest): the base as planes b0, b1, or as `base`'s words. */
+static Py_ssize_t expand_onto2_vector(const uint8_t *bits, const uint16_t *vals, Py_ssize_t n, const uint8_t *b0,
+                                      const uint8_t *b1, int split_sign, const uint8_t *base, uint8_t *out) {
+#if HAVE_X86_VECTORS
+    if (vector_level >= 1) {
+        return expand_onto2_avx2(bits, vals, n, b0, b1, split_sign, base, out);
+    }
+#else
+    (void)bits, (void)vals, (void)n, (void)b0, (void)b1, (void)split_sign, (void)base, (void)out;
+#endif
+    return 0;
+}
+
+/* Two-byte elements from their planes (as join2) plus unzigzag of their values, in one loop: the common delta
+ * (bf16 and f16 weights), where joining first and adding after cost a pass over the block. */
+#define JOINED_ONTO2(SPLIT)                                                                                   \
+    for (Py_ssize_t i = 0; i < n; i++) {                                                                      \
+        uint16_t word = (uint16_t)(joined2(b0[i], b1[i], SPLIT) + UNZIGZAG(uint16_t, values[i]));             \
+        memcpy(out + 2 * i, &word, 2);                                                                        \
+    }
+
+static inline void joined_onto2(const uint8_t *b0, const uint8_t *b1, const uint16_t *values, uint8_t *out,
+                                Py_ssize_t n, int split_sign) {
+    if (split_sign) {
+        JOINED_ONTO2(1)
+    } else {
+        JOINED_ONTO2(0)
+    }
+}
 
 /* Join elements [start, start + size) of the byte planes into `out` (the same layout as `join`). */
 static void join_block(const uint8_t *const *planes, int width, Py_ssize_t start, uint8_t *out, Py_ssize_t size,
@@ -106,214 +264,139 @@ static void join_block(const uint8_t *const *planes, int width, Py_ssize_t start
     }
 }
 
-/* The elements of `words` 8-byte words of nibbles (16 elements each) whose nibble is 15, in order, into
- * `marked`; returns how many. Where AVX-512 is there, 16 elements at a time with a compress and no branch
- * (the exceptions fall at random, so a branch per word that holds one is mispredicted about as often as it is
- * taken: that was most of the time a delta's exceptions cost); elsewhere a word at a time. */
-static Py_ssize_t find_marks_portable(const uint8_t *packed, Py_ssize_t words, uint32_t *marked) {
-    const uint64_t low_bits = 0x1111111111111111ULL;
-    Py_ssize_t found = 0;
-    for (Py_ssize_t w = 0; w < words; w++) {
-        uint64_t word;
-        memcpy(&word, packed + 8 * w, 8);
-        uint64_t marks = word & (word >> 1) & (word >> 2) & (word >> 3) & low_bits;
-        while (marks) {
-            marked[found++] = (uint32_t)(16 * w + __builtin_ctzll(marks) / 4);
-            marks &= marks - 1;
-        }
-    }
-    return found;
-}
-
-#if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
-#define HAVE_VECTOR_MARKS 1
-__attribute__((target("avx512f,bmi2"))) static Py_ssize_t find_marks_avx512(const uint8_t *packed, Py_ssize_t words,
-                                                                            uint32_t *marked) {
-    const uint64_t low_bits = 0x1111111111111111ULL;
-    const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    Py_ssize_t found = 0;
-    for (Py_ssize_t w = 0; w < words; w++) {
-        uint64_t word;
-        memcpy(&word, packed + 8 * w, 8);
-        __mmask16 marks = (__mmask16)_pext_u64(word & (word >> 1) & (word >> 2) & (word >> 3) & low_bits, low_bits);
-        __m512i at = _mm512_add_epi32(lanes, _mm512_set1_epi32((int)(16 * w)));
-        _mm512_storeu_si512((void *)(marked + found), _mm512_maskz_compress_epi32(marks, at));
-        found += __builtin_popcount(marks);
-    }
-    return found;
-}
-#else
-#define HAVE_VECTOR_MARKS 0
-#endif
-
-static int vector_marks = 0; /* set at import where the CPU has AVX-512F and BMI2 (`vector_marks()` to change) */
-
-static int cpu_has_vector_marks(void) {
-#if HAVE_VECTOR_MARKS
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("bmi2");
-#else
-    return 0;
-#endif
-}
-
-static Py_ssize_t find_marks(const uint8_t *packed, Py_ssize_t words, uint32_t *marked) {
-#if HAVE_VECTOR_MARKS
-    if (vector_marks) {
-        return find_marks_avx512(packed, words, marked);
-    }
-#endif
-    return find_marks_portable(packed, words, marked);
-}
-
-/* Two-byte elements from their planes (as join2) plus unzigzag of their nibbles, in one loop: the
- * common delta (bf16 and f16 weights), where joining first and adding after cost a pass over the block.
- * A pair of elements per packed byte, so that the loop vectorizes. */
-#define JOINED_ONTO2(SPLIT)                                                                                   \
-    for (Py_ssize_t k = 0; k < n / 2; k++) {                                                                  \
-        uint16_t low = (uint16_t)(packed[k] & 15), high = (uint16_t)(packed[k] >> 4);                         \
-        uint16_t first = (uint16_t)(joined2(b0[2 * k], b1[2 * k], SPLIT) + UNZIGZAG(uint16_t, low));          \
-        uint16_t second = (uint16_t)(joined2(b0[2 * k + 1], b1[2 * k + 1], SPLIT) + UNZIGZAG(uint16_t, high)); \
-        memcpy(out + 4 * k, &first, 2);                                                                       \
-        memcpy(out + 4 * k + 2, &second, 2);                                                                  \
-    }                                                                                                         \
-    if (n & 1) {                                                                                              \
-        uint16_t low = (uint16_t)(packed[n / 2] & 15);                                                        \
-        uint16_t last = (uint16_t)(joined2(b0[n - 1], b1[n - 1], SPLIT) + UNZIGZAG(uint16_t, low));           \
-        memcpy(out + 2 * (n - 1), &last, 2);                                                                  \
-    }
-
-static inline void joined_onto2(const uint8_t *b0, const uint8_t *b1, const uint8_t *packed, uint8_t *out,
-                                Py_ssize_t n, int split_sign) {
-    if (split_sign) {
-        JOINED_ONTO2(1)
-    } else {
-        JOINED_ONTO2(0)
-    }
-}
-
-/* One block of `n` elements (n even, or the last block) starting at element 0 of the pointers given. `kind`:
- * 0 values, 1 base + unzigzag(value) from a separate base, 2 the same in place (base == out: the loop then
- * reads and writes one pointer, which the vectorizer takes without an overlap check). */
-#define NIBBLE_LOOPS(W, T)                                                                                    \
+/* The steps of one block, for `width`-byte elements of type T. `kind`: 0 values, 1 base + unzigzag(value)
+ * from a separate base, 2 the same in place (base == out, or the base's planes joined into out). */
+#define SPARSE_LOOPS(W, T)                                                                                    \
     static inline T get##W(const uint8_t *p) {                                                                \
         T value;                                                                                              \
         memcpy(&value, p, W);                                                                                 \
         return value;                                                                                         \
     }                                                                                                         \
     static inline void set##W(uint8_t *p, T value) { memcpy(p, &value, W); }                                  \
-    static inline void values##W(const uint8_t *packed, uint8_t *out, Py_ssize_t n) {                         \
-        for (Py_ssize_t k = 0; k < n / 2; k++) {                                                              \
-            set##W(out + (2 * k) * W, (T)(packed[k] & 15));                                                   \
-            set##W(out + (2 * k + 1) * W, (T)(packed[k] >> 4));                                               \
+    /* Values [from, from + m) of the packed nibbles, each nibble + 1. */                                     \
+    static inline void gather##W(const uint8_t *packed, Py_ssize_t from, Py_ssize_t m, T *vals) {             \
+        Py_ssize_t j = 0;                                                                                     \
+        if ((from & 1) && m > 0) {                                                                            \
+            vals[j++] = (T)((packed[from / 2] >> 4) + 1);                                                     \
+            from++;                                                                                           \
         }                                                                                                     \
-        if (n & 1) {                                                                                          \
-            set##W(out + (n - 1) * W, (T)(packed[n / 2] & 15));                                               \
+        const uint8_t *p = packed + from / 2;                                                                 \
+        T *v = vals + j;                                                                                      \
+        Py_ssize_t pairs = (m - j) / 2;                                                                       \
+        for (Py_ssize_t k = 0; k < pairs; k++) {                                                              \
+            v[2 * k] = (T)((p[k] & 15) + 1);                                                                  \
+            v[2 * k + 1] = (T)((p[k] >> 4) + 1);                                                              \
         }                                                                                                     \
-    }                                                                                                         \
-    static inline void onto##W(const uint8_t *packed, const uint8_t *base, uint8_t *out, Py_ssize_t n) {     \
-        for (Py_ssize_t k = 0; k < n / 2; k++) {                                                              \
-            T low = (T)(packed[k] & 15), high = (T)(packed[k] >> 4);                                          \
-            set##W(out + (2 * k) * W, (T)(get##W(base + (2 * k) * W) + UNZIGZAG(T, low)));                    \
-            set##W(out + (2 * k + 1) * W, (T)(get##W(base + (2 * k + 1) * W) + UNZIGZAG(T, high)));           \
-        }                                                                                                     \
-        if (n & 1) {                                                                                          \
-            T low = (T)(packed[n / 2] & 15);                                                                  \
-            set##W(out + (n - 1) * W, (T)(get##W(base + (n - 1) * W) + UNZIGZAG(T, low)));                    \
+        if (j + 2 * pairs < m) {                                                                              \
+            v[2 * pairs] = (T)((p[pairs] & 15) + 1);                                                          \
         }                                                                                                     \
     }                                                                                                         \
-    static inline void inplace##W(const uint8_t *packed, uint8_t *out, Py_ssize_t n) {                        \
-        for (Py_ssize_t k = 0; k < n / 2; k++) {                                                              \
-            T low = (T)(packed[k] & 15), high = (T)(packed[k] >> 4);                                          \
-            set##W(out + (2 * k) * W, (T)(get##W(out + (2 * k) * W) + UNZIGZAG(T, low)));                     \
-            set##W(out + (2 * k + 1) * W, (T)(get##W(out + (2 * k + 1) * W) + UNZIGZAG(T, high)));            \
+    /* Where among the m values an exception goes (branch-free: exceptions fall at random). */                \
+    static inline Py_ssize_t find_escaped##W(const T *vals, Py_ssize_t m, uint32_t *marked) {                 \
+        if (W == 2 && vector_level >= 2) {                                                                    \
+            return find_escaped2_vector((const uint16_t *)(const void *)vals, m, marked);                     \
         }                                                                                                     \
-        if (n & 1) {                                                                                          \
-            T low = (T)(packed[n / 2] & 15);                                                                  \
-            set##W(out + (n - 1) * W, (T)(get##W(out + (n - 1) * W) + UNZIGZAG(T, low)));                     \
+        Py_ssize_t found = 0;                                                                                 \
+        for (Py_ssize_t j = 0; j < m; j++) {                                                                  \
+            marked[found] = (uint32_t)j;                                                                      \
+            found += vals[j] == ESCAPED;                                                                      \
+        }                                                                                                     \
+        return found;                                                                                         \
+    }                                                                                                         \
+    /* Each of the n elements: the next value where its bit is set, else 0. */                                \
+    static inline void expand##W(const uint8_t *bits, const T *vals, Py_ssize_t n, T *values) {               \
+        Py_ssize_t at = 0;                                                                                    \
+        for (Py_ssize_t i = 0; i < n; i++) {                                                                                  \
+            T bit = (T)((bits[i / 8] >> (i & 7)) & 1);                                                        \
+            values[i] = (T)(vals[at] & (T)(0 - bit));                                                         \
+            at += (Py_ssize_t)bit;                                                                            \
         }                                                                                                     \
     }                                                                                                         \
-    /* Element i is an exception: its value is 15 + the stored one (base: base + unzigzag of it). With the \
-     * base in place, out[i] still holds base + unzigzag(15) from the first step, so the base is recovered \
-     * from it. */                                                                                            \
-    static inline void put##W(uint8_t *out, const uint8_t *base, int kind, Py_ssize_t i, const uint8_t *stored) { \
-        T value = (T)(get##W(stored) + 15);                                                                   \
-        if (kind == 1) {                                                                                      \
-            value = (T)(get##W(base + i * W) + UNZIGZAG(T, value));                                           \
-        } else if (kind == 2) {                                                                               \
-            T below = (T)(get##W(out + i * W) - UNZIGZAG(T, (T)15));                                          \
-            value = (T)(below + UNZIGZAG(T, value));                                                          \
+    static inline void combine##W(const T *values, Py_ssize_t n, int kind, const uint8_t *base, uint8_t *out, \
+                                  const uint8_t *const *planes, Py_ssize_t start, int split_sign) {           \
+        if (planes != NULL && W == 2) {                                                                       \
+            joined_onto2(planes[0] + start, planes[1] + start, (const uint16_t *)(const void *)values, out, n, \
+                         split_sign);                                                                         \
+            return;                                                                                           \
         }                                                                                                     \
-        set##W(out + i * W, value);                                                                           \
-    }                                                                                                         \
-    /* The block's exceptions, from `*used` on; -1 when they run out. */                                      \
-    static inline int patch##W(const uint8_t *packed, Py_ssize_t n, const uint8_t *exceptions, Py_ssize_t count, \
-                               Py_ssize_t *used, const uint8_t *base, int kind, uint8_t *out, uint32_t *marked) { \
-        Py_ssize_t words = (n + 1) / 2 / 8, found = find_marks(packed, words, marked);                       \
-        if (found > count - *used) {                                                                          \
-            return -1;                                                                                        \
+        if (planes != NULL) {                                                                                 \
+            join_block(planes, W, start, out, n, split_sign);                                                 \
+            base = out;                                                                                       \
         }                                                                                                     \
-        for (Py_ssize_t j = 0; j < found; j++) {                                                              \
-            put##W(out, base, kind, marked[j], exceptions + (*used + j) * W);                                 \
-        }                                                                                                     \
-        *used += found;                                                                                       \
-        for (Py_ssize_t i = 16 * words; i < n; i++) {                                                         \
-            if (((packed[i / 2] >> (4 * (i & 1))) & 15) == 15) {                                              \
-                if (*used == count) {                                                                         \
-                    return -1;                                                                                \
-                }                                                                                             \
-                put##W(out, base, kind, i, exceptions + *used * W);                                           \
-                ++*used;                                                                                      \
+        if (kind == 0) {                                                                                      \
+            memcpy(out, values, (size_t)n * W);                                                               \
+        } else if (base == out) {                                                                             \
+            for (Py_ssize_t i = 0; i < n; i++) {                                                              \
+                set##W(out + i * W, (T)(get##W(out + i * W) + UNZIGZAG(T, values[i])));                       \
+            }                                                                                                 \
+        } else {                                                                                              \
+            for (Py_ssize_t i = 0; i < n; i++) {                                                              \
+                set##W(out + i * W, (T)(get##W(base + i * W) + UNZIGZAG(T, values[i])));                      \
             }                                                                                                 \
         }                                                                                                     \
-        return 0;                                                                                             \
     }                                                                                                         \
-    /* Every block; 0, or -1 when the nibbles that are 15 are not exactly the `count` exceptions given. */    \
-    MULTIVERSION static int unpack##W(const uint8_t *packed, const uint8_t *exceptions, Py_ssize_t count,     \
-                                      const uint8_t *base, int kind, uint8_t *out, Py_ssize_t n,              \
-                                      const uint8_t *const *planes, int split_sign) {                         \
-        Py_ssize_t used = 0;                                                                                  \
-        uint32_t marked[NIBBLE_BLOCK + 16]; /* a block's exception positions (+ a vector store's slack) */   \
-        for (Py_ssize_t start = 0; start < n; start += NIBBLE_BLOCK) {                                        \
-            Py_ssize_t size = n - start < NIBBLE_BLOCK ? n - start : NIBBLE_BLOCK;                            \
-            const uint8_t *p = packed + start / 2;                                                            \
-            uint8_t *o = out + start * W;                                                                     \
-            if (planes != NULL && W == 2) { /* bf16/f16 bases: joined and added to in one loop */            \
-                joined_onto2(planes[0] + start, planes[1] + start, p, o, size, split_sign);                   \
-            } else if (planes != NULL) { /* the base is these planes: joined into the block, then added to */ \
-                join_block(planes, W, start, o, size, split_sign);                                            \
-                inplace##W(p, o, size);                                                                       \
-            } else if (kind == 0) {                                                                           \
-                values##W(p, o, size);                                                                        \
-            } else if (kind == 1) {                                                                           \
-                onto##W(p, base + start * W, o, size);                                                        \
-            } else {                                                                                          \
-                inplace##W(p, o, size);                                                                       \
-            }                                                                                                 \
-            if (patch##W(p, size, exceptions, count, &used, base ? base + start * W : NULL, kind, o, marked) < 0) { \
+    /* Every block; 0, -1 when the bitmap does not mark exactly the `nonzero` values packed, -2 when the      \
+     * nibbles that are 15 are not exactly the `count` exceptions given. */                                  \
+    MULTIVERSION static int sparse##W(const uint8_t *bitmap, const uint8_t *packed, Py_ssize_t nonzero,       \
+                                      const uint8_t *exceptions, Py_ssize_t count, const uint8_t *base,       \
+                                      int kind, uint8_t *out, Py_ssize_t n, const uint8_t *const *planes,     \
+                                      int split_sign) {                                                       \
+        T vals[SPARSE_BLOCK + SLACK], values[SPARSE_BLOCK];                                                   \
+        uint32_t marked[SPARSE_BLOCK + SLACK]; /* a block's exceptions (+ a vector store's slack) */          \
+        Py_ssize_t taken = 0, used = 0;                                                                       \
+        for (Py_ssize_t start = 0; start < n; start += SPARSE_BLOCK) {                                        \
+            Py_ssize_t size = n - start < SPARSE_BLOCK ? n - start : SPARSE_BLOCK;                            \
+            const uint8_t *bits = bitmap + start / 8;                                                         \
+            Py_ssize_t m = ones(bits, size);                                                                  \
+            if (m > nonzero - taken) {                                                                        \
                 return -1;                                                                                    \
             }                                                                                                 \
+            gather##W(packed, taken, m, vals);                                                                \
+            memset(vals + m, 0, SLACK * W);                                                                   \
+            Py_ssize_t found = find_escaped##W(vals, m, marked);                                              \
+            if (found > count - used) {                                                                       \
+                return -2;                                                                                    \
+            }                                                                                                 \
+            for (Py_ssize_t j = 0; j < found; j++) {                                                          \
+                vals[marked[j]] = (T)(ESCAPED + get##W(exceptions + (used + j) * W));                         \
+            }                                                                                                 \
+            used += found;                                                                                    \
+            taken += m;                                                                                       \
+            Py_ssize_t done = 0;                                                                              \
+            if (W == 2 && kind != 0) {                                                                        \
+                done = expand_onto2_vector(bits, (const uint16_t *)(const void *)vals, size,                  \
+                                           planes ? planes[0] + start : NULL, planes ? planes[1] + start : NULL, \
+                                           split_sign, planes ? NULL : base + start * W, out + start * W);    \
+            }                                                                                                 \
+            if (done < size) { /* whole bytes of the bitmap: `done` is a multiple of 16 */                  \
+                expand##W(bits + done / 8, vals + ones(bits, done), size - done, values);                     \
+                combine##W(values, size - done, kind, base ? base + (start + done) * W : NULL,                \
+                           out + (start + done) * W, planes, start + done, split_sign);                       \
+            }                                                                                                 \
         }                                                                                                     \
-        return used == count ? 0 : -1;                                                                        \
+        if (taken != nonzero) {                                                                               \
+            return -1;                                                                                        \
+        }                                                                                                     \
+        return used == count ? 0 : -2;                                                                        \
     }
 
-NIBBLE_LOOPS(1, uint8_t)
-NIBBLE_LOOPS(2, uint16_t)
-NIBBLE_LOOPS(4, uint32_t)
-NIBBLE_LOOPS(8, uint64_t)
+SPARSE_LOOPS(1, uint8_t)
+SPARSE_LOOPS(2, uint16_t)
+SPARSE_LOOPS(4, uint32_t)
+SPARSE_LOOPS(8, uint64_t)
 
 static void release(Py_buffer *views, int count);
 
-/* nibbles(packed, exceptions, out, width, base): `base` is None (write the values), a buffer (write base +
- * unzigzag(value); it may be `out` itself), or (planes, split_sign): the base as its byte planes, joined into
- * each block of `out` just before the difference is added to it, so the base is never written out whole. */
+/* nibbles(bitmap, packed, nonzero, exceptions, out, width, base): `base` is None (write the values), a buffer
+ * (write base + unzigzag(value); it may be `out` itself), or (planes, split_sign): the base as its byte planes,
+ * joined into each block of `out` just before the difference is added to it, so it is never written whole. */
 static PyObject *nibbles(PyObject *Py_UNUSED(self), PyObject *args) {
-    Py_buffer packed, exceptions, out, base = {0}, plane_views[MAX_PLANES];
+    Py_buffer bitmap, packed, exceptions, out, base = {0}, plane_views[MAX_PLANES];
     const uint8_t *plane_bytes[MAX_PLANES];
     int width, split_sign = 0, held = 0, have_base = 0;
+    Py_ssize_t nonzero;
     PyObject *base_object, *plane_list = NULL;
-    if (!PyArg_ParseTuple(args, "y*y*w*iO", &packed, &exceptions, &out, &width, &base_object)) {
+    if (!PyArg_ParseTuple(args, "y*y*ny*w*iO", &bitmap, &packed, &nonzero, &exceptions, &out, &width, &base_object)) {
         return NULL;
     }
     PyObject *result = NULL;
@@ -364,37 +447,50 @@ static PyObject *nibbles(PyObject *Py_UNUSED(self), PyObject *args) {
             goto done;
         }
     }
-    if (packed.len != (n + 1) / 2) {
-        PyErr_Format(PyExc_ValueError, "%zd packed bytes for %zd elements (expected %zd)", packed.len, n, (n + 1) / 2);
+    const uint8_t *bits = (const uint8_t *)bitmap.buf, *p = (const uint8_t *)packed.buf;
+    if (bitmap.len != (n + 7) / 8) {
+        PyErr_Format(PyExc_ValueError, "%zd bitmap bytes for %zd elements (expected %zd)", bitmap.len, n, (n + 7) / 8);
         goto done;
     }
-    if ((n & 1) && (((const uint8_t *)packed.buf)[packed.len - 1] >> 4) != 0) {
-        PyErr_SetString(PyExc_ValueError, "the padding nibble after the last element is not 0");
+    if ((n & 7) && (bits[bitmap.len - 1] >> (n & 7)) != 0) {
+        PyErr_SetString(PyExc_ValueError, "the bitmap marks elements past the last one");
+        goto done;
+    }
+    if (nonzero < 0 || nonzero > n || packed.len != (nonzero + 1) / 2) {
+        PyErr_Format(PyExc_ValueError, "%zd packed bytes for %zd nonzero values", packed.len, nonzero);
+        goto done;
+    }
+    if ((nonzero & 1) && (p[packed.len - 1] >> 4) != 0) {
+        PyErr_SetString(PyExc_ValueError, "the padding nibble after the last value is not 0");
         goto done;
     }
     if (exceptions.len % width) {
         PyErr_Format(PyExc_ValueError, "%zd exception bytes is not a whole number of %d-byte elements", exceptions.len, width);
         goto done;
     }
-    const uint8_t *p = (const uint8_t *)packed.buf, *e = (const uint8_t *)exceptions.buf;
+    const uint8_t *e = (const uint8_t *)exceptions.buf;
     uint8_t *target = (uint8_t *)out.buf;
     const uint8_t *b = have_base ? (const uint8_t *)base.buf : (held ? target : NULL);
     const uint8_t *const *planes = held ? plane_bytes : NULL;
     Py_ssize_t count = exceptions.len / width;
-    int kind = b == NULL ? 0 : (b == target ? 2 : 1), patched;
+    int kind = b == NULL ? 0 : (b == target ? 2 : 1), unpacked;
     if (kind == 1 && b < target + out.len && target < b + out.len) {
         PyErr_SetString(PyExc_ValueError, "the base overlaps the output without being it");
         goto done;
     }
     Py_BEGIN_ALLOW_THREADS
     switch (width) {
-        case 1: patched = unpack1(p, e, count, b, kind, target, n, planes, split_sign); break;
-        case 2: patched = unpack2(p, e, count, b, kind, target, n, planes, split_sign); break;
-        case 4: patched = unpack4(p, e, count, b, kind, target, n, planes, split_sign); break;
-        default: patched = unpack8(p, e, count, b, kind, target, n, planes, split_sign); break;
+        case 1: unpacked = sparse1(bits, p, nonzero, e, count, b, kind, target, n, planes, split_sign); break;
+        case 2: unpacked = sparse2(bits, p, nonzero, e, count, b, kind, target, n, planes, split_sign); break;
+        case 4: unpacked = sparse4(bits, p, nonzero, e, count, b, kind, target, n, planes, split_sign); break;
+        default: unpacked = sparse8(bits, p, nonzero, e, count, b, kind, target, n, planes, split_sign); break;
     }
     Py_END_ALLOW_THREADS
-    if (patched < 0) {
+    if (unpacked == -1) {
+        PyErr_Format(PyExc_ValueError, "the bitmap does not mark exactly the %zd nonzero values packed", nonzero);
+        goto done;
+    }
+    if (unpacked < 0) {
         PyErr_Format(PyExc_ValueError, "the packed values do not mark exactly the %zd exceptions given", count);
         goto done;
     }
@@ -405,6 +501,7 @@ done:
     if (have_base) {
         PyBuffer_Release(&base);
     }
+    PyBuffer_Release(&bitmap);
     PyBuffer_Release(&packed);
     PyBuffer_Release(&exceptions);
     PyBuffer_Release(&out);
@@ -475,25 +572,30 @@ done:
     return result;
 }
 
-static PyObject *set_vector_marks(PyObject *Py_UNUSED(self), PyObject *args) {
+static PyObject *set_vectors(PyObject *Py_UNUSED(self), PyObject *args) {
     int wanted;
-    if (!PyArg_ParseTuple(args, "p", &wanted)) {
+    if (!PyArg_ParseTuple(args, "i", &wanted)) {
         return NULL;
     }
-    int was = vector_marks;
-    vector_marks = wanted && cpu_has_vector_marks();
-    return PyBool_FromLong(was);
+    int was = vector_level, best = best_vector_level();
+    vector_level = wanted < 0 ? 0 : (wanted > best ? best : wanted);
+    return PyLong_FromLong(was);
+}
+
+static PyObject *get_best_vectors(PyObject *Py_UNUSED(self), PyObject *Py_UNUSED(args)) {
+    return PyLong_FromLong(best_vector_level());
 }
 
 static PyMethodDef methods[] = {
     {"join", join, METH_VARARGS,
      "join(planes, out, split_sign): write the items whose byte planes are `planes` into `out`."},
-    {"vector_marks", set_vector_marks, METH_VARARGS,
-     "vector_marks(on): find exceptions with AVX-512 where the CPU has it (the default), or not; returns the "
-     "previous setting. For tests and measurements: both give the same bytes."},
+    {"vectors", set_vectors, METH_VARARGS,
+     "vectors(level): unpack nibbles with AVX-512 (2), SSSE3 (1) or portable loops (0), at most what the CPU\n"
+     "has (the best is the default); returns the previous level. For tests and measurements: all give the same bytes."},
+    {"best_vectors", get_best_vectors, METH_NOARGS, "best_vectors(): the highest level `vectors` takes on this CPU."},
     {"nibbles", nibbles, METH_VARARGS,
-     "nibbles(packed, exceptions, out, width, base): unpack nibble-coded values into `out` (with a base:\n"
-     "base + unzigzag(value) per element); see blockstore.codecs.nibbles."},
+     "nibbles(bitmap, packed, nonzero, exceptions, out, width, base): unpack a sparse nibble-coded difference into\n"
+     "`out` (with a base: base + unzigzag(value) per element); see blockstore.codecs.nibbles."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -509,6 +611,9 @@ PyMODINIT_FUNC PyInit__planes(void) {
         PyErr_SetString(PyExc_ImportError, "blockstore._planes assumes a little-endian host");
         return NULL;
     }
-    vector_marks = cpu_has_vector_marks();
+#if HAVE_X86_VECTORS
+    build_expand_table();
+#endif
+    vector_level = best_vector_level();
     return PyModule_Create(&module);
 }

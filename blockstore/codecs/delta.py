@@ -51,8 +51,8 @@ def difference(raw: memoryview | bytes, base: memoryview | bytes | bytearray, wi
 
 
 NIBBLES_AT_MOST = 1 / 8
-"""Nibbles code a difference whose values are 15 or more (exceptions) for at most this fraction of
-its elements; beyond it every exception costs a nibble and a scattered write on top of the value,
+"""Nibbles code a difference whose values are above 15 (exceptions) for at most this fraction of
+its elements; beyond it every exception costs a nibble and a second stream on top of the value,
 and byte planes code it as small and decode it faster."""
 
 
@@ -60,7 +60,7 @@ def difference_codec(folded: bytes, width: int, level: int) -> Codec:
     """The codec a delta stores the `difference` `folded` with: decided by the bytes alone, so a
     chunk packs to the same value in every store."""
     values = np.frombuffer(folded, _UNSIGNED[width])
-    if np.count_nonzero(values >= ESCAPE) <= NIBBLES_AT_MOST * len(values):
+    if np.count_nonzero(values > ESCAPE) <= NIBBLES_AT_MOST * len(values):
         return Nibbles(width, level)
     return ByteGroupZstd(width, level)
 
